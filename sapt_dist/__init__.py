@@ -1,0 +1,9 @@
+"""sapt-dist: continual learning of LLMs with SAPT on DeepSpeed.
+
+Import what you need from the submodules: ``sapt_dist.ops.mixture_lora`` (the fused
+mixture), ``sapt_dist.model.SAPTModel`` (SAPT around a HF causal LM),
+``sapt_dist.serialization`` (save / load / peft export), ``sapt_dist.engine`` (the
+continual-learning run). Importing the package itself does no work.
+"""
+
+__version__ = "0.1.0"

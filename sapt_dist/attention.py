@@ -1,0 +1,159 @@
+"""SAPT's shared attention: one query network, one key per task slot.
+
+For a sequence ``x`` with prompt mask ``m`` (1 on instruction + input tokens)::
+
+    u = max_{i: m_i = 1} E(x)_i                       (b, d)   prompt max-pool
+    q = LayerNorm(SiLU(W2 W1 u))                      (b, d)   query network g
+    z_j = <k_j, q> / tau   (active j),  -inf otherwise  (b, T)
+    w = softmax(z)                                    (b, T)
+
+The same weights drive learning (the mixture while task t trains), selection (at test
+time, no task id) and reflection (ARM: a KL that keeps replayed pseudo-samples of task j
+attending as they did when task j was learned).
+
+State is held in fixed-shape buffers so nothing is reallocated between tasks:
+``key_bank`` (T, d) holds the frozen keys, ``key`` (d,) is the current task's trainable
+key, ``active`` / ``current`` (T,) are boolean slot masks and ``targets`` (T, T) holds each
+finished task's stored attention target ``a_j*`` (row j, zero-padded).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sapt_dist import distributed
+
+__all__ = ["QueryNetwork", "SharedAttention", "max_pool_prompt", "arm_kl"]
+
+RoutingMode = Literal["attention", "sum"]
+
+
+def max_pool_prompt(embeds: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    """Element-wise max over the prompt's token embeddings.
+
+    Args:
+        embeds: (batch, seq, d) token embeddings.
+        prompt_mask: (batch, seq), non-zero on prompt tokens (padding and target excluded).
+    Returns:
+        (batch, d). A row with no prompt token pools to zeros (no NaN, no host sync).
+    """
+    mask = prompt_mask.to(torch.bool).unsqueeze(-1)
+    low = torch.finfo(embeds.dtype).min
+    pooled = torch.where(mask, embeds, embeds.new_full((), low)).amax(dim=1)
+    return torch.where(mask.any(dim=1), pooled, torch.zeros_like(pooled))
+
+
+class QueryNetwork(nn.Module):
+    """``g``: Linear(d->h, no bias) -> Linear(h->d, no bias) -> SiLU -> LayerNorm(d)."""
+
+    def __init__(self, d: int, hidden: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(d, hidden, bias=False)
+        self.up = nn.Linear(hidden, d, bias=False)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return self.norm(F.silu(self.up(self.down(u))))
+
+
+def arm_kl(target: torch.Tensor, weights_log: torch.Tensor) -> torch.Tensor:
+    """``KL(a* || w)`` per row: ``sum_k a*_k (log a*_k - log w_k)`` with zero terms where
+    ``a*_k = 0``.
+
+    Args:
+        target: (n, T) stored attention targets (rows sum to 1, zero on later slots).
+        weights_log: (n, T) log of the current attention (``-inf`` on inactive slots).
+    Returns:
+        (n,) the KL of each row.
+    """
+    pos = target > 0
+    safe_log_w = torch.where(pos, weights_log, torch.zeros_like(weights_log))
+    return (torch.xlogy(target, target) - target * safe_log_w).sum(-1)
+
+
+class SharedAttention(nn.Module):
+    """Query network + per-slot keys; turns pooled prompts into mixture weights."""
+
+    def __init__(
+        self,
+        d: int,
+        n_slots: int,
+        hidden: int = 100,
+        tau: float | None = None,
+        mode: RoutingMode = "attention",
+    ) -> None:
+        super().__init__()
+        if mode not in ("attention", "sum"):
+            raise ValueError(f"routing mode must be 'attention' or 'sum', got {mode!r}")
+        self.d = d
+        self.n_slots = n_slots
+        self.mode = mode
+        self.tau = float(tau) if tau is not None else math.sqrt(d)
+        self.query = QueryNetwork(d, hidden)
+        self.key = nn.Parameter(torch.empty(d))
+        self.register_buffer("key_bank", torch.zeros(n_slots, d))
+        self.register_buffer("active", torch.zeros(n_slots, dtype=torch.bool))
+        self.register_buffer("current", torch.zeros(n_slots, dtype=torch.bool))
+        self.register_buffer("targets", torch.zeros(n_slots, n_slots))
+        self.reset_key()
+
+    def adapter_params(self) -> list[nn.Parameter]:
+        """Trainable parameters of the attention (none in ``sum`` mode)."""
+        if self.mode == "sum":
+            return []
+        return [self.key, *self.query.parameters()]
+
+    @torch.no_grad()
+    def reset_key(self) -> None:
+        """A new task's key: uniform in [-1, 1] per component."""
+        with distributed.gathered([self.key], modify=True):
+            self.key.uniform_(-1.0, 1.0)
+
+    @torch.no_grad()
+    def file_key(self, slot: int) -> None:
+        with distributed.gathered([self.key]):
+            self.key_bank[slot].copy_(self.key)
+
+    @torch.no_grad()
+    def load_key(self, slot: int) -> None:
+        with distributed.gathered([self.key], modify=True):
+            self.key.copy_(self.key_bank[slot])
+
+    def keys(self) -> torch.Tensor:
+        """(T, d) every slot's key with the current slot's trainable key in place."""
+        return torch.where(self.current.unsqueeze(-1), self.key.unsqueeze(0), self.key_bank)
+
+    def log_weights(self, u: torch.Tensor) -> torch.Tensor:
+        """(batch, T) log of the mixture weights for pooled prompts ``u`` (batch, d)."""
+        if self.mode == "sum":
+            # IncLoRA: every active block with weight 1 (log 0 on active slots)
+            w = self.active.to(u.dtype).expand(u.shape[0], -1)
+            return torch.log(w)
+        q = self.query(u.to(self.key.dtype))
+        z = q @ self.keys().t() / self.tau
+        z = z.float().masked_fill(~self.active, float("-inf"))
+        return F.log_softmax(z, dim=-1)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        """(batch, T) mixture weights; exactly 0 on inactive slots."""
+        return self.log_weights(u).exp()
+
+    def arm_loss(self, u_replay: torch.Tensor, replay_task: torch.Tensor) -> torch.Tensor:
+        """Attentive reflection: ``sum_j mean_{p in P_j} KL(a_j* || w(p))``.
+
+        Args:
+            u_replay: (n, d) pooled pseudo-sample prompts of the earlier tasks.
+            replay_task: (n,) long, the slot (task) each pseudo-sample belongs to.
+        Returns:
+            scalar, summed over earlier tasks (each task's term averaged over its samples).
+        """
+        kl = arm_kl(self.targets[replay_task], self.log_weights(u_replay))  # (n,)
+        per_task_sum = torch.zeros(self.n_slots, device=kl.device, dtype=kl.dtype)
+        per_task_sum = per_task_sum.index_add(0, replay_task, kl)
+        counts = torch.zeros_like(per_task_sum).index_add(0, replay_task, torch.ones_like(kl))
+        return (per_task_sum / counts.clamp(min=1)).sum()

@@ -1,0 +1,397 @@
+"""One typed config tree for a run, loaded from YAML with dotted command-line overrides.
+
+Unknown keys, wrong types and impossible values fail here, naming the key (and the file),
+before any model or data loads. The resolved tree is saved beside every run's outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+__all__ = [
+    "AdapterConfig",
+    "ConfigError",
+    "DataConfig",
+    "DistributedConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "ReplayConfig",
+    "RunConfig",
+    "TrainConfig",
+    "WandbConfig",
+    "load_config",
+    "to_dict",
+]
+
+Method = Literal["sapt", "seq_lora", "inc_lora", "replay", "mtl", "single_task"]
+
+
+class ConfigError(ValueError):
+    """A config problem, with the key (and file) that caused it."""
+
+
+@dataclass
+class ModelConfig:
+    """The frozen backbone."""
+
+    #: Folder of a Hugging Face causal LM (``config.json`` + weights). Required unless
+    #: ``builder`` is ``demo``.
+    path: str | None = None
+    #: ``pretrained``: load ``path`` with ``from_pretrained``. ``demo``: build (and cache) the
+    #: tiny LLaMA-family backbone and tokenizer of the CPU demo, no network needed.
+    builder: Literal["pretrained", "demo"] = "pretrained"
+    #: Tokenizer folder; defaults to ``path``.
+    tokenizer: str | None = None
+    #: Parameter / compute dtype of the backbone and adapters.
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    #: Quantize the frozen backbone to 4-bit NF4 with bitsandbytes (QLoRA-style).
+    load_in_4bit: bool = False
+    #: Recompute activations in the backward pass (needed for 13B+ backbones).
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class AdapterConfig:
+    """Per-task LoRA blocks and SAPT's shared attention."""
+
+    #: Names of the linear layers to adapt (matched on the last component of the module
+    #: path, e.g. ``q_proj`` adapts ``model.layers.*.self_attn.q_proj``).
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    #: LoRA rank ``r`` of every block.
+    rank: int = 4
+    #: LoRA ``alpha``; the block's scale is ``alpha / rank``.
+    alpha: float = 32.0
+    #: Dropout on the LoRA path's input.
+    dropout: float = 0.0
+    #: Number of task slots, fixed at start. ``None``: the number of tasks in the sequence.
+    n_slots: int | None = None
+    #: Hidden width ``h`` of the query network.
+    query_hidden: int = 100
+    #: Attention temperature ``tau``. ``None``: ``sqrt(d)`` (d = embedding width).
+    tau: float | None = None
+    #: ``cut``: earlier blocks pass no gradient to hidden states (the paper). ``exact``: they do.
+    gradient: Literal["cut", "exact"] = "cut"
+
+
+@dataclass
+class DataConfig:
+    """Task data in the SuperNI / Long Sequence JSON format."""
+
+    #: Folder holding one sub-folder per task (``<task>/{train,dev,test}.json``); a
+    #: ``CL_Benchmark`` root works too (tasks are looked up under its benchmarks).
+    #: ``demo``: the small data shipped inside the package.
+    root: str = "demo"
+    #: A named order (``superni_1``, ``superni_2``, ``long_3``, ``long_4``, ``demo``) or ``custom``.
+    order: str = "demo"
+    #: The task list when ``order`` is ``custom``; with a named order, an optional subset
+    #: that keeps the order's sequence.
+    tasks: list[str] = field(default_factory=list)
+    #: Skip tasks of a named order that the data folder lacks (they are listed in the log).
+    skip_missing_tasks: bool = True
+    #: Prompt template; ``{definition}`` and ``{input}`` are filled in.
+    template: str = (
+        "Definition: {definition}\n\nNow complete the following example -\nInput: {input}\nOutput: "
+    )
+    #: Max prompt tokens (longer prompts are cut from the left of the input; counted).
+    max_source_length: int = 1024
+    #: Max target tokens (longer targets are cut; counted).
+    max_target_length: int = 50
+    #: Caps on examples per split (``None``: all).
+    max_train: int | None = None
+    max_dev: int | None = None
+    max_test: int | None = None
+    #: When a split file is missing, carve it from this split with a seeded split
+    #: (``None``: a missing split is an error).
+    carve_missing_from: Literal["train", "dev", "test"] | None = None
+    #: Fraction of the source split taken when carving.
+    carve_fraction: float = 0.1
+    #: ``rouge`` (ROUGE-L x100), ``exact`` (exact match x100) or ``auto`` (by benchmark).
+    metric: Literal["auto", "rouge", "exact"] = "auto"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation of each task's block."""
+
+    epochs: int = 1
+    #: Fixed number of optimizer steps per task (overrides ``epochs`` when set).
+    max_steps: int | None = None
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    micro_batch_size: int = 2
+    grad_accum: int = 4
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    seed: int = 42
+    #: Save a resumable checkpoint every N optimizer steps (0: only at task ends).
+    checkpoint_every: int = 0
+    #: Evaluate on the current task's dev split every N epochs and keep the best block.
+    select_best: bool = False
+    eval_every_epochs: int = 5
+
+
+@dataclass
+class ReplayConfig:
+    """Attentive reflection (SAPT) and replay (the ``replay`` baseline)."""
+
+    #: ``generative``: a generation block per task writes pseudo-inputs (the paper).
+    #: ``real``: keep a buffer of real training inputs.
+    kind: Literal["generative", "real"] = "generative"
+    #: Pseudo-samples per task as a share of its training set (at least ``min_samples``).
+    ratio: float = 0.02
+    min_samples: int = 1
+    #: Weight of the ARM KL loss.
+    kl_ratio: float = 1.0
+    #: Generator block: epochs and learning rate.
+    gen_epochs: int = 1
+    gen_lr: float = 1e-3
+    gen_max_steps: int | None = None
+    gen_top_k: int = 20
+    gen_repetition_penalty: float = 2.5
+    gen_max_new_tokens: int = 128
+    #: Candidates sampled per kept pseudo-sample (the paper samples one per training
+    #: instance and keeps ``ratio`` of the well-formed ones).
+    gen_candidates_per_sample: int = 4
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = 50
+    batch_size: int = 8
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "sapt-dist"
+    entity: str | None = None
+    #: ``online``, ``offline`` or ``disabled``. The API key comes from the environment only.
+    mode: Literal["online", "offline", "disabled"] = "offline"
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DistributedConfig:
+    #: DeepSpeed config JSON (``ds_configs/``); ``None``: ZeRO stage 0 in one process.
+    deepspeed_config: str | None = None
+    zero_stage: int = 0
+
+
+@dataclass
+class RunConfig:
+    """A whole continual-learning run."""
+
+    #: ``sapt`` or a baseline: ``seq_lora``, ``inc_lora``, ``replay``, ``mtl``, ``single_task``.
+    method: Method = "sapt"
+    #: Run folder; outputs, checkpoints and logs go here.
+    output_dir: str = "runs/demo"
+    #: Single-task run folder whose scores give ``b_j`` for FWT (FWT is missing without it).
+    single_task_run: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def validate(self) -> None:
+        """Impossible values, named by key."""
+        checks = [
+            (self.adapter.rank >= 1, "adapter.rank", "must be >= 1"),
+            (self.adapter.alpha > 0, "adapter.alpha", "must be > 0"),
+            (0.0 <= self.adapter.dropout < 1.0, "adapter.dropout", "must be in [0, 1)"),
+            (len(self.adapter.target_modules) > 0, "adapter.target_modules", "must not be empty"),
+            (
+                self.adapter.n_slots is None or self.adapter.n_slots >= 1,
+                "adapter.n_slots",
+                "must be >= 1",
+            ),
+            (self.adapter.query_hidden >= 1, "adapter.query_hidden", "must be >= 1"),
+            (self.adapter.tau is None or self.adapter.tau > 0, "adapter.tau", "must be > 0"),
+            (self.train.epochs >= 1, "train.epochs", "must be >= 1"),
+            (
+                self.train.max_steps is None or self.train.max_steps >= 1,
+                "train.max_steps",
+                "must be >= 1",
+            ),
+            (self.train.lr > 0, "train.lr", "must be > 0"),
+            (self.train.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1"),
+            (self.train.grad_accum >= 1, "train.grad_accum", "must be >= 1"),
+            (self.train.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0"),
+            (self.train.eval_every_epochs >= 1, "train.eval_every_epochs", "must be >= 1"),
+            (0.0 < self.data.carve_fraction < 1.0, "data.carve_fraction", "must be in (0, 1)"),
+            (self.data.max_source_length >= 8, "data.max_source_length", "must be >= 8"),
+            (self.data.max_target_length >= 1, "data.max_target_length", "must be >= 1"),
+            (0.0 <= self.replay.ratio <= 1.0, "replay.ratio", "must be in [0, 1]"),
+            (self.replay.kl_ratio >= 0, "replay.kl_ratio", "must be >= 0"),
+            (self.eval.batch_size >= 1, "eval.batch_size", "must be >= 1"),
+            (self.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1"),
+            (
+                self.distributed.zero_stage in (0, 1, 2, 3),
+                "distributed.zero_stage",
+                "must be 0, 1, 2 or 3",
+            ),
+            (
+                self.model.builder == "demo" or bool(self.model.path),
+                "model.path",
+                "is required (a Hugging Face model folder) unless model.builder is 'demo'",
+            ),
+            (
+                self.data.order == "custom" or not self.data.order.startswith("custom"),
+                "data.order",
+                "use 'custom' with data.tasks",
+            ),
+            (
+                self.data.order != "custom" or len(self.data.tasks) > 0,
+                "data.tasks",
+                "must list the tasks when data.order is 'custom'",
+            ),
+        ]
+        for ok, key, msg in checks:
+            if not ok:
+                raise ConfigError(f"config key '{key}' {msg} (got {_get(self, key)!r})")
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config tree as plain data (for YAML/JSON and W&B)."""
+    return dataclasses.asdict(cfg)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against annotation ``tp``; return it (ints widen to float)."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {list(get_args(tp))}")
+        return value
+    if origin is list:
+        (item_tp,) = get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"config key '{key}': unsupported type {tp}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}' (known keys under "
+            f"'{prefix.rstrip('.') or '<root>'}': {sorted(names)})"
+        )
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    """A CLI override value, parsed as YAML (so ``1e-4``, ``true``, ``[a, b]``, ``null`` work)."""
+    value = yaml.safe_load(text) if text != "" else ""
+    # YAML reads 1e-4 as a string; accept it as a float
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in "eE.") else value
+        except ValueError:
+            return value
+    return value
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config (or the defaults) and apply ``key.sub=value`` overrides.
+
+    Raises:
+        ConfigError: naming the file and key for unknown keys, wrong types, bad values.
+    """
+    tree: dict = {}
+    where = "defaults"
+    if path is not None:
+        where = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of config keys")
+        tree = loaded
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} must look like key.sub=value")
+        key, text = ov.split("=", 1)
+        _set_dotted(tree, key.strip(), _parse_scalar(text))
+    try:
+        cfg = _build(RunConfig, tree)
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return cfg

@@ -1,0 +1,296 @@
+"""SAPT around an unmodified Hugging Face causal LM.
+
+``SAPTModel`` replaces the target linear layers of the backbone in place with
+:class:`~sapt_dist.lora.MixtureLoRALinear` (the backbone's code is neither copied nor
+patched), owns the :class:`~sapt_dist.attention.SharedAttention`, and on every forward:
+
+1. embeds the tokens once with the backbone's own embedding table,
+2. max-pools the prompt's embeddings and computes the mixture weights ``w`` (batch, T),
+3. puts ``w`` in the routing context every adapted layer reads,
+4. runs the backbone on the embeddings (``inputs_embeds``), so the table is read once.
+
+The task life cycle is ``start_task(slot)`` -> train -> ``finish_task(target)``; see
+``sapt_dist.engine`` for the loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from sapt_dist.attention import RoutingMode, SharedAttention, max_pool_prompt
+from sapt_dist.config import AdapterConfig
+from sapt_dist.lora import (
+    MixtureLoRALinear,
+    RoutingContext,
+    disable_bnb_cpu_packing,
+    is_adaptable_linear,
+)
+
+__all__ = ["SAPTModel", "SAPTOutput", "find_target_layers"]
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class SAPTOutput:
+    """What ``SAPTModel.forward`` returns.
+
+    ``loss`` is what the optimizer minimises: ``task_loss + kl_ratio * arm_loss``.
+    """
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+    weights: torch.Tensor
+    task_loss: torch.Tensor | None = None
+    arm_loss: torch.Tensor | None = None
+
+
+def find_target_layers(model: nn.Module, targets: list[str]) -> dict[str, nn.Module]:
+    """Linear layers of ``model`` whose last name component is in ``targets``.
+
+    Raises:
+        ValueError: naming the linear layers the model has, when a target is not found.
+    """
+    found: dict[str, nn.Module] = {}
+    linear_names: set[str] = set()
+    seen_targets: set[str] = set()
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if is_adaptable_linear(module):
+            linear_names.add(leaf)
+            if leaf in targets:
+                found[name] = module
+                seen_targets.add(leaf)
+    missing = [t for t in targets if t not in seen_targets]
+    if missing:
+        raise ValueError(
+            f"{type(model).__name__} has no linear layer named {missing} "
+            f"(adapter.target_modules = {targets}); its linear layers are named: "
+            f"{sorted(linear_names)}"
+        )
+    return found
+
+
+class SAPTModel(nn.Module):
+    """A frozen HF causal LM with ``n_slots`` per-task LoRA blocks and SAPT's routing.
+
+    Args:
+        backbone: a Hugging Face ``*ForCausalLM`` (its parameters are frozen here).
+        adapter: rank, alpha, dropout, targets, query width, temperature, gradient mode.
+        n_slots: number of task slots, fixed for the model's life.
+        routing: ``attention`` (SAPT) or ``sum`` (IncLoRA: every active block, weight 1).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        adapter: AdapterConfig,
+        n_slots: int,
+        routing: RoutingMode = "attention",
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if n_slots < 1:
+            raise ValueError(f"n_slots must be >= 1, got {n_slots}")
+        self.backbone = backbone
+        self.adapter_config = adapter
+        self.n_slots = n_slots
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        for m in backbone.modules():
+            disable_bnb_cpu_packing(m)
+        self.context = RoutingContext()
+        self.target_names = sorted(find_target_layers(backbone, list(adapter.target_modules)))
+        self.layers: dict[str, MixtureLoRALinear] = {}
+        for name in self.target_names:
+            parent_name, _, leaf = name.rpartition(".")
+            parent = backbone.get_submodule(parent_name) if parent_name else backbone
+            wrapped = MixtureLoRALinear(
+                getattr(parent, leaf),
+                n_slots=n_slots,
+                rank=adapter.rank,
+                alpha=adapter.alpha,
+                dropout=adapter.dropout,
+                context=self.context,
+                dtype=dtype,
+            )
+            setattr(parent, leaf, wrapped)
+            self.layers[name] = wrapped
+        emb = backbone.get_input_embeddings()
+        d = emb.embedding_dim
+        self.router = SharedAttention(
+            d, n_slots, hidden=adapter.query_hidden, tau=adapter.tau, mode=routing
+        )
+        if dtype is not None:
+            self.router.to(dtype)
+        self.router.to(emb.weight.device if emb.weight.device.type != "meta" else "cpu")
+        self._set_requires_grad()
+        self.start_task(0)
+
+    # ------------------------------------------------------------------ parameters
+    def adapter_params(self) -> list[nn.Parameter]:
+        """Every trainable parameter: the current block of each layer, its key, ``g``."""
+        params = [p for layer in self.layers.values() for p in layer.adapter_params()]
+        return params + self.router.adapter_params()
+
+    def _set_requires_grad(self) -> None:
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for p in self.adapter_params():
+            p.requires_grad_(True)
+
+    # ------------------------------------------------------------------ task life cycle
+    @property
+    def current_slot(self) -> int:
+        return int(self.router.current.nonzero()[0, 0]) if self.router.current.any() else -1
+
+    @property
+    def n_active(self) -> int:
+        return int(self.router.active.sum())
+
+    @torch.no_grad()
+    def start_task(self, slot: int, fresh: bool = True) -> None:
+        """Make ``slot`` the trainable block; slots ``0..slot`` become active.
+
+        With ``fresh=False`` the trainable block starts from what the slot's bank holds
+        (used by SeqLoRA, whose one block keeps learning, and by resume).
+        """
+        if not 0 <= slot < self.n_slots:
+            raise ValueError(
+                f"slot {slot} out of range: this model has {self.n_slots} task slots "
+                f"(adapter.n_slots); a longer task sequence needs more slots"
+            )
+        r = self.router
+        r.current.zero_()
+        r.current[slot] = True
+        r.active.zero_()
+        r.active[: slot + 1] = True
+        for layer in self.layers.values():
+            if fresh:
+                layer.reset_current()
+            else:
+                layer.load_current(slot)
+        if fresh or not bool(r.key_bank[slot].any()):
+            r.reset_key()
+        else:
+            r.load_key(slot)
+
+    @torch.no_grad()
+    def file_current(self) -> None:
+        """Copy the trainable block and key into their slot's bank (in place)."""
+        slot = self.current_slot
+        for layer in self.layers.values():
+            layer.file_current(slot)
+        self.router.file_key(slot)
+
+    @torch.no_grad()
+    def set_target(self, slot: int, target: torch.Tensor) -> None:
+        """Store task ``slot``'s attention target ``a*`` (over slots ``0..slot``)."""
+        row = torch.zeros(self.n_slots, dtype=self.router.targets.dtype, device=target.device)
+        row[: target.numel()] = target.to(row.dtype)
+        self.router.targets[slot].copy_(row.to(self.router.targets.device))
+
+    def x_grad_mask(self) -> torch.Tensor | None:
+        if self.adapter_config.gradient == "exact":
+            return None
+        return self.router.current.to(torch.float32)
+
+    # ------------------------------------------------------------------ routing
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.backbone.get_input_embeddings()(input_ids)
+
+    def routing_weights(
+        self, input_ids: torch.Tensor, prompt_mask: torch.Tensor, embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(batch, T) mixture weights from the prompt tokens of ``input_ids``."""
+        if embeds is None:
+            embeds = self.embed(input_ids)
+        return self.router(max_pool_prompt(embeds, prompt_mask))
+
+    def _route(self, weights: torch.Tensor) -> None:
+        ctx = self.context
+        ctx.weights = weights
+        ctx.current = self.router.current
+        ctx.x_grad_mask = self.x_grad_mask()
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
+        replay_input_ids: torch.Tensor | None = None,
+        replay_attention_mask: torch.Tensor | None = None,
+        replay_task: torch.Tensor | None = None,
+        kl_ratio: float = 1.0,
+        weights: torch.Tensor | None = None,
+    ) -> SAPTOutput:
+        """One SAPT forward: task loss (if ``labels``) plus the ARM loss (if replay given).
+
+        Args:
+            input_ids: (b, L) prompt + target tokens.
+            attention_mask: (b, L), 0 on padding.
+            labels: (b, L) target token ids, ``-100`` on prompt and padding.
+            prompt_mask: (b, L) 1 on prompt tokens; derived from ``attention_mask`` and
+                ``labels`` when omitted.
+            replay_input_ids / replay_attention_mask: (n, Lr) pseudo-sample prompts.
+            replay_task: (n,) the earlier task (slot) of each pseudo-sample.
+            kl_ratio: weight of the ARM loss.
+            weights: (b, T) mixture weights to use instead of the attention's (oracle
+                routing, diagnostics, tests).
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if prompt_mask is None:
+            prompt_mask = attention_mask.bool()
+            if labels is not None:
+                prompt_mask = prompt_mask & (labels == IGNORE_INDEX)
+        embeds = self.embed(input_ids)
+        if weights is None:
+            weights = self.routing_weights(input_ids, prompt_mask, embeds=embeds)
+        self._route(weights)
+        out = self.backbone(
+            inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False
+        )
+        task_loss = out.loss
+        arm = None
+        if replay_input_ids is not None:
+            if replay_task is None or replay_attention_mask is None:
+                raise ValueError("replay_input_ids needs replay_attention_mask and replay_task")
+            u = max_pool_prompt(self.embed(replay_input_ids), replay_attention_mask)
+            arm = self.router.arm_loss(u, replay_task)
+        loss = task_loss
+        if arm is not None:
+            loss = arm * kl_ratio if loss is None else loss + kl_ratio * arm
+        return SAPTOutput(
+            loss=loss, logits=out.logits, weights=weights, task_loss=task_loss, arm_loss=arm
+        )
+
+    @torch.no_grad()
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ) -> torch.Tensor:
+        """HF ``generate`` with the weights computed once from the (left-padded) prompt
+        and held fixed through every decoding step."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        weights = self.routing_weights(input_ids, attention_mask)
+        expand = int(kwargs.get("num_beams", 1) or 1) * int(
+            kwargs.get("num_return_sequences", 1) or 1
+        )
+        if expand > 1:
+            weights = weights.repeat_interleave(expand, dim=0)
+        self._route(weights)
+        return self.backbone.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Checkpoint the backbone's layers; the mixture stays in (the routing context
+        keeps the weights for the recomputation in backward)."""
+        self.backbone.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )

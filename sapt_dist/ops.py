@@ -1,0 +1,148 @@
+"""The fused mixture of per-task LoRA blocks.
+
+SAPT adds, to every adapted linear map ``W0``, a per-sequence weighted sum of ``T`` LoRA
+blocks::
+
+    y = W0 h + s * sum_j w_j * B_j (A_j h)
+
+Stacking the blocks turns the sum into one rank ``T*r`` map with a per-sequence diagonal
+scale, so the whole mixture is two matrix products whatever ``T`` is::
+
+        x (b, n, d_in)
+          |
+          |  @ A_stack^T        A_stack = [A_1; ...; A_T]      (T*r, d_in)
+          v
+        z (b, n, T*r)  --*--  s * (w (x) 1_r)                   (b, T*r)
+          |
+          |  @ B_stack^T        B_stack = [B_1 ... B_T]         (d_out, T*r)
+          v
+        y (b, n, d_out)
+
+The op is plain PyTorch with a custom autograd function: no Triton, no Python loop over
+slots, no host-device synchronisation, no data-dependent shapes or branches, so it can be
+captured in a CUDA graph and compiled with ``torch.compile(fullgraph=True)``.
+
+The autograd function exists for one reason beyond saving a little memory: SAPT's
+released code computes the earlier (frozen) blocks without gradient, so the loss reaches
+the mixture weights through them but does not flow back into the hidden states along
+their path. ``x_grad_mask`` selects, per slot, whether the block's path carries gradient
+back to ``x`` (the paper's "cut" behaviour is a one-hot mask on the trainable slot; the
+exact gradient is a mask of ones or ``None``). The forward value never depends on it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["mixture_lora", "mixture_lora_reference"]
+
+
+def _check_shapes(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, weights: torch.Tensor
+) -> tuple[int, int, int, int]:
+    if x.dim() != 3:
+        raise ValueError(f"mixture_lora: x must be (batch, seq, d_in), got shape {tuple(x.shape)}")
+    if A.dim() != 3:
+        raise ValueError(f"mixture_lora: A must be (slots, r, d_in), got shape {tuple(A.shape)}")
+    if B.dim() != 3:
+        raise ValueError(f"mixture_lora: B must be (slots, d_out, r), got shape {tuple(B.shape)}")
+    slots, r, d_in = A.shape
+    if x.shape[-1] != d_in:
+        raise ValueError(
+            f"mixture_lora: x has d_in={x.shape[-1]} but A expects d_in={d_in} "
+            f"(A shape {tuple(A.shape)})"
+        )
+    if B.shape[0] != slots or B.shape[2] != r:
+        raise ValueError(
+            f"mixture_lora: B shape {tuple(B.shape)} does not match A shape {tuple(A.shape)}; "
+            f"expected ({slots}, d_out, {r})"
+        )
+    if weights.dim() != 2 or weights.shape[0] != x.shape[0] or weights.shape[1] != slots:
+        raise ValueError(
+            f"mixture_lora: weights must be (batch={x.shape[0]}, slots={slots}), "
+            f"got shape {tuple(weights.shape)}"
+        )
+    return slots, r, d_in, B.shape[1]
+
+
+class _MixtureLoRA(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, A, B, weights, scaling, x_grad_mask):
+        slots, r, d_in = A.shape
+        d_out = B.shape[1]
+        a2 = A.reshape(slots * r, d_in)  # (T*r, d_in)
+        b2 = B.transpose(0, 1).reshape(d_out, slots * r)  # (d_out, T*r)
+        # per-sequence, per-rank-column scale s * w_j, in the compute dtype of x
+        wr = (weights * scaling).to(x.dtype).repeat_interleave(r, dim=1)  # (b, T*r)
+        z = torch.matmul(x, a2.t())  # (b, n, T*r)
+        zw = z * wr.unsqueeze(1)
+        y = torch.matmul(zw, b2.t())  # (b, n, d_out)
+        ctx.save_for_backward(x, a2, b2, wr, z, x_grad_mask)
+        ctx.shape = (slots, r, d_in, d_out)
+        ctx.scaling = scaling
+        ctx.weights_dtype = weights.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, a2, b2, wr, z, x_grad_mask = ctx.saved_tensors
+        slots, r, d_in, d_out = ctx.shape
+        gx = gA = gB = gw = None
+        gzw = torch.matmul(gy, b2)  # d(zw): (b, n, T*r)
+        gz = gzw * wr.unsqueeze(1)  # dz:    (b, n, T*r)
+        if ctx.needs_input_grad[0]:
+            gz_x = gz if x_grad_mask is None else gz * x_grad_mask.to(gz.dtype).repeat_interleave(r)
+            gx = torch.matmul(gz_x, a2)  # (b, n, d_in)
+        if ctx.needs_input_grad[1]:
+            ga2 = torch.matmul(gz.reshape(-1, slots * r).t(), x.reshape(-1, d_in))
+            gA = ga2.reshape(slots, r, d_in)
+        if ctx.needs_input_grad[2]:
+            zw = z * wr.unsqueeze(1)
+            gb2 = torch.matmul(gy.reshape(-1, d_out).t(), zw.reshape(-1, slots * r))
+            gB = gb2.reshape(d_out, slots, r).transpose(0, 1)
+        if ctx.needs_input_grad[3]:
+            # dL/dw_j = s * sum_{n, k in slot j} gzw * z ; reduced in fp32 for bf16 inputs
+            prod = (gzw.float() * z.float()).sum(dim=1)  # (b, T*r)
+            gw = (prod.reshape(-1, slots, r).sum(-1) * ctx.scaling).to(ctx.weights_dtype)
+        return gx, gA, gB, gw, None, None
+
+
+def mixture_lora(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    weights: torch.Tensor,
+    scaling: float,
+    x_grad_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Weighted sum of ``T`` LoRA blocks in two matrix products.
+
+    Args:
+        x: (batch, seq, d_in) input hidden states (already through LoRA dropout).
+        A: (slots, r, d_in) stacked down-projections ``A_j``.
+        B: (slots, d_out, r) stacked up-projections ``B_j``.
+        weights: (batch, slots) mixture weight of each slot for each sequence; held fixed
+            over the sequence (SAPT computes it once from the prompt).
+        scaling: LoRA scale ``s = alpha / r``.
+        x_grad_mask: optional (slots,) tensor; slot ``j``'s path carries gradient back to
+            ``x`` only where it is non-zero (SAPT's "cut" gradient). ``None``: all slots.
+
+    Returns:
+        (batch, seq, d_out): ``scaling * sum_j weights[:, j] * x A_j^T B_j^T``.
+    """
+    _check_shapes(x, A, B, weights)
+    return _MixtureLoRA.apply(x, A, B, weights, float(scaling), x_grad_mask)
+
+
+def mixture_lora_reference(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    weights: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """The plain per-slot loop the fused op must equal (used by tests and benchmarks)."""
+    out = x.new_zeros(*x.shape[:-1], B.shape[1])
+    for j in range(A.shape[0]):
+        out = out + (x @ A[j].t() @ B[j].t()) * (weights[:, j] * scaling).to(x.dtype)[:, None, None]
+    return out

@@ -1,0 +1,343 @@
+"""SAPTModel around real HF architectures, each behaviour against a reference."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from sapt_dist.config import AdapterConfig
+from sapt_dist.model import SAPTModel
+
+from .conftest import tiny_llama
+
+
+def _random_blocks(model: SAPTModel, n_tasks: int, seed: int = 1) -> None:
+    """File ``n_tasks`` random (non-zero) blocks, leaving the last one current."""
+    g = torch.Generator().manual_seed(seed)
+    for t in range(n_tasks):
+        model.start_task(t)
+        with torch.no_grad():
+            for layer in model.layers.values():
+                layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * 0.3)
+                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
+            model.router.key.copy_(torch.randn(model.router.key.shape, generator=g))
+            for p in model.router.query.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        model.file_current()
+
+
+def _batch(vocab=128, b=2, n=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (b, n), generator=g)
+    return ids, torch.ones_like(ids)
+
+
+def test_zero_B_is_backbone(llama):
+    plain = copy.deepcopy(llama)
+    model = SAPTModel(llama, AdapterConfig(), n_slots=3)
+    ids, am = _batch()
+    with torch.no_grad():
+        ref = plain(input_ids=ids, attention_mask=am).logits
+        out = model(ids, am).logits
+    assert torch.equal(out, ref)
+
+
+def test_one_hot_weights_equal_single_lora_and_peft_export(llama, tmp_path):
+    from peft import PeftModel
+
+    from sapt_dist.serialization import export_peft
+
+    plain = copy.deepcopy(llama)
+    model = SAPTModel(llama, AdapterConfig(rank=4, alpha=8.0), n_slots=3)
+    _random_blocks(model, 3)
+    ids, am = _batch()
+    one_hot = torch.tensor([[0.0, 1.0, 0.0]]).expand(2, 3)
+    with torch.no_grad():
+        sapt = model(ids, am, weights=one_hot).logits
+
+    # reference 1: a hand-written single LoRA on slot 1 (W0 h + s B_1 A_1 h) via hooks
+    handles = []
+    for name, layer in model.layers.items():
+        base = plain.get_submodule(name)
+        A, B, s = layer.A_bank[1].clone(), layer.B_bank[1].clone(), layer.scaling
+
+        def hook(mod, inp, out, A=A, B=B, s=s):
+            return out + s * (inp[0] @ A.t() @ B.t())
+
+        handles.append(base.register_forward_hook(hook))
+    with torch.no_grad():
+        single = plain(input_ids=ids, attention_mask=am).logits
+    for h in handles:
+        h.remove()
+    torch.testing.assert_close(sapt, single, rtol=1e-5, atol=1e-5)
+
+    # reference 2: the exported peft adapter on the plain backbone
+    export_peft(model, 1, tmp_path / "peft1")
+    peft_model = PeftModel.from_pretrained(plain, tmp_path / "peft1").eval()
+    with torch.no_grad():
+        via_peft = peft_model(input_ids=ids, attention_mask=am).logits
+    torch.testing.assert_close(sapt, via_peft, rtol=1e-5, atol=1e-5)
+
+
+def test_inactive_slots_contribute_nothing(llama):
+    model = SAPTModel(llama, AdapterConfig(), n_slots=4)
+    _random_blocks(model, 2)  # slots 0, 1 filed; slot 1 current; 2, 3 inactive
+    ids, am = _batch()
+    with torch.no_grad():
+        before = model(ids, am)
+        for layer in model.layers.values():
+            layer.A_bank[2:].normal_(std=100.0)
+            layer.B_bank[2:].normal_(std=100.0)
+        model.router.key_bank[2:].normal_(std=100.0)
+        after = model(ids, am)
+    assert torch.equal(before.weights[:, 2:], torch.zeros(2, 2))
+    assert torch.equal(before.logits, after.logits)
+
+
+def test_only_current_block_learns(llama):
+    """Frozen blocks, inactive slots and keys get no gradient; AdamW with weight decay
+    over several steps leaves every bank (and the backbone) bit-identical."""
+    model = SAPTModel(llama, AdapterConfig(), n_slots=4)
+    _random_blocks(model, 2)
+    model.start_task(2)
+    model.train()
+    banks = {k: v.clone() for k, v in model.named_buffers()}
+    frozen = {k: v.clone() for k, v in model.named_parameters() if not v.requires_grad}
+    opt = torch.optim.AdamW(model.adapter_params(), lr=1e-2, weight_decay=0.1)
+    ids, am = _batch()
+    labels = ids.clone()
+    labels[:, :4] = -100
+    for _ in range(3):
+        model(ids, am, labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for k, v in model.named_buffers():
+        if k.endswith(("A_bank", "B_bank", "key_bank")):
+            assert torch.equal(v, banks[k]), k
+    for k, v in model.named_parameters():
+        if k in frozen:
+            assert v.grad is None and torch.equal(v, frozen[k]), k
+    trainable = {id(p) for p in model.adapter_params()}
+    assert all(p.requires_grad == (id(p) in trainable) for p in model.parameters())
+    # the current block did learn (B starts at zero and must have moved)
+    assert all(layer.lora_B.abs().sum() > 0 for layer in model.layers.values())
+
+
+def test_first_task_query_and_key_get_no_gradient(llama):
+    """At t = 1 one slot is active, w = 1 exactly: g and k_1 receive no gradient."""
+    model = SAPTModel(llama, AdapterConfig(), n_slots=3)
+    ids, am = _batch()
+    labels = ids.clone()
+    labels[:, :4] = -100
+    out = model(ids, am, labels)
+    assert torch.equal(out.weights[:, 0], torch.ones(2))
+    out.loss.backward()
+    assert model.router.key.grad is None or torch.count_nonzero(model.router.key.grad) == 0
+    for p in model.router.query.parameters():
+        assert p.grad is None or torch.count_nonzero(p.grad) == 0
+
+
+def test_file_current_keeps_tensors_in_place(llama):
+    model = SAPTModel(llama, AdapterConfig(), n_slots=3)
+    layer = next(iter(model.layers.values()))
+    ptrs = (layer.A_bank.data_ptr(), layer.lora_A.data_ptr(), model.router.key_bank.data_ptr())
+    shapes = (layer.A_bank.shape, layer.lora_A.shape)
+    _random_blocks(model, 3)
+    assert (
+        layer.A_bank.data_ptr(),
+        layer.lora_A.data_ptr(),
+        model.router.key_bank.data_ptr(),
+    ) == ptrs
+    assert (layer.A_bank.shape, layer.lora_A.shape) == shapes
+    assert torch.equal(layer.A_bank[2], layer.lora_A.detach())
+
+
+def test_padding_and_targets_do_not_change_weights(llama):
+    model = SAPTModel(llama, AdapterConfig(), n_slots=3)
+    _random_blocks(model, 3)
+    prompt = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(3))
+    w_ref = model.routing_weights(prompt, torch.ones_like(prompt))
+    assert w_ref[0].min() > 0.01  # a real mixture, not a degenerate one-hot
+    # left padding, right padding, more padding, padding token differs
+    for left, right, pad in [(3, 0, 0), (0, 4, 0), (5, 2, 0), (2, 2, 77)]:
+        ids = torch.cat([torch.full((1, left), pad), prompt, torch.full((1, right), pad)], 1)
+        mask = torch.cat([torch.zeros(1, left), torch.ones(1, 6), torch.zeros(1, right)], 1).long()
+        torch.testing.assert_close(model.routing_weights(ids, mask), w_ref, rtol=0, atol=0)
+    # target tokens (labels != -100) are excluded from the pool in forward
+    target = torch.randint(3, 128, (1, 4))
+    ids = torch.cat([prompt, target], 1)
+    labels = torch.cat([torch.full((1, 6), -100), target], 1)
+    out = model(ids, torch.ones_like(ids), labels)
+    torch.testing.assert_close(out.weights, w_ref, rtol=0, atol=0)
+
+
+def test_generation_with_cache_equals_stepwise(llama):
+    model = SAPTModel(llama, AdapterConfig(), n_slots=3)
+    _random_blocks(model, 3)
+    model.eval()
+    # two left-padded prompts of different lengths
+    ids = torch.tensor([[0, 0, 5, 9, 17, 33], [12, 44, 7, 90, 3, 61]])
+    am = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    gen = model.generate(ids, am, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    new = gen[:, ids.shape[1] :]
+    # reference: full forwards without cache, weights pinned to the prompt's
+    seq, mask = ids.clone(), am.clone()
+    w = model.routing_weights(ids, am)
+    with torch.no_grad():
+        for _ in range(8):
+            logits = model(
+                seq, mask, prompt_mask=torch.cat([am, torch.zeros_like(mask[:, am.shape[1] :])], 1)
+            ).logits
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+            # the forward recomputes w from the prompt positions only: it must not move
+            torch.testing.assert_close(model.context.weights, w, rtol=0, atol=0)
+    assert torch.equal(new, seq[:, ids.shape[1] :])
+
+
+def test_compiles_fullgraph_without_break(llama):
+    """CUDA-graph friendliness, checked on the CPU: the SAPT forward + backward of a tiny
+    LLaMA traces as one graph (any graph break raises under fullgraph=True)."""
+    model = SAPTModel(llama, AdapterConfig(), n_slots=4)
+    _random_blocks(model, 2)
+    model.start_task(2)
+    ids, am = _batch()
+    labels = ids.clone()
+    labels[:, :4] = -100
+    rep = torch.randint(3, 128, (4, 5))
+    kw = dict(
+        replay_input_ids=rep,
+        replay_attention_mask=torch.ones_like(rep),
+        replay_task=torch.tensor([0, 0, 1, 1]),
+    )
+    model.set_target(0, torch.tensor([1.0]))
+    model.set_target(1, torch.tensor([0.3, 0.7]))
+    eager = model(ids, am, labels, **kw)
+    eager.loss.backward()
+    g_eager = [p.grad.clone() for p in model.adapter_params()]
+    model.zero_grad()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(ids, am, labels, **kw)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, eager.loss)
+    for g, p in zip(g_eager, model.adapter_params()):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_gradient_checkpointing_keeps_mixture(llama):
+    model = SAPTModel(llama, AdapterConfig(gradient="exact"), n_slots=3)
+    _random_blocks(model, 2)
+    model.train()
+    ids, am = _batch()
+    labels = ids.clone()
+    out = model(ids, am, labels)
+    out.loss.backward()
+    ref = [p.grad.clone() for p in model.adapter_params()]
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    out2 = model(ids, am, labels)
+    out2.loss.backward()
+    torch.testing.assert_close(out2.loss, out.loss)
+    for g, p in zip(ref, model.adapter_params()):
+        torch.testing.assert_close(p.grad, g)
+
+
+def _mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    return MistralForCausalLM(
+        MistralConfig(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    ).eval()
+
+
+def _qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    ).eval()
+
+
+@pytest.mark.parametrize("make", [_mistral, _qwen2, tiny_llama], ids=["mistral", "qwen2", "llama"])
+def test_other_architectures(make):
+    backbone = make()
+    plain = copy.deepcopy(backbone)
+    model = SAPTModel(
+        backbone, AdapterConfig(target_modules=["q_proj", "v_proj", "down_proj"]), n_slots=2
+    )
+    assert len(model.layers) == 3 * 2
+    ids, am = _batch()
+    with torch.no_grad():
+        assert torch.equal(model(ids, am).logits, plain(input_ids=ids, attention_mask=am).logits)
+    _random_blocks(model, 2)
+    out = model(ids, am, ids)
+    out.loss.backward()
+    assert all(
+        p.grad is not None for layer in model.layers.values() for p in layer.adapter_params()
+    )
+
+
+def test_4bit_base(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_llama(hidden=128).save_pretrained(tmp_path / "m")  # bnb CPU kernels want d >= 64
+    q = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    quant = AutoModelForCausalLM.from_pretrained(tmp_path / "m", quantization_config=q)
+    plain = copy.deepcopy(quant)
+    for m in plain.modules():  # same bnb CPU kernel as the wrapped layers (see lora.py)
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    model = SAPTModel(quant, AdapterConfig(), n_slots=2, dtype=torch.float32)
+    layer = next(iter(model.layers.values()))
+    assert "Linear4bit" in type(layer.base).__name__
+    ids, am = _batch()
+    with torch.no_grad():
+        assert torch.equal(model(ids, am).logits, plain(input_ids=ids, attention_mask=am).logits)
+    # the no-grad eval forward above must not break training afterwards (bnb CPU packing)
+    _random_blocks(model, 2)
+    out = model(ids, am, ids)
+    out.loss.backward()
+    assert all(lay.lora_A.grad.abs().sum() > 0 for lay in model.layers.values())
+
+
+def test_missing_target_layers_named(llama):
+    with pytest.raises(ValueError, match=r"no linear layer named \['c_attn'\].*q_proj"):
+        SAPTModel(llama, AdapterConfig(target_modules=["c_attn"]), n_slots=2)
+
+
+def test_slot_overflow(llama):
+    model = SAPTModel(llama, AdapterConfig(), n_slots=2)
+    with pytest.raises(ValueError, match="out of range: this model has 2 task slots"):
+        model.start_task(2)
+
+
+def test_layers_without_routing_refuse(llama):
+    SAPTModel(llama, AdapterConfig(), n_slots=2)
+    ids, am = _batch()
+    with pytest.raises(RuntimeError, match="without routing weights"):
+        llama(input_ids=ids, attention_mask=am)

@@ -1,0 +1,69 @@
+"""Save / load of blocks and the manifest checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sapt_dist.config import AdapterConfig
+from sapt_dist.model import SAPTModel
+from sapt_dist.serialization import CheckpointMismatchError, load_blocks, save_blocks
+
+from .conftest import tiny_llama
+from .test_model import _batch, _random_blocks
+
+
+def test_roundtrip_gives_same_outputs(tmp_path):
+    model = SAPTModel(tiny_llama(), AdapterConfig(), n_slots=4)
+    _random_blocks(model, 3)
+    model.set_target(2, torch.tensor([0.2, 0.3, 0.5]))
+    save_blocks(model, tmp_path / "blocks", ["a", "b", "c"])
+    manifest = json.loads((tmp_path / "blocks" / "manifest.json").read_text())
+    assert manifest["tasks"] == ["a", "b", "c"]
+    assert set(manifest["files"]) == {
+        "router.safetensors",
+        *(f"block_{j:02d}.safetensors" for j in range(3)),
+    }
+    assert "torch" in manifest["versions"]
+
+    fresh = SAPTModel(tiny_llama(), AdapterConfig(), n_slots=4)
+    assert load_blocks(fresh, tmp_path / "blocks") == ["a", "b", "c"]
+    ids, am = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids, am).logits, model(ids, am).logits, rtol=0, atol=0)
+    assert torch.equal(fresh.router.targets, model.router.targets)
+
+
+def test_manifest_from_another_model_is_refused(tmp_path):
+    model = SAPTModel(tiny_llama(hidden=32), AdapterConfig(), n_slots=2)
+    _random_blocks(model, 1)
+    save_blocks(model, tmp_path / "blocks", ["a"])
+    other = SAPTModel(tiny_llama(hidden=48), AdapterConfig(), n_slots=2)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(CheckpointMismatchError, match="hidden_size: saved 32, model has 48"):
+        load_blocks(other, tmp_path / "blocks")
+    # nothing was touched
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+    with pytest.raises(CheckpointMismatchError, match="rank: saved 4, model has 8"):
+        load_blocks(SAPTModel(tiny_llama(), AdapterConfig(rank=8), n_slots=2), tmp_path / "blocks")
+    with pytest.raises(CheckpointMismatchError, match="n_slots"):
+        load_blocks(SAPTModel(tiny_llama(), AdapterConfig(), n_slots=3), tmp_path / "blocks")
+
+
+def test_corrupt_file_is_refused(tmp_path):
+    model = SAPTModel(tiny_llama(), AdapterConfig(), n_slots=2)
+    _random_blocks(model, 1)
+    save_blocks(model, tmp_path / "blocks", ["a"])
+    p = tmp_path / "blocks" / "block_00.safetensors"
+    data = bytearray(p.read_bytes())
+    data[-1] ^= 0xFF
+    p.write_bytes(bytes(data))
+    with pytest.raises(CheckpointMismatchError, match="checksum mismatch"):
+        load_blocks(SAPTModel(tiny_llama(), AdapterConfig(), n_slots=2), tmp_path / "blocks")
+
+
+def test_not_a_blocks_folder(tmp_path):
+    with pytest.raises(CheckpointMismatchError, match="no manifest.json"):
+        load_blocks(SAPTModel(tiny_llama(), AdapterConfig(), n_slots=2), tmp_path)
