@@ -124,6 +124,9 @@ class TrainConfig:
     #: Fixed number of optimizer steps per task (overrides ``epochs`` when set).
     max_steps: int | None = None
     lr: float = 5e-5
+    #: Learning rate of the shared attention (query network and keys); ``None``: ``lr``, as
+    #: in the paper. A small random backbone's routing learns faster with a higher one.
+    router_lr: float | None = None
     weight_decay: float = 0.0
     micro_batch_size: int = 2
     grad_accum: int = 4
@@ -226,6 +229,7 @@ class RunConfig:
                 "must be >= 1",
             ),
             (self.train.lr > 0, "train.lr", "must be > 0"),
+            (self.train.router_lr is None or self.train.router_lr > 0, "train.router_lr", "must be > 0"),
             (self.train.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1"),
             (self.train.grad_accum >= 1, "train.grad_accum", "must be >= 1"),
             (self.train.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0"),

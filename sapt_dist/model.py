@@ -92,6 +92,7 @@ class SAPTModel(nn.Module):
         n_slots: int,
         routing: RoutingMode = "attention",
         dtype: torch.dtype | None = None,
+        generator_slot: bool = False,
     ) -> None:
         super().__init__()
         if n_slots < 1:
@@ -99,6 +100,11 @@ class SAPTModel(nn.Module):
         self.backbone = backbone
         self.adapter_config = adapter
         self.n_slots = n_slots
+        # The generator of pseudo-samples is one more block on the same backbone: an extra
+        # slot after the task slots that routing never selects (its weight is given).
+        self.has_generator_slot = generator_slot
+        self.n_layer_slots = n_slots + int(generator_slot)
+        self.register_buffer("layer_current", torch.zeros(self.n_layer_slots, dtype=torch.bool))
         for p in backbone.parameters():
             p.requires_grad_(False)
         for m in backbone.modules():
@@ -111,7 +117,7 @@ class SAPTModel(nn.Module):
             parent = backbone.get_submodule(parent_name) if parent_name else backbone
             wrapped = MixtureLoRALinear(
                 getattr(parent, leaf),
-                n_slots=n_slots,
+                n_slots=self.n_layer_slots,
                 rank=adapter.rank,
                 alpha=adapter.alpha,
                 dropout=adapter.dropout,
@@ -127,15 +133,24 @@ class SAPTModel(nn.Module):
         )
         if dtype is not None:
             self.router.to(dtype)
-        self.router.to(emb.weight.device if emb.weight.device.type != "meta" else "cpu")
+        device = emb.weight.device if emb.weight.device.type != "meta" else "cpu"
+        self.router.to(device)
+        self.layer_current.data = self.layer_current.to(device)
         self._set_requires_grad()
         self.start_task(0)
 
     # ------------------------------------------------------------------ parameters
     def adapter_params(self) -> list[nn.Parameter]:
         """Every trainable parameter: the current block of each layer, its key, ``g``."""
-        params = [p for layer in self.layers.values() for p in layer.adapter_params()]
-        return params + self.router.adapter_params()
+        return self.block_params() + self.router.adapter_params()
+
+    def block_params(self) -> list[nn.Parameter]:
+        """The current block of every adapted layer (what the generator trains)."""
+        return [p for layer in self.layers.values() for p in layer.adapter_params()]
+
+    def named_adapter_params(self) -> dict[str, nn.Parameter]:
+        ids = {id(p) for p in self.adapter_params()}
+        return {n: p for n, p in self.named_parameters() if id(p) in ids}
 
     def _set_requires_grad(self) -> None:
         for p in self.parameters():
@@ -169,6 +184,8 @@ class SAPTModel(nn.Module):
         r.current[slot] = True
         r.active.zero_()
         r.active[: slot + 1] = True
+        self.layer_current.zero_()
+        self.layer_current[slot] = True
         for layer in self.layers.values():
             if fresh:
                 layer.reset_current()
@@ -178,6 +195,28 @@ class SAPTModel(nn.Module):
             r.reset_key()
         else:
             r.load_key(slot)
+
+    @property
+    def generator_slot(self) -> int:
+        if not self.has_generator_slot:
+            raise RuntimeError("this SAPTModel was built without a generator slot")
+        return self.n_layer_slots - 1
+
+    @torch.no_grad()
+    def start_generator(self) -> None:
+        """Make the generator slot's (fresh) block the trainable one; routing state and the
+        task blocks are untouched. Use ``generator_weights`` as the forward's weights."""
+        slot = self.generator_slot
+        self.layer_current.zero_()
+        self.layer_current[slot] = True
+        for layer in self.layers.values():
+            layer.reset_current()
+
+    def generator_weights(self, batch: int) -> torch.Tensor:
+        """(batch, layer slots) one-hot weights on the generator block."""
+        w = torch.zeros(batch, self.n_layer_slots, device=self.layer_current.device)
+        w[:, self.generator_slot] = 1.0
+        return w
 
     @torch.no_grad()
     def file_current(self) -> None:
@@ -197,7 +236,7 @@ class SAPTModel(nn.Module):
     def x_grad_mask(self) -> torch.Tensor | None:
         if self.adapter_config.gradient == "exact":
             return None
-        return self.router.current.to(torch.float32)
+        return self.layer_current.to(torch.float32)
 
     # ------------------------------------------------------------------ routing
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -212,9 +251,13 @@ class SAPTModel(nn.Module):
         return self.router(max_pool_prompt(embeds, prompt_mask))
 
     def _route(self, weights: torch.Tensor) -> None:
+        """Hand the (batch, T) or (batch, layer slots) weights to every adapted layer."""
+        extra = self.n_layer_slots - weights.shape[-1]
+        if extra > 0:
+            weights = torch.nn.functional.pad(weights, (0, extra))
         ctx = self.context
         ctx.weights = weights
-        ctx.current = self.router.current
+        ctx.current = self.layer_current
         ctx.x_grad_mask = self.x_grad_mask()
 
     # ------------------------------------------------------------------ forward
@@ -273,13 +316,18 @@ class SAPTModel(nn.Module):
 
     @torch.no_grad()
     def generate(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
+        **kwargs: Any,
     ) -> torch.Tensor:
         """HF ``generate`` with the weights computed once from the (left-padded) prompt
-        and held fixed through every decoding step."""
+        (or given) and held fixed through every decoding step."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        weights = self.routing_weights(input_ids, attention_mask)
+        if weights is None:
+            weights = self.routing_weights(input_ids, attention_mask)
         expand = int(kwargs.get("num_beams", 1) or 1) * int(
             kwargs.get("num_return_sequences", 1) or 1
         )

@@ -76,6 +76,7 @@ def model_signature(model: SAPTModel) -> dict[str, Any]:
         "vocab_size": getattr(cfg, "vocab_size", None),
         "num_hidden_layers": getattr(cfg, "num_hidden_layers", None),
         "n_slots": model.n_slots,
+        "generator_slot": model.has_generator_slot,
         "rank": model.adapter_config.rank,
         "alpha": model.adapter_config.alpha,
         "routing": model.router.mode,

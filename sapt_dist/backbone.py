@@ -1,0 +1,154 @@
+"""Loading the frozen backbone and its tokenizer.
+
+``pretrained``: any Hugging Face causal LM folder (LLaMA-2 7B/13B/70B, Mistral, Qwen2,
+...), optionally quantized to 4-bit NF4 with bitsandbytes. Nothing is fetched from a
+hub: the folder must hold the weights.
+
+``demo``: a tiny LLaMA-family model and a byte-level BPE tokenizer built locally,
+deterministically, from the demo data shipped in the package (no network). It is saved as
+an ordinary HF folder and then loaded by the same ``pretrained`` code path. Its weights
+are random: it is never pre-trained on the tasks' labelled text (that would leak the
+tasks into the frozen backbone), so what it can learn in a CPU budget is each task's
+answer format and vocabulary, and whatever a LoRA on a random network picks up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from sapt_dist.config import ConfigError, ModelConfig
+from sapt_dist.io_utils import atomic_dir
+
+__all__ = ["DEMO_SPEC", "build_demo_backbone", "load_backbone", "torch_dtype"]
+
+log = logging.getLogger(__name__)
+
+#: The demo backbone's recipe; changing it changes the cache key.
+DEMO_SPEC = {
+    "vocab_size": 2048,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 512,
+    # HF's default init (std 0.02) caps a d=128 model's logits near +-2.6 over 2k tokens:
+    # nothing a LoRA does can make it confident. std 1/sqrt(d) gives it the range to.
+    "initializer_range": 0.09,
+    "seed": 1234,
+}
+#: Markers of the pseudo-sample generator's format (kept whole by the demo tokenizer).
+GEN_TOKENS = ["__gen__", "__inp__"]
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _demo_texts(data_dir: Path) -> list[str]:
+    texts = []
+    for f in sorted(data_dir.glob("*/*.json")):
+        d = json.loads(f.read_text())
+        texts.extend(d.get("Definition", []))
+        for inst in d.get("Instances", []):
+            texts.append(inst["input"])
+            out = inst["output"]
+            texts.extend(out if isinstance(out, list) else [out])
+    return texts
+
+
+def _cache_root() -> Path:
+    env = os.environ.get("SAPT_DIST_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "sapt_dist"
+
+
+def build_demo_backbone(data_dir: Path | None = None, cache: Path | None = None) -> Path:
+    """Build (once; cached) the demo backbone folder and return its path."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from sapt_dist.data import DEMO_DATA_DIR
+
+    data_dir = Path(data_dir or DEMO_DATA_DIR)
+    texts = _demo_texts(data_dir)
+    key = hashlib.sha256(
+        json.dumps([DEMO_SPEC, GEN_TOKENS, len(texts), texts[:50]], sort_keys=True).encode()
+    ).hexdigest()[:12]
+    folder = (cache or _cache_root()) / f"demo-backbone-{key}"
+    if (folder / "config.json").is_file():
+        return folder
+    log.info("building the demo backbone in %s (once)", folder)
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<pad>", "<s>", "</s>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=DEMO_SPEC["vocab_size"] - len(GEN_TOKENS),
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_tokens(GEN_TOKENS)
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    torch.manual_seed(DEMO_SPEC["seed"])
+    spec = {k: v for k, v in DEMO_SPEC.items() if k != "seed"}
+    spec["vocab_size"] = len(hf_tok)
+    cfg = LlamaConfig(
+        **spec,
+        pad_token_id=hf_tok.pad_token_id,
+        bos_token_id=hf_tok.bos_token_id,
+        eos_token_id=hf_tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(cfg)
+    with atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp)
+        hf_tok.save_pretrained(tmp)
+    return folder
+
+
+def load_backbone(cfg: ModelConfig, data_root: Path | None = None):
+    """Return ``(model, tokenizer)``: the frozen HF causal LM and its tokenizer.
+
+    Raises:
+        ConfigError: naming ``model.path`` when the folder is missing or not a model.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if cfg.builder == "demo":
+        path = build_demo_backbone()
+    else:
+        path = Path(cfg.path or "")
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"config key 'model.path': {str(path)!r} is not a Hugging Face model folder "
+                f"(no config.json there)"
+            )
+    tok_path = Path(cfg.tokenizer) if cfg.tokenizer else path
+    tokenizer = AutoTokenizer.from_pretrained(tok_path)
+    if tokenizer.pad_token_id is None:
+        # LLaMA ships without a pad token; padding is masked everywhere, so EOS serves
+        tokenizer.pad_token = tokenizer.eos_token
+    kwargs: dict = {"dtype": torch_dtype(cfg.dtype)}
+    if cfg.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch_dtype(cfg.dtype),
+            # equal to the training dtype, so ZeRO-3 can partition the quantized weights
+            bnb_4bit_quant_storage=torch_dtype(cfg.dtype),
+        )
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.eval()
+    return model, tokenizer

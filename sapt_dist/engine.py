@@ -1,0 +1,482 @@
+"""The continual-learning run: one process group, one backbone, the whole task sequence.
+
+For each task t (in order)::
+
+    start_task(t) ─► train block t (+ key, g) with task loss + ARM over tasks < t
+        ─► file block t ─► a_t* on t's dev split ─► pseudo-samples of t
+        ─► evaluate on the test splits of tasks 0..t ─► row t of the accuracy matrix
+        ─► checkpoint (blocks, progress)
+
+The backbone is loaded once. Baselines run on the same machinery:
+
+=============  =======  ==========  ========================================
+method         slots    routing     what changes
+=============  =======  ==========  ========================================
+sapt           N        attention   ARM from task 2 on (generative or real)
+inc_lora       N        sum (=1)    a new block per task, no attention
+seq_lora       1        -           one block keeps training on every task
+replay         1        -           seq_lora + real samples of earlier tasks
+mtl            1        -           one block trained on all tasks at once
+single_task    1        -           a fresh block per task, scored on it alone
+=============  =======  ==========  ========================================
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sapt_dist import distributed
+from sapt_dist.backbone import load_backbone, torch_dtype
+from sapt_dist.config import ConfigError, RunConfig
+from sapt_dist.data import (
+    EncodedExample,
+    TaskData,
+    TruncationStats,
+    encode_prompt,
+    encode_train,
+    format_prompt,
+    load_task,
+    log_truncation,
+    resolve_data_root,
+    resolve_order,
+)
+from sapt_dist.evaluation import attention_target, generate_texts, routing_weights
+from sapt_dist.metrics import score_predictions
+from sapt_dist.model import SAPTModel
+from sapt_dist.replay import (
+    GEN_PROMPT,
+    ReplayBatches,
+    choose_pseudo,
+    generator_examples,
+    load_jsonl,
+    n_pseudo,
+    real_samples,
+    save_jsonl,
+)
+from sapt_dist.report import write_report
+from sapt_dist.run_state import RunState
+from sapt_dist.serialization import load_blocks, save_blocks
+from sapt_dist.trainer import BlockJob, num_steps, train_block
+
+__all__ = ["ContinualRun", "run"]
+
+log = logging.getLogger(__name__)
+
+SINGLE_SLOT = ("seq_lora", "replay", "mtl", "single_task")
+
+
+@dataclass
+class EncodedTask:
+    data: TaskData
+    train: list[EncodedExample]
+    dev_prompts: list[list[int]]
+    dev_refs: list[list[str]]
+    test_prompts: list[list[int]]
+    test_refs: list[list[str]]
+    test_ids: list[str]
+
+
+class ContinualRun:
+    """A whole run; ``run()`` resumes from the run folder's state when there is one."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.state = RunState(self.out)
+
+    # ------------------------------------------------------------------ set-up
+    def _load_tasks(self) -> list[TaskData]:
+        cfg = self.cfg
+        root = resolve_data_root(cfg.data.root)
+        names, missing = resolve_order(cfg.data, root)
+        if missing:
+            log.warning(
+                "data folder %s lacks %d task(s) of order %r, skipped: %s",
+                root,
+                len(missing),
+                cfg.data.order,
+                ", ".join(missing),
+            )
+        tasks = [load_task(root, n, cfg.data, cfg.train.seed) for n in names]
+        log.info("tasks (%d): %s", len(tasks), ", ".join(t.name for t in tasks))
+        return tasks
+
+    def _n_slots(self, n_tasks: int) -> int:
+        cfg = self.cfg
+        if cfg.method in SINGLE_SLOT:
+            return 1
+        n = cfg.adapter.n_slots or n_tasks
+        if n < n_tasks:
+            raise ConfigError(
+                f"config key 'adapter.n_slots' is {n} but the sequence has {n_tasks} tasks; "
+                f"raise it to at least {n_tasks} (or leave it null)"
+            )
+        return n
+
+    def _encode(self, tokenizer, tasks: list[TaskData]) -> list[EncodedTask]:
+        d = self.cfg.data
+        out = []
+        for task in tasks:
+            stats = {s: TruncationStats() for s in ("train", "dev", "test")}
+
+            def prompt(ex, task=task):
+                return format_prompt(d.template, task.definition, ex["input"])
+
+            train = [
+                encode_train(
+                    tokenizer,
+                    prompt(ex),
+                    ex["outputs"][0],
+                    d.max_source_length,
+                    d.max_target_length,
+                    stats["train"],
+                )
+                for ex in task.splits["train"]
+            ]
+            dev = [
+                encode_prompt(tokenizer, prompt(ex), d.max_source_length, stats["dev"])
+                for ex in task.splits["dev"]
+            ]
+            test = task.splits["test"]
+            test_prompts = [
+                encode_prompt(tokenizer, prompt(ex), d.max_source_length, stats["test"])
+                for ex in test
+            ]
+            for split, st in stats.items():
+                log_truncation(task.name, split, st)
+            dev_refs = list(task.splits["dev"]["outputs"])
+            out.append(
+                EncodedTask(task, train, dev, dev_refs, test_prompts, list(test["outputs"]), list(test["id"]))
+            )
+        return out
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.state.check_or_save_config(cfg)
+        progress = self.state.load_progress()
+        tasks = self._load_tasks()  # every task file validated before the model loads
+        names = [t.name for t in tasks]
+        if progress["tasks"] and progress["tasks"] != names:
+            raise ConfigError(
+                f"{self.out}: run was started on tasks {progress['tasks']}, now {names}"
+            )
+        if progress.get("finished"):
+            log.info(
+                "%s: run already finished; nothing to train (delete the folder to rerun)", self.out
+            )
+            return write_report(self.out, cfg, progress)
+        n_slots = self._n_slots(len(tasks))
+        distributed.init()
+
+        backbone, tokenizer = load_backbone(cfg.model)
+        self.tokenizer = tokenizer
+        self.model = SAPTModel(
+            backbone,
+            cfg.adapter,
+            n_slots=n_slots,
+            routing="sum" if cfg.method == "inc_lora" else "attention",
+            dtype=torch_dtype(cfg.model.dtype),
+            generator_slot=cfg.method == "sapt" and cfg.replay.kind == "generative",
+        )
+        if cfg.model.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.enc = self._encode(tokenizer, tasks)
+        progress["tasks"] = names
+        if progress["completed"] > 0:
+            log.info("resuming after %d finished task(s)", progress["completed"])
+            load_blocks(self.model, self.state.blocks)
+
+        stages = 1 if cfg.method == "mtl" else len(tasks)
+        for i in range(progress["completed"], stages):
+            self._stage(i, progress)
+        progress["finished"] = True
+        self.state.save_progress(progress)
+        if distributed.is_main_process():
+            save_blocks(self.model, self.out / "blocks", self._block_names(stages - 1))
+        return write_report(self.out, cfg, progress)
+
+    def _block_names(self, i: int) -> list[str]:
+        names = [e.data.name for e in self.enc]
+        if self.cfg.method == "mtl":
+            return ["mtl:" + "+".join(names)]
+        if self.model.n_slots == 1:
+            return [names[i]]
+        return names[: i + 1]
+
+    def _stage(self, i: int, progress: dict) -> None:
+        cfg, model = self.cfg, self.model
+        method = cfg.method
+        slot = 0 if model.n_slots == 1 else i
+        fresh = not (method in ("seq_lora", "replay") and i > 0)
+        model.start_task(slot, fresh=fresh)
+        task = self.enc[i]
+        label = f"task {i + 1}/{len(self.enc)} {task.data.name}"
+
+        examples = list(task.train)
+        replay = None
+        if method == "mtl":
+            examples = [ex for e in self.enc for ex in e.train]
+            label = f"mtl ({len(self.enc)} tasks)"
+        elif method == "replay" and i > 0:
+            examples += self._real_replay_examples(i)
+        elif method == "sapt" and i > 0 and cfg.replay.kl_ratio > 0:
+            samples = {j: load_jsonl(self._pseudo_path(j)) for j in range(i)}
+            replay = ReplayBatches(
+                self.tokenizer,
+                samples,
+                cfg.data.template,
+                cfg.data.max_source_length,
+                cfg.train.micro_batch_size,
+                cfg.train.seed,
+            )
+        params = model.named_adapter_params()
+        if method != "sapt":
+            params = {n: p for n, p in params.items() if not n.startswith("router.")}
+        t = cfg.train
+        job = BlockJob(
+            name=label,
+            examples=examples,
+            params=params,
+            steps=num_steps(len(examples), t.epochs, t.micro_batch_size, t.grad_accum, t.max_steps),
+            seed=t.seed + 1000 * i,
+            lr=t.lr,
+            replay=replay,
+            kl_ratio=cfg.replay.kl_ratio,
+            router_lr=t.router_lr,
+        )
+        resume, best = self.state.load_step(i)
+        per_epoch = num_steps(len(examples), 1, t.micro_batch_size, t.grad_accum, None)
+        select_every = per_epoch * t.eval_every_epochs if t.select_best else 0
+
+        def on_step(step: int, snapshot) -> None:
+            nonlocal best
+            if select_every and (step % select_every == 0 or step == job.steps):
+                best = self._keep_if_best(task, step, params, best)
+            every = t.checkpoint_every
+            if every and step % every == 0 and step < job.steps:
+                self.state.save_step(i, snapshot(), best)
+
+        losses = train_block(
+            model,
+            job,
+            t,
+            cfg.model.dtype,
+            self.tokenizer.pad_token_id,
+            zero_stage=cfg.distributed.zero_stage,
+            ds_config=self._ds_config(),
+            resume=resume,
+            on_step=on_step,
+        )
+        if best is not None and best["step"] != job.steps:
+            log.info(
+                "%s: keeping the block of step %d (dev %.2f)",
+                task.data.name,
+                best["step"],
+                best["score"],
+            )
+            with torch.no_grad(), distributed.gathered(list(params.values()), modify=True):
+                for name, p in params.items():
+                    p.copy_(best["params"][name].to(p))
+        model.file_current()
+        progress["losses"][task.data.name] = losses
+
+        if method == "sapt":
+            target = attention_target(
+                model, task.dev_prompts, self.tokenizer.pad_token_id, cfg.eval.batch_size, slot
+            )
+            model.set_target(slot, target)
+            log.info(
+                "%s: attention target a* = %s", task.data.name, [round(float(x), 4) for x in target]
+            )
+            if i < len(self.enc) - 1:
+                self._make_pseudo(i)
+                model.start_task(slot, fresh=False)  # the generator took the trainable block
+
+        row, routing = self._evaluate(i)
+        progress["matrix"].append(row)
+        progress["routing"].append(routing)
+        progress["completed"] = i + 1
+        save_blocks(model, self.state.blocks, self._block_names(i))
+        if model.n_slots == 1 and method != "mtl":
+            save_blocks(
+                model, self.out / "blocks_per_task" / f"{i:02d}_{task.data.name}", [task.data.name]
+            )
+        self.state.save_progress(progress)
+        self.state.clear_step()
+
+    def _keep_if_best(
+        self, task: EncodedTask, step: int, params: dict, best: dict | None
+    ) -> dict | None:
+        """Model selection: score the current block on the task's dev split."""
+        preds = generate_texts(
+            self.model,
+            self.tokenizer,
+            task.dev_prompts,
+            self.cfg.eval.batch_size,
+            self.cfg.eval.max_new_tokens,
+            desc=f"dev {task.data.name}",
+        )
+        score = score_predictions(preds, task.dev_refs, task.data.metric)
+        log.info("%s: step %d dev %s = %.2f", task.data.name, step, task.data.metric, score)
+        if best is not None and score <= best["score"]:
+            return best
+        with distributed.gathered(list(params.values())):
+            tensors = {n: p.detach().cpu().clone() for n, p in params.items()}
+        return {"score": score, "step": step, "params": tensors}
+
+    def _ds_config(self) -> dict | None:
+        path = self.cfg.distributed.deepspeed_config
+        if not path:
+            return None
+        import json
+
+        try:
+            return json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(
+                f"config key 'distributed.deepspeed_config': cannot read {path}: {e}"
+            ) from e
+
+    # ------------------------------------------------------------------ replay
+    def _pseudo_path(self, i: int) -> Path:
+        return self.out / "pseudo" / f"{i:02d}_{self.enc[i].data.name}.jsonl"
+
+    def _real_replay_examples(self, i: int) -> list[EncodedExample]:
+        cfg, d = self.cfg, self.cfg.data
+        out = []
+        for j in range(i):
+            task = self.enc[j].data
+            rows = real_samples(
+                task,
+                n_pseudo(len(task.splits["train"]), cfg.replay.ratio, cfg.replay.min_samples),
+                cfg.train.seed + j,
+            )
+            out += [
+                encode_train(
+                    self.tokenizer,
+                    format_prompt(d.template, r["definition"], r["input"]),
+                    r["output"],
+                    d.max_source_length,
+                    d.max_target_length,
+                )
+                for r in rows
+            ]
+        return out
+
+    def _make_pseudo(self, i: int) -> None:
+        """Task i's pseudo-samples (generative: train the generator block, sample)."""
+        cfg, model, task = self.cfg, self.model, self.enc[i].data
+        path = self._pseudo_path(i)
+        n = n_pseudo(len(task.splits["train"]), cfg.replay.ratio, cfg.replay.min_samples)
+        seed = cfg.train.seed + 7919 * (i + 1)
+        if cfg.replay.kind == "real":
+            rows = real_samples(task, n, seed)
+        else:
+            d, r = cfg.data, cfg.replay
+            examples = generator_examples(
+                self.tokenizer, task, d.max_source_length, d.max_source_length
+            )
+            model.start_generator()
+            t = cfg.train
+            job = BlockJob(
+                name=f"generator {task.name}",
+                examples=examples,
+                params={
+                    n_: p
+                    for n_, p in model.named_adapter_params().items()
+                    if not n_.startswith("router.")
+                },
+                steps=num_steps(
+                    len(examples), r.gen_epochs, t.micro_batch_size, t.grad_accum, r.gen_max_steps
+                ),
+                seed=seed,
+                lr=r.gen_lr,
+                weights=model.generator_weights,
+            )
+            train_block(
+                model,
+                job,
+                t,
+                cfg.model.dtype,
+                self.tokenizer.pad_token_id,
+                zero_stage=cfg.distributed.zero_stage,
+                ds_config=self._ds_config(),
+            )
+            torch.manual_seed(seed)
+            k = n * r.gen_candidates_per_sample
+            prompt = encode_prompt(self.tokenizer, GEN_PROMPT, d.max_source_length)
+            texts = generate_texts(
+                model,
+                self.tokenizer,
+                [prompt] * k,
+                cfg.eval.batch_size,
+                r.gen_max_new_tokens,
+                desc=f"pseudo-samples {task.name}",
+                weights=model.generator_weights(k),
+                do_sample=True,
+                top_k=r.gen_top_k,
+                repetition_penalty=r.gen_repetition_penalty,
+            )
+            rows = choose_pseudo(texts, task, n, seed)
+        if distributed.is_main_process():
+            save_jsonl(path, rows)
+        log.info("%s: %d pseudo-samples (%s) -> %s", task.name, len(rows), cfg.replay.kind, path)
+
+    # ------------------------------------------------------------------ evaluation
+    def _evaluate(self, i: int) -> tuple[list[float | None], dict]:
+        """Scores on the test splits of tasks 0..i (row i of the matrix) + routing."""
+        cfg, model = self.cfg, self.model
+        method = cfg.method
+        n = len(self.enc)
+        if method == "mtl":
+            which = list(range(n))
+        elif method == "single_task":
+            which = [i]
+        else:
+            which = list(range(i + 1))
+        row: list[float | None] = [None] * n
+        routing: dict = {}
+        after = "mtl" if method == "mtl" else f"{i:02d}_{self.enc[i].data.name}"
+        for j in which:
+            e = self.enc[j]
+            preds = generate_texts(
+                model,
+                self.tokenizer,
+                e.test_prompts,
+                cfg.eval.batch_size,
+                cfg.eval.max_new_tokens,
+                desc=f"eval {e.data.name}",
+            )
+            row[j] = score_predictions(preds, e.test_refs, e.data.metric)
+            rows = [
+                {"id": id_, "prediction": p, "references": refs}
+                for id_, p, refs in zip(e.test_ids, preds, e.test_refs, strict=True)
+            ]
+            if method == "sapt":
+                w = routing_weights(
+                    model, e.test_prompts, self.tokenizer.pad_token_id, cfg.eval.batch_size
+                )
+                w_active = w[:, : i + 1]
+                routing[str(j)] = {
+                    "mean_weights": w_active.mean(0).tolist(),
+                    "routing_accuracy": float((w_active.argmax(-1) == j).float().mean()),
+                }
+                for r_, wr in zip(rows, w.tolist(), strict=True):
+                    r_["weights"] = [round(x, 5) for x in wr[: i + 1]]
+            if distributed.is_main_process():
+                save_jsonl(
+                    self.out / "predictions" / f"after_{after}" / f"{j:02d}_{e.data.name}.jsonl",
+                    rows,
+                )
+            log.info("after %s: %s %s = %.2f", after, e.data.name, e.data.metric, row[j])
+        return row, routing
+
+
+def run(cfg: RunConfig) -> dict:
+    """Run (or resume) the continual-learning run described by ``cfg``."""
+    return ContinualRun(cfg).run()

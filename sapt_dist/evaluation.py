@@ -1,0 +1,91 @@
+"""Evaluation: batched greedy generation with the KV cache, routing fixed from the prompt.
+
+Prompts are sorted by length into left-padded batches (less padding, same results: every
+sequence's weights and tokens depend only on itself) and the outputs put back in order.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from tqdm.auto import tqdm
+
+from sapt_dist import distributed
+from sapt_dist.data import collate_prompts
+from sapt_dist.model import SAPTModel
+
+__all__ = ["generate_texts", "routing_weights", "attention_target"]
+
+log = logging.getLogger(__name__)
+
+
+def _batches(prompts: list[list[int]], batch_size: int):
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for s in range(0, len(order), batch_size):
+        yield order[s : s + batch_size]
+
+
+@torch.no_grad()
+def generate_texts(
+    model: SAPTModel,
+    tokenizer,
+    prompts: list[list[int]],
+    batch_size: int,
+    max_new_tokens: int,
+    desc: str = "generate",
+    weights: torch.Tensor | None = None,
+    **gen_kwargs,
+) -> list[str]:
+    """Greedy (unless ``gen_kwargs`` say otherwise) continuations of token-id prompts.
+
+    Args:
+        prompts: token ids of each prompt (no padding).
+        weights: (n, slots) fixed mixture weights per prompt (e.g. the generator's);
+            ``None``: SAPT's routing from each prompt.
+    """
+    model.eval()
+    device = model.router.key.device
+    out: list[str | None] = [None] * len(prompts)
+    pad = tokenizer.pad_token_id
+    batches = list(_batches(prompts, batch_size))
+    for idx in tqdm(batches, desc=desc, disable=not distributed.is_main_process(), leave=False):
+        batch = collate_prompts([prompts[i] for i in idx], pad)
+        ids = batch["input_ids"].to(device)
+        w = weights[idx].to(device) if weights is not None else None
+        kwargs = {"do_sample": False, **gen_kwargs}
+        gen = model.generate(
+            ids,
+            batch["attention_mask"].to(device),
+            weights=w,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+            **kwargs,
+        )
+        texts = tokenizer.batch_decode(gen[:, ids.shape[1] :], skip_special_tokens=True)
+        for i, t in zip(idx, texts, strict=True):
+            out[i] = t.strip()
+    return out  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def routing_weights(
+    model: SAPTModel, prompts: list[list[int]], pad_id: int, batch_size: int
+) -> torch.Tensor:
+    """(n, T) the mixture weights SAPT gives each prompt."""
+    device = model.router.key.device
+    rows = torch.empty(len(prompts), model.n_slots)
+    for idx in _batches(prompts, batch_size):
+        batch = collate_prompts([prompts[i] for i in idx], pad_id)
+        w = model.routing_weights(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        rows[idx] = w.float().cpu()
+    return rows
+
+
+def attention_target(
+    model: SAPTModel, prompts: list[list[int]], pad_id: int, batch_size: int, slot: int
+) -> torch.Tensor:
+    """``a_t*``: mean weights over the dev inputs (each counted once), over slots ``0..slot``."""
+    w = routing_weights(model, prompts, pad_id, batch_size)[:, : slot + 1]
+    return w.mean(dim=0)

@@ -1,0 +1,111 @@
+"""The outputs a reader looks at, written from a run's progress.
+
+::
+
+    metrics/accuracy_matrix.json  a[i][j], task names, metric per task
+    metrics/accuracy_matrix.md    the same as a markdown table, with AP / F.Ra / FWT / BWT
+    metrics/accuracy_matrix.png   heatmap
+    metrics/routing.json          per test task: mean weight per slot, routing accuracy
+    metrics/routing.png           heatmap of the mean weights (SAPT only)
+    metrics/results.json          the summary (and, for single_task, the b_j scores)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from sapt_dist import distributed
+from sapt_dist.config import RunConfig
+from sapt_dist.io_utils import atomic_write_json, atomic_write_text
+from sapt_dist.metrics import cl_metrics, matrix_markdown, save_heatmap
+
+__all__ = ["load_single_task_scores", "write_report"]
+
+log = logging.getLogger(__name__)
+
+
+def load_single_task_scores(folder: str | Path, tasks: list[str]) -> tuple[list[float] | None, str]:
+    """``b_j`` for ``tasks`` from a single_task run folder, or (None, why)."""
+    path = Path(folder) / "metrics" / "results.json"
+    if not path.is_file():
+        return None, f"no {path}"
+    scores = json.loads(path.read_text()).get("single_task_scores") or {}
+    missing = [t for t in tasks if t not in scores]
+    if missing:
+        return None, f"{path} has no single-task score for {missing}"
+    return [float(scores[t]) for t in tasks], str(path)
+
+
+def _fmt(v: float | None) -> str:
+    return "missing" if v is None else f"{v:.2f}"
+
+
+def write_report(out: Path, cfg: RunConfig, progress: dict) -> dict:
+    """Write every output file (rank 0) and return the results summary."""
+    tasks: list[str] = progress["tasks"]
+    matrix = progress["matrix"]
+    n = len(tasks)
+    results: dict = {"method": cfg.method, "tasks": tasks, "matrix": matrix}
+    if cfg.method == "single_task":
+        results["single_task_scores"] = {t: matrix[j][j] for j, t in enumerate(tasks)}
+        results["metrics"] = {"AP": sum(matrix[j][j] for j in range(n)) / n}
+    elif cfg.method == "mtl":
+        results["metrics"] = {"AP": sum(matrix[0]) / n}
+    else:
+        single, why = (None, "no single_task_run in the config")
+        if cfg.single_task_run:
+            single, why = load_single_task_scores(cfg.single_task_run, tasks)
+        results["metrics"] = cl_metrics(matrix, single)
+        results["fwt_source"] = why
+    last_routing = progress["routing"][-1] if progress.get("routing") else {}
+    if cfg.method == "sapt" and last_routing:
+        accs = [
+            last_routing[str(j)]["routing_accuracy"] for j in range(n) if str(j) in last_routing
+        ]
+        results["routing_accuracy"] = sum(accs) / len(accs) if accs else None
+        results["routing_chance"] = 1.0 / n
+    if not distributed.is_main_process():
+        return results
+    mdir = out / "metrics"
+    mdir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(mdir / "results.json", results)
+    atomic_write_json(mdir / "accuracy_matrix.json", {"tasks": tasks, "matrix": matrix})
+    rows = ["mtl"] if cfg.method == "mtl" else tasks
+    if cfg.method == "mtl":
+        table = matrix_markdown([matrix[0]] * 1, tasks)
+        save_heatmap(
+            matrix, ["after mtl"], tasks, mdir / "accuracy_matrix.png", f"{cfg.method}: score"
+        )
+    else:
+        table = matrix_markdown(matrix, tasks)
+        save_heatmap(
+            matrix,
+            [f"after {t}" for t in rows],
+            tasks,
+            mdir / "accuracy_matrix.png",
+            f"{cfg.method}: score after each task",
+        )
+    summary = "  ".join(f"{k} {_fmt(v)}" for k, v in results["metrics"].items())
+    text = f"# {cfg.method} on {n} tasks\n\n{table}\n\n{summary}\n"
+    if "routing_accuracy" in results:
+        text += (
+            f"\nrouting accuracy {100 * results['routing_accuracy']:.1f}% (chance {100 / n:.1f}%)\n"
+        )
+    atomic_write_text(mdir / "accuracy_matrix.md", text)
+    if cfg.method == "sapt" and last_routing:
+        atomic_write_json(mdir / "routing.json", last_routing)
+        mean = [last_routing[str(j)]["mean_weights"] for j in range(n) if str(j) in last_routing]
+        save_heatmap(
+            mean,
+            [f"test {t}" for t in tasks[: len(mean)]],
+            [f"slot {k}" for k in range(len(mean[0]))],
+            mdir / "routing.png",
+            "mean routing weight per slot",
+            fmt=".2f",
+            vmin=0.0,
+            vmax=1.0,
+        )
+    results["report"] = text
+    return results

@@ -1,0 +1,208 @@
+"""Training one block (a task's, or the pseudo-sample generator's) on a DeepSpeed engine.
+
+Every micro-step is one forward (task loss + ARM loss in one graph), one
+``engine.backward`` and one ``engine.step``; DeepSpeed scales both losses for gradient
+accumulation alike and steps the optimizer on the accumulation boundaries.
+
+The batch order is a pure function of (seed, micro-step): micro-step ``k`` reads positions
+``k*mbs .. k*mbs+mbs-1`` of an endless stream of seeded per-epoch permutations. A resumed
+run therefore sees exactly the batches the uninterrupted run saw.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from sapt_dist import distributed
+from sapt_dist.data import EncodedExample, collate_train
+
+__all__ = ["BlockJob", "StepState", "batch_positions", "num_steps", "train_block"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepState:
+    """What a mid-task checkpoint restores: trainable tensors, optimizer, schedule, RNG."""
+
+    step: int
+    params: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict
+    rng: torch.Tensor
+    losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class BlockJob:
+    """One block to train.
+
+    Attributes:
+        name: shown in the progress bar and logs.
+        examples: the encoded training examples.
+        params: name -> trainable parameter (the block, and for SAPT tasks key + ``g``).
+        steps: optimizer steps to run.
+        seed: seeds the batch order and (at step 0) torch's RNG.
+        replay: micro-step -> extra forward kwargs (the ARM batch), or None.
+        weights: batch size -> fixed mixture weights (the generator), or None (routing).
+        kl_ratio: weight of the ARM loss.
+        lr: learning rate of this block.
+    """
+
+    name: str
+    examples: list[EncodedExample]
+    params: dict[str, torch.nn.Parameter]
+    steps: int
+    seed: int
+    lr: float
+    replay: Callable[[int], dict] | None = None
+    weights: Callable[[int], torch.Tensor] | None = None
+    kl_ratio: float = 1.0
+    #: learning rate of parameters whose name starts with ``router.`` (None: ``lr``)
+    router_lr: float | None = None
+
+
+def num_steps(
+    n_examples: int, epochs: int, micro_batch: int, grad_accum: int, max_steps: int | None
+) -> int:
+    """Optimizer steps for ``epochs`` passes (rounded up), unless ``max_steps`` is set."""
+    if max_steps is not None:
+        return max_steps
+    return max(1, math.ceil(epochs * n_examples / (micro_batch * grad_accum)))
+
+
+def batch_positions(n: int, micro_batch: int, micro_step: int, seed: int) -> list[int]:
+    """Example indices of micro-step ``micro_step`` in the seeded endless-epoch stream."""
+    out, cache = [], {}
+    for p in range(micro_step * micro_batch, (micro_step + 1) * micro_batch):
+        epoch, offset = divmod(p, n)
+        if epoch not in cache:
+            g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            cache[epoch] = torch.randperm(n, generator=g)
+        out.append(int(cache[epoch][offset]))
+    return out
+
+
+def train_block(
+    model: torch.nn.Module,
+    job: BlockJob,
+    train_cfg,
+    dtype: str,
+    pad_id: int,
+    zero_stage: int = 0,
+    ds_config: dict | None = None,
+    resume: StepState | None = None,
+    on_step: Callable[[int, Callable[[], StepState]], None] | None = None,
+) -> list[float]:
+    """Train ``job`` for ``job.steps`` optimizer steps; return the per-step mean losses.
+
+    ``on_step(step, snapshot)`` is called after every optimizer step; ``snapshot()`` builds
+    the :class:`StepState` to save (only when the caller decides to checkpoint).
+    """
+    if not job.examples:
+        raise ValueError(f"{job.name}: no training examples")
+    mbs, ga = train_cfg.micro_batch_size, train_cfg.grad_accum
+    params = list(job.params.values())
+    groups: list = params
+    if job.router_lr is not None:
+        router = [p for n, p in job.params.items() if n.startswith("router.")]
+        rest = [p for n, p in job.params.items() if not n.startswith("router.")]
+        groups = [{"params": rest, "lr": job.lr}, {"params": router, "lr": job.router_lr}]
+        groups = [g for g in groups if g["params"]]
+    engine, optimizer, scheduler = distributed.build_engine(
+        model,
+        groups,
+        lr=job.lr,
+        weight_decay=train_cfg.weight_decay,
+        micro_batch_size=mbs,
+        grad_accum=ga,
+        max_grad_norm=train_cfg.max_grad_norm,
+        schedule=train_cfg.lr_schedule,
+        warmup_steps=train_cfg.warmup_steps,
+        total_steps=job.steps,
+        dtype=dtype,
+        zero_stage=zero_stage,
+        ds_config=ds_config,
+    )
+    start, losses = 0, []
+    if resume is not None:
+        with torch.no_grad(), distributed.gathered(params, modify=True):
+            for name, p in job.params.items():
+                p.copy_(resume.params[name].to(p))
+        optimizer.load_state_dict(resume.optimizer)
+        scheduler.load_state_dict(resume.scheduler)
+        torch.set_rng_state(resume.rng)
+        start, losses = resume.step, list(resume.losses)
+        log.info("%s: resumed at step %d/%d", job.name, start, job.steps)
+    else:
+        torch.manual_seed(job.seed)
+
+    def snapshot_at(step: int) -> Callable[[], StepState]:
+        def snap() -> StepState:
+            with distributed.gathered(params):
+                tensors = {n: p.detach().cpu().clone() for n, p in job.params.items()}
+            return StepState(
+                step=step,
+                params=tensors,
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
+                rng=torch.get_rng_state(),
+                losses=list(losses),
+            )
+
+        return snap
+
+    device = next(iter(params)).device
+    model.train()
+    bar = tqdm(
+        total=job.steps,
+        initial=start,
+        desc=job.name,
+        disable=not distributed.is_main_process(),
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )
+    n = len(job.examples)
+    for step in range(start, job.steps):
+        acc_task, acc_arm = 0.0, 0.0
+        for micro in range(step * ga, (step + 1) * ga):
+            idx = batch_positions(n, mbs, micro, job.seed)
+            batch = collate_train([job.examples[i] for i in idx], pad_id)
+            kwargs = {k: v.to(device) for k, v in batch.items()}
+            if job.weights is not None:
+                kwargs["weights"] = job.weights(len(idx)).to(device)
+            if job.replay is not None:
+                kwargs.update({k: v.to(device) for k, v in job.replay(micro).items()})
+                kwargs["kl_ratio"] = job.kl_ratio
+            out = engine(**kwargs)
+            engine.backward(out.loss)
+            engine.step()
+            acc_task += float(out.task_loss.detach()) / ga
+            if out.arm_loss is not None:
+                acc_arm += float(out.arm_loss.detach()) / ga
+        losses.append(acc_task + job.kl_ratio * acc_arm)
+        postfix = {"loss": f"{acc_task:.3f}"}
+        if job.replay is not None:
+            postfix["arm"] = f"{acc_arm:.4f}"
+        bar.set_postfix(postfix, refresh=False)
+        bar.update(1)
+        if on_step is not None:
+            on_step(step + 1, snapshot_at(step + 1))
+            model.train()  # the callback may have evaluated
+    bar.close()
+    model.eval()
+    if losses:
+        log.info(
+            "%s: %d steps, first loss %.4f, last loss %.4f",
+            job.name,
+            job.steps,
+            losses[0],
+            losses[-1],
+        )
+    return losses

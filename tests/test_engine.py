@@ -1,0 +1,159 @@
+"""End-to-end runs of the continual-learning engine on the demo data, tiny and fast.
+
+Each compares against a reference: hand-checked outputs, the uninterrupted run (resume),
+and the ARM KL against a plain computation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sapt_dist.attention import SharedAttention, arm_kl
+from sapt_dist.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: a 2-task SAPT run that takes seconds: tiny caps, short sequences
+TINY = [
+    "data.tasks=[task363_sst2_polarity_classification, task875_emotion_classification]",
+    "data.max_train=48",
+    "data.max_dev=8",
+    "data.max_test=8",
+    "data.max_source_length=96",
+    "train.epochs=1",
+    "train.micro_batch_size=8",
+    "train.checkpoint_every=2",
+    "replay.gen_max_steps=3",
+    "replay.gen_max_new_tokens=24",
+    "eval.max_new_tokens=4",
+]
+
+
+def _cfg(tmp_path, *extra):
+    return load_config(ROOT / "sapt_dist/presets/demo.yaml", [f"output_dir={tmp_path}/run", *TINY, *extra])
+
+
+@pytest.mark.slow
+def test_two_task_sapt_run_writes_every_output(tmp_path):
+    from sapt_dist.engine import run
+
+    results = run(_cfg(tmp_path))
+    out = tmp_path / "run"
+    m = results["matrix"]
+    assert len(m) == 2 and m[0][1] is None and all(v is not None for v in m[1])
+    assert set(results["metrics"]) == {"AP", "F.Ra", "FWT", "BWT"}
+    assert results["metrics"]["FWT"] is None and "single_task_run" in results["fwt_source"]
+    assert results["metrics"]["AP"] == pytest.approx((m[1][0] + m[1][1]) / 2)
+    for f in [
+        "config.yaml", "run.log", "metrics/accuracy_matrix.json", "metrics/accuracy_matrix.md",
+        "metrics/accuracy_matrix.png", "metrics/routing.json", "metrics/routing.png",
+        "metrics/results.json", "blocks/manifest.json", "blocks/block_01.safetensors",
+        "pseudo/00_task363_sst2_polarity_classification.jsonl",
+        "predictions/after_01_task875_emotion_classification/00_task363_sst2_polarity_classification.jsonl",
+    ]:
+        assert (out / f).is_file(), f
+    pseudo = [json.loads(x) for x in (out / "pseudo/00_task363_sst2_polarity_classification.jsonl").read_text().splitlines()]
+    assert len(pseudo) == 3  # ceil(5% of 48)
+    routing = json.loads((out / "metrics/routing.json").read_text())
+    assert len(routing["0"]["mean_weights"]) == 2
+    # the stored attention target of task 1 is exactly [1] (one active slot)
+    # and a second start does not retrain
+    t0 = time.time()
+    again = run(_cfg(tmp_path))
+    assert again["matrix"] == m and time.time() - t0 < 30
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["seq_lora", "inc_lora", "replay", "mtl", "single_task"])
+def test_baselines_run(tmp_path, method):
+    from sapt_dist.engine import run
+
+    res = run(_cfg(tmp_path, f"method={method}", "train.checkpoint_every=0"))
+    m = res["matrix"]
+    if method == "mtl":
+        assert len(m) == 1 and all(v is not None for v in m[0])
+    elif method == "single_task":
+        assert m[0][0] is not None and m[1][0] is None and m[1][1] is not None
+        assert set(res["single_task_scores"]) == {
+            "task363_sst2_polarity_classification", "task875_emotion_classification",
+        }
+    else:
+        assert len(m) == 2 and m[1][0] is not None
+
+
+def test_arm_kl_against_reference():
+    torch.manual_seed(0)
+    att = SharedAttention(d=16, n_slots=4, hidden=8)
+    att.active[:3] = True
+    att.current[2] = True
+    att.targets[0, 0] = 1.0
+    att.targets[1, :2] = torch.tensor([0.25, 0.75])
+    u = torch.randn(5, 16)
+    task = torch.tensor([0, 0, 1, 1, 1])
+    loss = att.arm_loss(u, task)
+    # reference: plain python over samples, KL over active slots, mean per task, sum
+    w = att(u)
+    per_task = {}
+    for k in range(5):
+        a = att.targets[task[k]]
+        kl = sum(float(a[s] * (torch.log(a[s]) - torch.log(w[k, s]))) for s in range(4) if a[s] > 0)
+        per_task.setdefault(int(task[k]), []).append(kl)
+    ref = sum(sum(v) / len(v) for v in per_task.values())
+    assert loss.item() == pytest.approx(ref, rel=1e-5)
+    loss.backward()
+    assert att.key.grad is not None and all(p.grad is not None for p in att.query.parameters())
+    # KL of a distribution with itself is 0; zero-target slots contribute nothing
+    lw = torch.log(torch.tensor([[0.25, 0.75, 0.0]]))
+    assert arm_kl(torch.tensor([[0.25, 0.75, 0.0]]), lw).item() == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.slow
+def test_sigkill_resume_equals_uninterrupted(tmp_path):
+    """A run killed with SIGKILL mid-task and restarted with the same command ends with
+    the same accuracy matrix as an uninterrupted run (fp32, CPU, same seed)."""
+    args = [*TINY, "data.max_train=96", "train.checkpoint_every=2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def cmd(out):
+        return [sys.executable, "-m", "sapt_dist.cli", "--config", str(ROOT / "sapt_dist/presets/demo.yaml"), f"output_dir={out}", *args]
+
+    ref = subprocess.run(cmd(tmp_path / "ref"), env=env, capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # kill in the middle of the second task, once a mid-task checkpoint of it exists
+    meta = out / "state" / "step" / "meta.json"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if meta.is_file() and json.loads(meta.read_text())["task_index"] == 1:
+            break
+        assert proc.poll() is None, "run ended before it could be killed"
+        time.sleep(0.05)
+    else:
+        pytest.fail("no mid-task checkpoint of task 2 appeared")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    progress = json.loads((out / "state/progress.json").read_text())
+    assert progress["completed"] == 1 and not progress["finished"]
+    res = subprocess.run(cmd(out), env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed at step" in res.stderr
+    a = json.loads((tmp_path / "ref/metrics/accuracy_matrix.json").read_text())
+    b = json.loads((out / "metrics/accuracy_matrix.json").read_text())
+    assert a == b
+    # and the trained blocks are bit-identical
+    from safetensors.torch import load_file
+
+    for f in ("block_00.safetensors", "block_01.safetensors"):
+        x, y = load_file(str(tmp_path / "ref/blocks" / f)), load_file(str(out / "blocks" / f))
+        assert all(torch.equal(x[k], y[k]) for k in x), f
