@@ -27,13 +27,11 @@ def preset_path(name: str) -> Path:
     return Path(str(resources.files("sapt_dist") / "presets" / f"{name}.yaml"))
 
 
-def setup_logging(output_dir: Path | None, level: int = logging.INFO) -> None:
+def setup_logging(level: int = logging.INFO) -> None:
+    """Console logging with the rank in every line (the run folder's run.log is the engine's)."""
     rank = distributed.rank()
     fmt = f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s"
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if output_dir is not None and rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(output_dir / "run.log"))
     logging.basicConfig(
         level=level if rank == 0 else logging.WARNING,
         format=fmt,
@@ -41,8 +39,18 @@ def setup_logging(output_dir: Path | None, level: int = logging.INFO) -> None:
         handlers=handlers,
         force=True,
     )
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed", "httpx", "urllib3"):
+    for noisy in (
+        "DeepSpeed",
+        "deepspeed",
+        "torch.distributed",
+        "httpx",
+        "urllib3",
+        "absl",
+        "bitsandbytes",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # bitsandbytes warns on every CPU start that an optional kernel package is absent
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"sapt-train: {e}", file=sys.stderr)
         return 2
-    setup_logging(Path(cfg.output_dir))
+    setup_logging()
     log.info("config %s -> run folder %s (method %s)", config, cfg.output_dir, cfg.method)
     from sapt_dist.engine import run
 

@@ -229,7 +229,11 @@ class RunConfig:
                 "must be >= 1",
             ),
             (self.train.lr > 0, "train.lr", "must be > 0"),
-            (self.train.router_lr is None or self.train.router_lr > 0, "train.router_lr", "must be > 0"),
+            (
+                self.train.router_lr is None or self.train.router_lr > 0,
+                "train.router_lr",
+                "must be > 0",
+            ),
             (self.train.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1"),
             (self.train.grad_accum >= 1, "train.grad_accum", "must be >= 1"),
             (self.train.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0"),

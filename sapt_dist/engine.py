@@ -150,7 +150,15 @@ class ContinualRun:
                 log_truncation(task.name, split, st)
             dev_refs = list(task.splits["dev"]["outputs"])
             out.append(
-                EncodedTask(task, train, dev, dev_refs, test_prompts, list(test["outputs"]), list(test["id"]))
+                EncodedTask(
+                    task,
+                    train,
+                    dev,
+                    dev_refs,
+                    test_prompts,
+                    list(test["outputs"]),
+                    list(test["id"]),
+                )
             )
         return out
 
@@ -213,6 +221,8 @@ class ContinualRun:
         method = cfg.method
         slot = 0 if model.n_slots == 1 else i
         fresh = not (method in ("seq_lora", "replay") and i > 0)
+        # a fresh block's initialisation is a function of (seed, task), whatever ran before
+        torch.manual_seed(cfg.train.seed + 1000 * i)
         model.start_task(slot, fresh=fresh)
         task = self.enc[i]
         label = f"task {i + 1}/{len(self.enc)} {task.data.name}"
@@ -381,6 +391,7 @@ class ContinualRun:
             examples = generator_examples(
                 self.tokenizer, task, d.max_source_length, d.max_source_length
             )
+            torch.manual_seed(seed)
             model.start_generator()
             t = cfg.train
             job = BlockJob(
@@ -478,5 +489,25 @@ class ContinualRun:
 
 
 def run(cfg: RunConfig) -> dict:
-    """Run (or resume) the continual-learning run described by ``cfg``."""
-    return ContinualRun(cfg).run()
+    """Run (or resume) the continual-learning run described by ``cfg``.
+
+    Rank 0 appends this package's log records to ``<output_dir>/run.log``.
+    """
+    pkg = logging.getLogger("sapt_dist")
+    handler = None
+    if distributed.is_main_process():
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(out / "run.log")
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s [rank0] %(levelname)s %(name)s: %(message)s")
+        )
+        pkg.addHandler(handler)
+        if pkg.getEffectiveLevel() > logging.INFO:
+            pkg.setLevel(logging.INFO)
+    try:
+        return ContinualRun(cfg).run()
+    finally:
+        if handler is not None:
+            pkg.removeHandler(handler)
+            handler.close()

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from sapt_dist import distributed
-from sapt_dist.ops import mixture_lora
+from sapt_dist.ops import mix_stacked, mixture_lora, slot_scales, stack_blocks
 
 __all__ = ["MixtureLoRALinear", "RoutingContext", "disable_bnb_cpu_packing", "is_adaptable_linear"]
 
@@ -48,6 +48,9 @@ class RoutingContext:
     weights: torch.Tensor | None = None
     current: torch.Tensor | None = None
     x_grad_mask: torch.Tensor | None = None
+    #: set by ``SAPTModel.generate``: layer -> stacked blocks and scales, prepared on the
+    #: first decoding step and reused by every later one (weights and blocks are fixed)
+    inference: dict | None = None
 
 
 def is_adaptable_linear(module: nn.Module) -> bool:
@@ -163,15 +166,29 @@ class MixtureLoRALinear(nn.Module):
                 "MixtureLoRALinear called without routing weights: run the backbone through "
                 "SAPTModel (forward / generate), which sets them from the prompt"
             )
-        A, B = self.stacked()
-        h = self.dropout(x).to(A.dtype)
-        squeeze = h.dim() == 2
+        squeeze = x.dim() == 2
         if squeeze:
-            h = h.unsqueeze(1)
-        out = mixture_lora(h, A, B, ctx.weights, self.scaling, ctx.x_grad_mask)
+            x = x.unsqueeze(1)
+        if ctx.inference is not None and not torch.is_grad_enabled():
+            out = self._decode(x, ctx)
+        else:
+            A, B = self.stacked()
+            h = self.dropout(x).to(A.dtype)
+            out = mixture_lora(h, A, B, ctx.weights, self.scaling, ctx.x_grad_mask)
         if squeeze:
             out = out.squeeze(1)
         return y + out.to(y.dtype)
+
+    def _decode(self, x: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
+        """Generation: the same two products on stacks built once per ``generate``."""
+        entry = ctx.inference.get(self)
+        if entry is None:
+            A, B = self.stacked()
+            a2, b2 = stack_blocks(A, B)
+            entry = (a2, b2, slot_scales(ctx.weights, self.scaling, self.rank, A.dtype))
+            ctx.inference[self] = entry
+        a2, b2, wr = entry
+        return mix_stacked(x.to(a2.dtype), a2, b2, wr)[0]
 
     def extra_repr(self) -> str:
         return (

@@ -334,7 +334,13 @@ class SAPTModel(nn.Module):
         if expand > 1:
             weights = weights.repeat_interleave(expand, dim=0)
         self._route(weights)
-        return self.backbone.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        self.context.inference = {}
+        try:
+            return self.backbone.generate(
+                input_ids=input_ids, attention_mask=attention_mask, **kwargs
+            )
+        finally:
+            self.context.inference = None
 
     def gradient_checkpointing_enable(self) -> None:
         """Checkpoint the backbone's layers; the mixture stays in (the routing context

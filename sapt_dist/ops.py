@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["mixture_lora", "mixture_lora_reference"]
+__all__ = ["mixture_lora", "mixture_lora_reference", "mix_stacked", "slot_scales", "stack_blocks"]
 
 
 def _check_shapes(
@@ -65,18 +65,37 @@ def _check_shapes(
     return slots, r, d_in, B.shape[1]
 
 
+def stack_blocks(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, r, d_in), (T, d_out, r) -> ``A_stack`` (T*r, d_in), ``B_stack`` (d_out, T*r)."""
+    slots, r, d_in = A.shape
+    return A.reshape(slots * r, d_in), B.transpose(0, 1).reshape(B.shape[1], slots * r)
+
+
+def slot_scales(weights: torch.Tensor, scaling: float, r: int, dtype: torch.dtype) -> torch.Tensor:
+    """(b, T) weights -> (b, T*r) per-rank-column scale ``s * w_j`` in the compute dtype."""
+    return (weights * scaling).to(dtype).repeat_interleave(r, dim=1)
+
+
+def mix_stacked(
+    x: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor, wr: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two products on pre-stacked blocks: returns (y (b, n, d_out), z (b, n, T*r)).
+
+    The autograd op and the inference path of ``MixtureLoRALinear`` (stacks prepared once
+    per ``generate``) both run exactly this, so they agree bit for bit.
+    """
+    z = torch.matmul(x, a2.t())  # (b, n, T*r)
+    return torch.matmul(z * wr.unsqueeze(1), b2.t()), z
+
+
 class _MixtureLoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, A, B, weights, scaling, x_grad_mask):
         slots, r, d_in = A.shape
         d_out = B.shape[1]
-        a2 = A.reshape(slots * r, d_in)  # (T*r, d_in)
-        b2 = B.transpose(0, 1).reshape(d_out, slots * r)  # (d_out, T*r)
-        # per-sequence, per-rank-column scale s * w_j, in the compute dtype of x
-        wr = (weights * scaling).to(x.dtype).repeat_interleave(r, dim=1)  # (b, T*r)
-        z = torch.matmul(x, a2.t())  # (b, n, T*r)
-        zw = z * wr.unsqueeze(1)
-        y = torch.matmul(zw, b2.t())  # (b, n, d_out)
+        a2, b2 = stack_blocks(A, B)
+        wr = slot_scales(weights, scaling, r, x.dtype)
+        y, z = mix_stacked(x, a2, b2, wr)
         ctx.save_for_backward(x, a2, b2, wr, z, x_grad_mask)
         ctx.shape = (slots, r, d_in, d_out)
         ctx.scaling = scaling

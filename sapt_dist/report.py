@@ -74,7 +74,7 @@ def write_report(out: Path, cfg: RunConfig, progress: dict) -> dict:
     atomic_write_json(mdir / "accuracy_matrix.json", {"tasks": tasks, "matrix": matrix})
     rows = ["mtl"] if cfg.method == "mtl" else tasks
     if cfg.method == "mtl":
-        table = matrix_markdown([matrix[0]] * 1, tasks)
+        table = matrix_markdown(matrix, tasks, row_labels=["after mtl"])
         save_heatmap(
             matrix, ["after mtl"], tasks, mdir / "accuracy_matrix.png", f"{cfg.method}: score"
         )

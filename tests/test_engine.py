@@ -39,7 +39,9 @@ TINY = [
 
 
 def _cfg(tmp_path, *extra):
-    return load_config(ROOT / "sapt_dist/presets/demo.yaml", [f"output_dir={tmp_path}/run", *TINY, *extra])
+    return load_config(
+        ROOT / "sapt_dist/presets/demo.yaml", [f"output_dir={tmp_path}/run", *TINY, *extra]
+    )
 
 
 @pytest.mark.slow
@@ -54,14 +56,26 @@ def test_two_task_sapt_run_writes_every_output(tmp_path):
     assert results["metrics"]["FWT"] is None and "single_task_run" in results["fwt_source"]
     assert results["metrics"]["AP"] == pytest.approx((m[1][0] + m[1][1]) / 2)
     for f in [
-        "config.yaml", "run.log", "metrics/accuracy_matrix.json", "metrics/accuracy_matrix.md",
-        "metrics/accuracy_matrix.png", "metrics/routing.json", "metrics/routing.png",
-        "metrics/results.json", "blocks/manifest.json", "blocks/block_01.safetensors",
+        "config.yaml",
+        "run.log",
+        "metrics/accuracy_matrix.json",
+        "metrics/accuracy_matrix.md",
+        "metrics/accuracy_matrix.png",
+        "metrics/routing.json",
+        "metrics/routing.png",
+        "metrics/results.json",
+        "blocks/manifest.json",
+        "blocks/block_01.safetensors",
         "pseudo/00_task363_sst2_polarity_classification.jsonl",
         "predictions/after_01_task875_emotion_classification/00_task363_sst2_polarity_classification.jsonl",
     ]:
         assert (out / f).is_file(), f
-    pseudo = [json.loads(x) for x in (out / "pseudo/00_task363_sst2_polarity_classification.jsonl").read_text().splitlines()]
+    pseudo = [
+        json.loads(x)
+        for x in (out / "pseudo/00_task363_sst2_polarity_classification.jsonl")
+        .read_text()
+        .splitlines()
+    ]
     assert len(pseudo) == 3  # ceil(5% of 48)
     routing = json.loads((out / "metrics/routing.json").read_text())
     assert len(routing["0"]["mean_weights"]) == 2
@@ -84,7 +98,8 @@ def test_baselines_run(tmp_path, method):
     elif method == "single_task":
         assert m[0][0] is not None and m[1][0] is None and m[1][1] is not None
         assert set(res["single_task_scores"]) == {
-            "task363_sst2_polarity_classification", "task875_emotion_classification",
+            "task363_sst2_polarity_classification",
+            "task875_emotion_classification",
         }
     else:
         assert len(m) == 2 and m[1][0] is not None
@@ -124,9 +139,19 @@ def test_sigkill_resume_equals_uninterrupted(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     def cmd(out):
-        return [sys.executable, "-m", "sapt_dist.cli", "--config", str(ROOT / "sapt_dist/presets/demo.yaml"), f"output_dir={out}", *args]
+        return [
+            sys.executable,
+            "-m",
+            "sapt_dist.cli",
+            "--config",
+            str(ROOT / "sapt_dist/presets/demo.yaml"),
+            f"output_dir={out}",
+            *args,
+        ]
 
-    ref = subprocess.run(cmd(tmp_path / "ref"), env=env, capture_output=True, text=True, timeout=600)
+    ref = subprocess.run(
+        cmd(tmp_path / "ref"), env=env, capture_output=True, text=True, timeout=600
+    )
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     out = tmp_path / "killed"
@@ -157,3 +182,88 @@ def test_sigkill_resume_equals_uninterrupted(tmp_path):
     for f in ("block_00.safetensors", "block_01.safetensors"):
         x, y = load_file(str(tmp_path / "ref/blocks" / f)), load_file(str(out / "blocks" / f))
         assert all(torch.equal(x[k], y[k]) for k in x), f
+
+
+@pytest.mark.slow
+def test_superni_run_on_shared_data(tmp_path):
+    """A SuperNI order-1 run on ../shared/data (tiny model, small caps), end to end."""
+    from sapt_dist.engine import run
+
+    from .conftest import shared_data_or_skip
+
+    data = shared_data_or_skip()
+    cfg = load_config(
+        ROOT / "sapt_dist/presets/demo.yaml",
+        [
+            f"output_dir={tmp_path}/run",
+            f"data.root={data / 'CL_Benchmark'}",
+            "data.order=superni_1",
+            "data.tasks=[task1572_samsum_summary, task363_sst2_polarity_classification]",
+            "data.max_train=24",
+            "data.max_dev=4",
+            "data.max_test=4",
+            "data.max_source_length=128",
+            "train.max_steps=3",
+            "replay.gen_max_steps=2",
+            "replay.gen_max_new_tokens=16",
+            "eval.max_new_tokens=4",
+        ],
+    )
+    res = run(cfg)
+    assert res["tasks"] == ["task1572_samsum_summary", "task363_sst2_polarity_classification"]
+    assert all(v is not None for v in res["matrix"][1])
+    assert (tmp_path / "run/metrics/accuracy_matrix.png").is_file()
+
+
+@pytest.mark.slow
+def test_long_sequence_carves_missing_splits(tmp_path):
+    """imdb has only train.json in the shared copy: dev/test are carved (seeded, recorded)
+    and scored with exact match."""
+    from sapt_dist.engine import run
+
+    from .conftest import shared_data_or_skip
+
+    data = shared_data_or_skip()
+    base = [
+        f"data.root={data / 'CL_Benchmark'}",
+        "data.order=custom",
+        "data.tasks=[imdb]",
+        "data.max_train=16",
+        "data.max_dev=4",
+        "data.max_test=4",
+        "data.max_source_length=96",
+        "train.max_steps=2",
+        "eval.max_new_tokens=3",
+        "method=seq_lora",
+    ]
+    from sapt_dist.data import TaskDataError
+
+    with pytest.raises(TaskDataError, match=r"imdb: missing split file .*imdb/dev.json"):
+        run(load_config(ROOT / "sapt_dist/presets/demo.yaml", [f"output_dir={tmp_path}/a", *base]))
+    res = run(
+        load_config(
+            ROOT / "sapt_dist/presets/demo.yaml",
+            [f"output_dir={tmp_path}/b", *base, "data.carve_missing_from=train"],
+        )
+    )
+    assert res["matrix"][0][0] in (0.0, 100.0) or 0 <= res["matrix"][0][0] <= 100
+
+
+@pytest.mark.slow
+def test_select_best_keeps_best_dev_block(tmp_path, caplog):
+    """Model selection: the dev split is scored every epoch and the best block is kept."""
+    from sapt_dist.engine import run
+
+    cfg = _cfg(
+        tmp_path,
+        "data.tasks=[task363_sst2_polarity_classification]",
+        "method=single_task",
+        "train.epochs=3",
+        "train.select_best=true",
+        "train.eval_every_epochs=1",
+        "train.checkpoint_every=0",
+    )
+    with caplog.at_level("INFO", logger="sapt_dist"):
+        run(cfg)
+    dev_lines = [r.getMessage() for r in caplog.records if " dev rouge = " in r.getMessage()]
+    assert len(dev_lines) == 3, dev_lines  # epochs 1, 2, 3 (6 steps each)

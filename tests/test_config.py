@@ -1,0 +1,78 @@
+"""Config loading: unknown keys, wrong types and bad values fail naming the key and file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sapt_dist.config import ConfigError, RunConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = sorted((ROOT / "sapt_dist" / "presets").glob("*.yaml"))
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(
+        None,
+        [
+            "model.builder=demo",
+            "train.lr=1e-4",
+            "adapter.target_modules=[q_proj, k_proj]",
+            "adapter.n_slots=null",
+        ],
+    )
+    assert isinstance(cfg, RunConfig)
+    assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.adapter.target_modules == ["q_proj", "k_proj"] and cfg.adapter.n_slots is None
+    assert (
+        load_config(None, ["model.builder=demo", "train.lr=3"]).train.lr == 3.0
+    )  # int widens to float
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("train.lrr=1", r"unknown config key 'train.lrr'"),
+        ("bogus=1", r"unknown config key 'bogus'"),
+        ("train.epochs=two", r"'train.epochs': expected an integer, got 'two'"),
+        ("train.epochs=1.5", r"'train.epochs': expected an integer"),
+        ("model.load_in_4bit=yes please", r"'model.load_in_4bit': expected true/false"),
+        ("method=ewc", r"'method': 'ewc' is not one of"),
+        ("adapter.target_modules=q_proj", r"'adapter.target_modules': expected a list"),
+        ("train.lr=-1", r"'train.lr' must be > 0"),
+        ("adapter.dropout=1.0", r"'adapter.dropout' must be in"),
+        ("train.epochs", r"must look like key.sub=value"),
+        ("train=3", r"'train': expected a mapping"),
+    ],
+)
+def test_bad_overrides(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_bad_file_named(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  micro_batch: 4\n")
+    with pytest.raises(ConfigError, match=rf"{p}: unknown config key 'train.micro_batch'"):
+        load_config(p)
+    p.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+def test_presets_load_and_headers_are_commands(preset):
+    first = preset.read_text().splitlines()[0]
+    assert first.startswith("# sapt-train"), first
+    if preset.stem == "demo":
+        load_config(preset)
+        return
+    # the paper presets need the model path, and say so
+    with pytest.raises(ConfigError, match="'model.path' is required"):
+        load_config(preset)
+    cfg = load_config(preset, ["model.path=/models/llama"])
+    assert cfg.adapter.rank == 4 and cfg.adapter.alpha == 32 and cfg.train.lr == 5e-5
+    assert cfg.model.dtype == "bfloat16" and cfg.train.select_best
