@@ -195,3 +195,14 @@ def unflatten_state(skeleton, tensors: dict[str, torch.Tensor]):
         return o
 
     return walk(skeleton)
+
+
+def release_engine(engine) -> None:
+    """Detach a finished block's engine from the model: each ``deepspeed.initialize``
+    registers forward hooks on the module, and one engine per block would pile them up."""
+    for name in ("module_forward_pre_hook", "module_forward_post_hook"):
+        handle = getattr(engine, name, None)
+        if handle is not None:
+            handle.remove()
+            setattr(engine, name, None)
+    engine.destroy()

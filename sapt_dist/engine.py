@@ -183,6 +183,8 @@ class ContinualRun:
 
         backbone, tokenizer = load_backbone(cfg.model)
         self.tokenizer = tokenizer
+        # g's initialisation must not depend on what consumed the RNG before (resume)
+        torch.manual_seed(cfg.train.seed)
         self.model = SAPTModel(
             backbone,
             cfg.adapter,

@@ -11,6 +11,7 @@ run therefore sees exactly the batches the uninterrupted run saw.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable
@@ -150,8 +151,9 @@ def train_block(
             return StepState(
                 step=step,
                 params=tensors,
-                optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(),
+                # state_dict() hands out the live moment tensors: copy them
+                optimizer=copy.deepcopy(optimizer.state_dict()),
+                scheduler=copy.deepcopy(scheduler.state_dict()),
                 rng=torch.get_rng_state(),
                 losses=list(losses),
             )
@@ -196,6 +198,7 @@ def train_block(
             on_step(step + 1, snapshot_at(step + 1))
             model.train()  # the callback may have evaluated
     bar.close()
+    distributed.release_engine(engine)
     model.eval()
     if losses:
         log.info(

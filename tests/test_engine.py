@@ -136,7 +136,10 @@ def test_sigkill_resume_equals_uninterrupted(tmp_path):
     """A run killed with SIGKILL mid-task and restarted with the same command ends with
     the same accuracy matrix as an uninterrupted run (fp32, CPU, same seed)."""
     args = [*TINY, "data.max_train=96", "train.checkpoint_every=2"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # a plain start, as a user's shell: no process-group variables from in-process tests
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env["PYTHONPATH"] = str(ROOT)
 
     def cmd(out):
         return [
@@ -181,7 +184,8 @@ def test_sigkill_resume_equals_uninterrupted(tmp_path):
 
     for f in ("block_00.safetensors", "block_01.safetensors"):
         x, y = load_file(str(tmp_path / "ref/blocks" / f)), load_file(str(out / "blocks" / f))
-        assert all(torch.equal(x[k], y[k]) for k in x), f
+        bad = {k: float((x[k] - y[k]).abs().max()) for k in x if not torch.equal(x[k], y[k])}
+        assert not bad, (f, bad)
 
 
 @pytest.mark.slow
