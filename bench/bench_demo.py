@@ -9,7 +9,8 @@ folders under ``--out``) and prints both F.Ra values, AP, and SAPT's routing acc
 against chance. Targets: SAPT's F.Ra clearly below SeqLoRA's; routing accuracy well above
 1 / number of tasks.
 
-``gen``: greedy generation of the same prompts (the demo's test prompts, ``--new``
+``gen``: greedy generation of the same prompts (adapter: the paper's q_proj/v_proj, r 4
+by default; ``--targets demo`` for the demo preset's seven projections at r 8) (the demo's test prompts, ``--new``
 tokens each, EOS disabled so every run decodes the same number of tokens) by the plain HF
 ``generate`` of the demo backbone and by SAPT at 15 slots (15 random filed blocks, routing
 from the prompt). Repetitions are interleaved and the median taken. Target: >= 0.9x.
@@ -72,7 +73,9 @@ def part_cl(out: Path, overrides: list[str]) -> None:
     )
 
 
-def part_gen(reps: int, new_tokens: int, batch: int, slots: int) -> None:
+def part_gen(
+    reps: int, new_tokens: int, batch: int, slots: int, targets: list[str], rank: int
+) -> None:
     from sapt_dist.backbone import load_backbone
     from sapt_dist.config import AdapterConfig, ModelConfig, load_config
     from sapt_dist.data import (
@@ -88,11 +91,7 @@ def part_gen(reps: int, new_tokens: int, batch: int, slots: int) -> None:
     cfg = load_config(ROOT / "sapt_dist/presets/demo.yaml")
     backbone, tok = load_backbone(ModelConfig(builder="demo"))
     plain = copy.deepcopy(backbone)
-    model = SAPTModel(
-        backbone,
-        AdapterConfig(target_modules=list(cfg.adapter.target_modules), rank=cfg.adapter.rank),
-        n_slots=slots,
-    )
+    model = SAPTModel(backbone, AdapterConfig(target_modules=targets, rank=rank), n_slots=slots)
     g = torch.Generator().manual_seed(0)
     for t in range(slots):  # filed random blocks, so all 15 are live in the mixture
         model.start_task(t)
@@ -142,7 +141,9 @@ def part_gen(reps: int, new_tokens: int, batch: int, slots: int) -> None:
     p, s = statistics.median(tp), statistics.median(ts)
     ratio = p / s
     print(
-        f"\n## generation throughput ({len(prompts)} prompts, batch {batch}, {new_tokens} new tokens, {len(model.layers)} adapted layers, CPU)\n"
+        f"\n## generation throughput ({len(prompts)} prompts, batch {batch}, {new_tokens} new "
+        f"tokens; targets {','.join(targets)}, r {rank}: {len(model.layers)} adapted layers, "
+        f"mixture rank {slots * rank} on d={backbone.config.hidden_size}; CPU)\n"
     )
     print("| model | tokens/s | median s |")
     print("|---|---|---|")
@@ -163,10 +164,21 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=24, help="new tokens per prompt (gen)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--slots", type=int, default=15)
+    ap.add_argument(
+        "--targets",
+        default="q_proj,v_proj",
+        help="adapted layers for gen (default: the paper's; 'demo' = the demo preset's)",
+    )
+    ap.add_argument("--rank", type=int, default=4, help="LoRA rank for gen (the paper's 4)")
     ap.add_argument("overrides", nargs="*", help="config overrides for the cl part")
     args = ap.parse_args()
     if args.part in ("gen", "all"):
-        part_gen(args.reps, args.new, args.batch, args.slots)
+        from sapt_dist.config import load_config
+
+        demo = load_config(ROOT / "sapt_dist/presets/demo.yaml").adapter
+        targets = list(demo.target_modules) if args.targets == "demo" else args.targets.split(",")
+        rank = demo.rank if args.targets == "demo" else args.rank
+        part_gen(args.reps, args.new, args.batch, args.slots, targets, rank)
     if args.part in ("cl", "all"):
         part_cl(args.out, args.overrides)
 

@@ -159,8 +159,10 @@ class MixtureLoRALinear(nn.Module):
         return A, B
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         ctx = self._context
+        if ctx.inference is not None and not torch.is_grad_enabled():
+            return self._decode(x, ctx)
+        y = self.base(x)
         if ctx.weights is None:
             raise RuntimeError(
                 "MixtureLoRALinear called without routing weights: run the backbone through "
@@ -169,26 +171,32 @@ class MixtureLoRALinear(nn.Module):
         squeeze = x.dim() == 2
         if squeeze:
             x = x.unsqueeze(1)
-        if ctx.inference is not None and not torch.is_grad_enabled():
-            out = self._decode(x, ctx)
-        else:
-            A, B = self.stacked()
-            h = self.dropout(x).to(A.dtype)
-            out = mixture_lora(h, A, B, ctx.weights, self.scaling, ctx.x_grad_mask)
+        A, B = self.stacked()
+        h = self.dropout(x).to(A.dtype)
+        out = mixture_lora(h, A, B, ctx.weights, self.scaling, ctx.x_grad_mask)
         if squeeze:
             out = out.squeeze(1)
         return y + out.to(y.dtype)
 
     def _decode(self, x: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
-        """Generation: the same two products on stacks built once per ``generate``."""
+        """Generation: blocks stacked once per ``generate`` call, then per step only
+        ``z = x A^T``, ``z * s w`` and one fused ``y + zw B^T`` (addmm): on a small model a
+        decoding step is dominated by per-op overhead, so every op counts."""
         entry = ctx.inference.get(self)
         if entry is None:
             A, B = self.stacked()
             a2, b2 = stack_blocks(A, B)
-            entry = (a2, b2, slot_scales(ctx.weights, self.scaling, self.rank, A.dtype))
+            entry = (a2.t(), b2.t(), slot_scales(ctx.weights, self.scaling, self.rank, A.dtype))
             ctx.inference[self] = entry
-        a2, b2, wr = entry
-        return mix_stacked(x.to(a2.dtype), a2, b2, wr)[0]
+        a2t, b2t, wr = entry
+        y = self.base(x)
+        if x.dim() != 3 or x.dtype != a2t.dtype or y.dtype != a2t.dtype:
+            h = x.unsqueeze(1) if x.dim() == 2 else x
+            out = mix_stacked(h.to(a2t.dtype), a2t.t(), b2t.t(), wr)[0]
+            return y + out.reshape(y.shape).to(y.dtype)
+        b, n, _ = x.shape
+        zw = torch.matmul(x, a2t).mul_(wr.unsqueeze(1))  # (b, n, T*r)
+        return torch.addmm(y.view(b * n, -1), zw.view(b * n, -1), b2t).view(b, n, -1)
 
     def extra_repr(self) -> str:
         return (
