@@ -25,7 +25,6 @@ __all__ = [
     "ReplayConfig",
     "RunConfig",
     "TrainConfig",
-    "WandbConfig",
     "load_config",
     "to_dict",
 ]
@@ -172,17 +171,6 @@ class EvalConfig:
 
 
 @dataclass
-class WandbConfig:
-    enabled: bool = False
-    project: str = "sapt-dist"
-    entity: str | None = None
-    #: ``online``, ``offline`` or ``disabled``. The API key comes from the environment only.
-    mode: Literal["online", "offline", "disabled"] = "offline"
-    group: str | None = None
-    tags: list[str] = field(default_factory=list)
-
-
-@dataclass
 class DistributedConfig:
     #: DeepSpeed config JSON (``ds_configs/``); ``None``: ZeRO stage 0 in one process.
     deepspeed_config: str | None = None
@@ -205,7 +193,6 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def validate(self) -> None:
@@ -242,6 +229,34 @@ class RunConfig:
             (self.data.max_source_length >= 8, "data.max_source_length", "must be >= 8"),
             (self.data.max_target_length >= 1, "data.max_target_length", "must be >= 1"),
             (0.0 <= self.replay.ratio <= 1.0, "replay.ratio", "must be in [0, 1]"),
+            (self.replay.min_samples >= 1, "replay.min_samples", "must be >= 1"),
+            (self.replay.gen_epochs >= 1, "replay.gen_epochs", "must be >= 1"),
+            (self.replay.gen_lr > 0, "replay.gen_lr", "must be > 0"),
+            (self.replay.gen_top_k >= 1, "replay.gen_top_k", "must be >= 1"),
+            (self.replay.gen_max_new_tokens >= 1, "replay.gen_max_new_tokens", "must be >= 1"),
+            (
+                self.replay.gen_candidates_per_sample >= 1,
+                "replay.gen_candidates_per_sample",
+                "must be >= 1",
+            ),
+            (
+                self.replay.gen_max_steps is None or self.replay.gen_max_steps >= 1,
+                "replay.gen_max_steps",
+                "must be >= 1",
+            ),
+            (self.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0"),
+            (self.train.weight_decay >= 0, "train.weight_decay", "must be >= 0"),
+            (
+                self.data.max_train is None or self.data.max_train >= 1,
+                "data.max_train",
+                "must be >= 1",
+            ),
+            (self.data.max_dev is None or self.data.max_dev >= 1, "data.max_dev", "must be >= 1"),
+            (
+                self.data.max_test is None or self.data.max_test >= 1,
+                "data.max_test",
+                "must be >= 1",
+            ),
             (self.replay.kl_ratio >= 0, "replay.kl_ratio", "must be >= 0"),
             (self.eval.batch_size >= 1, "eval.batch_size", "must be >= 1"),
             (self.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1"),

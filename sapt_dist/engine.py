@@ -204,10 +204,10 @@ class ContinualRun:
         stages = 1 if cfg.method == "mtl" else len(tasks)
         for i in range(progress["completed"], stages):
             self._stage(i, progress)
+        # every rank: the gathers inside save_blocks are collective under ZeRO-3
+        save_blocks(self.model, self.out / "blocks", self._block_names(stages - 1))
+        self.state.mark_finished()
         progress["finished"] = True
-        self.state.save_progress(progress)
-        if distributed.is_main_process():
-            save_blocks(self.model, self.out / "blocks", self._block_names(stages - 1))
         return write_report(self.out, cfg, progress)
 
     def _block_names(self, i: int) -> list[str]:
@@ -254,7 +254,14 @@ class ContinualRun:
             name=label,
             examples=examples,
             params=params,
-            steps=num_steps(len(examples), t.epochs, t.micro_batch_size, t.grad_accum, t.max_steps),
+            steps=num_steps(
+                len(examples),
+                t.epochs,
+                t.micro_batch_size,
+                t.grad_accum,
+                t.max_steps,
+                distributed.world_size(),
+            ),
             seed=t.seed + 1000 * i,
             lr=t.lr,
             replay=replay,
@@ -262,7 +269,9 @@ class ContinualRun:
             router_lr=t.router_lr,
         )
         resume, best = self.state.load_step(i)
-        per_epoch = num_steps(len(examples), 1, t.micro_batch_size, t.grad_accum, None)
+        per_epoch = num_steps(
+            len(examples), 1, t.micro_batch_size, t.grad_accum, None, distributed.world_size()
+        )
         select_every = per_epoch * t.eval_every_epochs if t.select_best else 0
 
         def on_step(step: int, snapshot) -> None:
@@ -313,12 +322,16 @@ class ContinualRun:
         progress["matrix"].append(row)
         progress["routing"].append(routing)
         progress["completed"] = i + 1
-        save_blocks(model, self.state.blocks, self._block_names(i))
+        save_blocks(
+            model,
+            self.state.blocks,
+            self._block_names(i),
+            extra_files=self.state.progress_file(progress),
+        )
         if model.n_slots == 1 and method != "mtl":
             save_blocks(
                 model, self.out / "blocks_per_task" / f"{i:02d}_{task.data.name}", [task.data.name]
             )
-        self.state.save_progress(progress)
         self.state.clear_step()
 
     def _keep_if_best(
@@ -405,7 +418,12 @@ class ContinualRun:
                     if not n_.startswith("router.")
                 },
                 steps=num_steps(
-                    len(examples), r.gen_epochs, t.micro_batch_size, t.grad_accum, r.gen_max_steps
+                    len(examples),
+                    r.gen_epochs,
+                    t.micro_batch_size,
+                    t.grad_accum,
+                    r.gen_max_steps,
+                    distributed.world_size(),
                 ),
                 seed=seed,
                 lr=r.gen_lr,

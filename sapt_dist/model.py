@@ -328,9 +328,9 @@ class SAPTModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         if weights is None:
             weights = self.routing_weights(input_ids, attention_mask)
-        expand = int(kwargs.get("num_beams", 1) or 1) * int(
-            kwargs.get("num_return_sequences", 1) or 1
-        )
+        # HF expands each prompt num_beams times for beam search, else num_return_sequences
+        beams = int(kwargs.get("num_beams", 1) or 1)
+        expand = beams if beams > 1 else int(kwargs.get("num_return_sequences", 1) or 1)
         if expand > 1:
             weights = weights.repeat_interleave(expand, dim=0)
         self._route(weights)

@@ -3,13 +3,15 @@
 ::
 
     <output_dir>/config.yaml          the resolved config (a restart must match it)
-    <output_dir>/state/progress.json  tasks done, accuracy-matrix rows, routing rows
     <output_dir>/state/blocks/        every finished task's block (sapt_dist.serialization)
+                                      and progress.json: tasks done, matrix rows, routing
+    <output_dir>/state/finished.json  the whole run is done
     <output_dir>/state/step/          mid-task checkpoint: trainable tensors, optimizer,
                                       schedule, RNG, step (safetensors + JSON, no pickle)
 
-Order of writes at a task's end: blocks, then progress, then the step checkpoint is
-removed. A crash between any two leaves a state the next start reads correctly.
+A task's end is one atomic swap of ``state/blocks`` (blocks + progress together), then the
+step checkpoint is removed (a stale one names an earlier task and is ignored). A crash
+anywhere leaves a state the next start reads correctly.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from sapt_dist.trainer import StepState
 __all__ = ["RunState"]
 
 #: keys that may change between a run and its restart
-_MUTABLE_KEYS = {"wandb", "eval.batch_size", "train.checkpoint_every"}
+#: (eval.batch_size is not: it batches the sampling of pseudo-samples, which uses the RNG)
+_MUTABLE_KEYS = {"train.checkpoint_every"}
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -50,7 +53,8 @@ class RunState:
         self.state = self.root / "state"
         self.blocks = self.state / "blocks"
         self.step_dir = self.state / "step"
-        self.progress_path = self.state / "progress.json"
+        self.progress_path = self.blocks / "progress.json"
+        self.finished_path = self.state / "finished.json"
         for d in (self.blocks, self.step_dir):
             recover_dir(d)
 
@@ -59,7 +63,7 @@ class RunState:
         """Save the resolved config; on a restart, refuse a config that differs."""
         path = self.root / "config.yaml"
         mine = to_dict(cfg)
-        if path.is_file() and self.progress_path.is_file():
+        if path.is_file() and self.state.is_dir():
             saved = yaml.safe_load(path.read_text()) or {}
             a, b = _flat(saved), _flat(mine)
             diff = [
@@ -79,20 +83,22 @@ class RunState:
 
     # ------------------------------------------------------------------ progress
     def load_progress(self) -> dict[str, Any]:
-        if not self.progress_path.is_file():
-            return {
-                "completed": 0,
-                "tasks": [],
-                "matrix": [],
-                "routing": [],
-                "losses": {},
-                "finished": False,
-            }
-        return json.loads(self.progress_path.read_text())
+        """Progress as of the last finished task (``state/blocks/progress.json``, written
+        in the same atomic swap as that task's blocks, so the two always agree)."""
+        progress = {"completed": 0, "tasks": [], "matrix": [], "routing": [], "losses": {}}
+        if self.progress_path.is_file():
+            progress = json.loads(self.progress_path.read_text())
+        progress["finished"] = self.finished_path.is_file()
+        return progress
 
-    def save_progress(self, progress: dict[str, Any]) -> None:
+    def progress_file(self, progress: dict[str, Any]) -> dict[str, str]:
+        """``extra_files`` for ``save_blocks``: the progress that goes with those blocks."""
+        body = {k: v for k, v in progress.items() if k != "finished"}
+        return {"progress.json": json.dumps(body, indent=1) + "\n"}
+
+    def mark_finished(self) -> None:
         if is_main_process():
-            atomic_write_json(self.progress_path, progress)
+            atomic_write_json(self.finished_path, {"finished": True})
 
     # ------------------------------------------------------------------ mid-task
     def save_step(self, task_index: int, state: StepState, best: dict | None = None) -> None:
@@ -114,6 +120,12 @@ class RunState:
                 "losses": state.losses,
                 "state": skeleton,
             }
+            if best is not None:
+                save_file(
+                    {f"param.{k}": v for k, v in best["params"].items()},
+                    str(tmp / "best.safetensors"),
+                )
+                meta["best"] = {"score": best["score"], "step": best["step"]}
             (tmp / "meta.json").write_text(json.dumps(meta))
 
     def load_step(self, task_index: int) -> tuple[StepState, dict | None] | tuple[None, None]:

@@ -81,6 +81,7 @@ def model_signature(model: SAPTModel) -> dict[str, Any]:
         "alpha": model.adapter_config.alpha,
         "routing": model.router.mode,
         "query_hidden": model.adapter_config.query_hidden,
+        "tau": model.router.tau,
         "target_layers": {
             name: [layer.in_features, layer.out_features] for name, layer in model.layers.items()
         },
@@ -106,10 +107,15 @@ def _block_tensors(model: SAPTModel, slot: int) -> dict[str, torch.Tensor]:
 
 
 def save_blocks(
-    model: SAPTModel, folder: str | Path, task_names: list[str], extra: dict | None = None
+    model: SAPTModel,
+    folder: str | Path,
+    task_names: list[str],
+    extra: dict | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write the blocks of slots ``0..len(task_names)-1`` atomically to ``folder``.
 
+    ``extra_files`` (name -> text) are written in the same atomic swap (the run's progress).
     Only rank 0 writes; every rank must call it (ZeRO-3 gathers are collective).
     """
     folder = Path(folder)
@@ -141,6 +147,8 @@ def save_blocks(
             "extra": extra or {},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return folder
 
 

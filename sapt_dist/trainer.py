@@ -70,12 +70,18 @@ class BlockJob:
 
 
 def num_steps(
-    n_examples: int, epochs: int, micro_batch: int, grad_accum: int, max_steps: int | None
+    n_examples: int,
+    epochs: int,
+    micro_batch: int,
+    grad_accum: int,
+    max_steps: int | None,
+    world: int = 1,
 ) -> int:
-    """Optimizer steps for ``epochs`` passes (rounded up), unless ``max_steps`` is set."""
+    """Optimizer steps for ``epochs`` passes over the data by ``world`` data-parallel
+    ranks (rounded up), unless ``max_steps`` is set."""
     if max_steps is not None:
         return max_steps
-    return max(1, math.ceil(epochs * n_examples / (micro_batch * grad_accum)))
+    return max(1, math.ceil(epochs * n_examples / (micro_batch * grad_accum * world)))
 
 
 def batch_positions(n: int, micro_batch: int, micro_step: int, seed: int) -> list[int]:
@@ -171,10 +177,12 @@ def train_block(
         mininterval=1.0,
     )
     n = len(job.examples)
+    rank, world = distributed.rank(), distributed.world_size()
     for step in range(start, job.steps):
         acc_task, acc_arm = 0.0, 0.0
         for micro in range(step * ga, (step + 1) * ga):
-            idx = batch_positions(n, mbs, micro, job.seed)
+            # rank r of W reads global micro-batch micro * W + r of the stream
+            idx = batch_positions(n, mbs, micro * world + rank, job.seed)
             batch = collate_train([job.examples[i] for i in idx], pad_id)
             kwargs = {k: v.to(device) for k, v in batch.items()}
             if job.weights is not None:
