@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from sapt_dist import distributed
-from sapt_dist.ops import mix_stacked, mixture_lora, slot_scales, stack_blocks
+from sapt_dist.ops import mix_stacked, mixture_lora, mixture_lora_slot, slot_scales, stack_blocks
 
 __all__ = ["MixtureLoRALinear", "RoutingContext", "disable_bnb_cpu_packing", "is_adaptable_linear"]
 
@@ -171,9 +171,25 @@ class MixtureLoRALinear(nn.Module):
         squeeze = x.dim() == 2
         if squeeze:
             x = x.unsqueeze(1)
-        A, B = self.stacked()
-        h = self.dropout(x).to(A.dtype)
-        out = mixture_lora(h, A, B, ctx.weights, self.scaling, ctx.x_grad_mask)
+        if ctx.current is not None and torch.is_grad_enabled():
+            # training: gradients for the current block only; SAPTModel sets ``x_grad_mask``
+            # to the current-slot mask (cut) or None (exact)
+            h = self.dropout(x).to(self.A_bank.dtype)
+            out = mixture_lora_slot(
+                h,
+                self.A_bank,
+                self.B_bank,
+                self.lora_A,
+                self.lora_B,
+                ctx.current,
+                ctx.weights,
+                self.scaling,
+                cut=ctx.x_grad_mask is not None,
+            )
+        else:
+            A, B = self.stacked()
+            h = self.dropout(x).to(A.dtype)
+            out = mixture_lora(h, A, B, ctx.weights, self.scaling, ctx.x_grad_mask)
         if squeeze:
             out = out.squeeze(1)
         return y + out.to(y.dtype)
