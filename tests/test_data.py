@@ -240,13 +240,13 @@ def test_unknown_order_lists_known(tmp_path: Path) -> None:
 def test_named_order_subset_and_missing() -> None:
     root = DEMO_DATA_DIR
     cfg = DataConfig(
-        tasks=["task1510_evalution_relation_extraction", "task363_sst2_polarity_classification"]
+        tasks=["task875_emotion_classification", "task1510_evalution_relation_extraction"]
     )
     names, _ = resolve_order(cfg, root)
     # the order's sequence wins over the listed one
     assert names == [
-        "task363_sst2_polarity_classification",
         "task1510_evalution_relation_extraction",
+        "task875_emotion_classification",
     ]
     with pytest.raises(TaskDataError, match=r"\['nope'\] not in order 'demo'"):
         resolve_order(DataConfig(tasks=["nope"]), root)
