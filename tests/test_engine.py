@@ -274,3 +274,33 @@ def test_select_best_keeps_best_dev_block(tmp_path, caplog):
         run(cfg)
     dev_lines = [r.getMessage() for r in caplog.records if " dev rouge = " in r.getMessage()]
     assert len(dev_lines) == 3, dev_lines  # epochs 1, 2, 3 (6 steps each)
+
+
+@pytest.mark.slow
+def test_bf16_run_with_step_checkpoints(tmp_path):
+    """The presets' dtype: DeepSpeed bf16 training, step checkpoints of its optimizer
+    state (safetensors + JSON), evaluation, all in bf16."""
+    from sapt_dist.engine import run
+
+    res = run(_cfg(tmp_path, "model.dtype=bfloat16"))
+    assert len(res["matrix"]) == 2
+    from safetensors.torch import load_file
+
+    block = load_file(str(tmp_path / "run/blocks/block_01.safetensors"))
+    assert all(t.dtype == torch.bfloat16 for t in block.values())
+
+
+@pytest.mark.slow
+def test_fwt_from_single_task_run(tmp_path):
+    """FWT = mean_j (a[j][j] - b_j) with b_j read from a single_task run folder."""
+    from sapt_dist.engine import run
+
+    single = run(_cfg(tmp_path / "s", "method=single_task", "train.checkpoint_every=0"))
+    res = run(_cfg(tmp_path / "c", "method=inc_lora", f"single_task_run={tmp_path}/s/run"))
+    m, b = res["matrix"], single["single_task_scores"]
+    names = res["tasks"]
+    expected = sum(m[j][j] - b[names[j]] for j in range(2)) / 2
+    assert res["metrics"]["FWT"] == pytest.approx(expected)
+    # a folder without single-task scores: FWT missing, and the report says why
+    res2 = run(_cfg(tmp_path / "d", "method=inc_lora", f"single_task_run={tmp_path}/nowhere"))
+    assert res2["metrics"]["FWT"] is None and "nowhere" in res2["fwt_source"]
