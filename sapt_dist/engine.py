@@ -179,6 +179,7 @@ class ContinualRun:
             )
             return write_report(self.out, cfg, progress)
         n_slots = self._n_slots(len(tasks))
+        self.ds_config = self._ds_config()  # read (and checked) once, before the model loads
         distributed.init()
 
         backbone, tokenizer = load_backbone(cfg.model)
@@ -282,17 +283,7 @@ class ContinualRun:
             if every and step % every == 0 and step < job.steps:
                 self.state.save_step(i, snapshot(), best)
 
-        losses = train_block(
-            model,
-            job,
-            t,
-            cfg.model.dtype,
-            self.tokenizer.pad_token_id,
-            zero_stage=cfg.distributed.zero_stage,
-            ds_config=self._ds_config(),
-            resume=resume,
-            on_step=on_step,
-        )
+        losses = self._train(job, resume=resume, on_step=on_step)
         if best is not None and best["step"] != job.steps:
             log.info(
                 "%s: keeping the block of step %d (dev %.2f)",
@@ -353,6 +344,20 @@ class ContinualRun:
         with distributed.gathered(list(params.values())):
             tensors = {n: p.detach().cpu().clone() for n, p in params.items()}
         return {"score": score, "step": step, "params": tensors}
+
+    def _train(self, job: BlockJob, resume=None, on_step=None) -> list[float]:
+        cfg = self.cfg
+        return train_block(
+            self.model,
+            job,
+            cfg.train,
+            cfg.model.dtype,
+            self.tokenizer.pad_token_id,
+            zero_stage=cfg.distributed.zero_stage,
+            ds_config=self.ds_config,
+            resume=resume,
+            on_step=on_step,
+        )
 
     def _ds_config(self) -> dict | None:
         path = self.cfg.distributed.deepspeed_config
@@ -429,15 +434,7 @@ class ContinualRun:
                 lr=r.gen_lr,
                 weights=model.generator_weights,
             )
-            train_block(
-                model,
-                job,
-                t,
-                cfg.model.dtype,
-                self.tokenizer.pad_token_id,
-                zero_stage=cfg.distributed.zero_stage,
-                ds_config=self._ds_config(),
-            )
+            self._train(job)
             torch.manual_seed(seed)
             k = n * r.gen_candidates_per_sample
             prompt = encode_prompt(self.tokenizer, GEN_PROMPT, d.max_source_length)
