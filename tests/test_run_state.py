@@ -1,0 +1,58 @@
+"""Run-folder state: step checkpoints round-trip exactly; progress and blocks swap together."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sapt_dist.config import ConfigError, load_config
+from sapt_dist.run_state import RunState
+from sapt_dist.trainer import StepState
+
+
+def _state(step: int) -> StepState:
+    p = torch.nn.Parameter(torch.randn(3, 4))
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return StepState(
+        step,
+        {"w": p.detach().clone()},
+        opt.state_dict(),
+        sched.state_dict(),
+        torch.get_rng_state(),
+        [1.0, 0.5],
+    )
+
+
+def test_step_checkpoint_roundtrip_with_best(tmp_path):
+    rs = RunState(tmp_path)
+    st = _state(4)
+    best = {"score": 61.5, "step": 2, "params": {"w": torch.ones(3, 4)}}
+    rs.save_step(1, st, best)
+    got, got_best = rs.load_step(1)
+    assert got.step == 4 and got.losses == [1.0, 0.5]
+    assert torch.equal(got.params["w"], st.params["w"]) and torch.equal(got.rng, st.rng)
+    a, b = got.optimizer["state"][0], st.optimizer["state"][0]
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert got.optimizer["param_groups"] == st.optimizer["param_groups"]
+    assert got_best["score"] == 61.5 and got_best["step"] == 2
+    assert torch.equal(got_best["params"]["w"], torch.ones(3, 4))
+    # a checkpoint of another task is not offered
+    assert rs.load_step(2) == (None, None)
+
+
+def test_restart_with_another_config_is_refused(tmp_path):
+    cfg = load_config(None, ["model.builder=demo", f"output_dir={tmp_path}"])
+    rs = RunState(tmp_path)
+    rs.check_or_save_config(cfg)
+    rs.save_step(0, _state(2))  # a run in progress (mid-task 1, no finished task yet)
+    other = load_config(None, ["model.builder=demo", f"output_dir={tmp_path}", "train.lr=1e-3"])
+    with pytest.raises(ConfigError, match="train.lr: run has 5e-05, now 0.001"):
+        RunState(tmp_path).check_or_save_config(other)
+    # the mutable key may change
+    ok = load_config(
+        None, ["model.builder=demo", f"output_dir={tmp_path}", "train.checkpoint_every=7"]
+    )
+    RunState(tmp_path).check_or_save_config(ok)
