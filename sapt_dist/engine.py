@@ -45,7 +45,7 @@ from sapt_dist.data import (
     resolve_order,
 )
 from sapt_dist.evaluation import attention_target, generate_texts, routing_weights
-from sapt_dist.metrics import score_predictions
+from sapt_dist.metrics import routing_summary, score_predictions
 from sapt_dist.model import SAPTModel
 from sapt_dist.replay import (
     GEN_PROMPT,
@@ -468,7 +468,7 @@ class ContinualRun:
         else:
             which = list(range(i + 1))
         row: list[float | None] = [None] * n
-        routing: dict = {}
+        routing_w: dict[int, torch.Tensor] = {}
         after = "mtl" if method == "mtl" else f"{i:02d}_{self.enc[i].data.name}"
         for j in which:
             e = self.enc[j]
@@ -489,11 +489,7 @@ class ContinualRun:
                 w = routing_weights(
                     model, e.test_prompts, self.tokenizer.pad_token_id, cfg.eval.batch_size
                 )
-                w_active = w[:, : i + 1]
-                routing[str(j)] = {
-                    "mean_weights": w_active.mean(0).tolist(),
-                    "routing_accuracy": float((w_active.argmax(-1) == j).float().mean()),
-                }
+                routing_w[j] = w[:, : i + 1]
                 for r_, wr in zip(rows, w.tolist(), strict=True):
                     r_["weights"] = [round(x, 5) for x in wr[: i + 1]]
             if distributed.is_main_process():
@@ -502,7 +498,7 @@ class ContinualRun:
                     rows,
                 )
             log.info("after %s: %s %s = %.2f", after, e.data.name, e.data.metric, row[j])
-        return row, routing
+        return row, (routing_summary(routing_w) if routing_w else {})
 
 
 def run(cfg: RunConfig) -> dict:

@@ -5,7 +5,8 @@
     metrics/accuracy_matrix.json  a[i][j], task names, metric per task
     metrics/accuracy_matrix.md    the same as a markdown table, with AP / F.Ra / FWT / BWT
     metrics/accuracy_matrix.png   heatmap
-    metrics/routing.json          per test task: mean weight per slot, routing accuracy
+    metrics/routing.json          metrics.routing_summary of the last evaluation: mean weight
+                                  per slot and routing accuracy per test task, chance
     metrics/routing.png           heatmap of the mean weights (SAPT only)
     metrics/results.json          the summary (and, for single_task, the b_j scores)
 """
@@ -61,11 +62,10 @@ def write_report(out: Path, cfg: RunConfig, progress: dict) -> dict:
         results["fwt_source"] = why
     last_routing = progress["routing"][-1] if progress.get("routing") else {}
     if cfg.method == "sapt" and last_routing:
-        accs = [
-            last_routing[str(j)]["routing_accuracy"] for j in range(n) if str(j) in last_routing
-        ]
-        results["routing_accuracy"] = sum(accs) / len(accs) if accs else None
-        results["routing_chance"] = 1.0 / n
+        # mean over tasks of each task's share (every task weighs the same)
+        accs = list(last_routing["routing_accuracy"].values())
+        results["routing_accuracy"] = sum(accs) / len(accs)
+        results["routing_chance"] = last_routing["chance"]
     if not distributed.is_main_process():
         return results
     mdir = out / "metrics"
@@ -96,10 +96,10 @@ def write_report(out: Path, cfg: RunConfig, progress: dict) -> dict:
     atomic_write_text(mdir / "accuracy_matrix.md", text)
     if cfg.method == "sapt" and last_routing:
         atomic_write_json(mdir / "routing.json", last_routing)
-        mean = [last_routing[str(j)]["mean_weights"] for j in range(n) if str(j) in last_routing]
+        mean = last_routing["mean_weights"]
         save_heatmap(
             mean,
-            [f"test {t}" for t in tasks[: len(mean)]],
+            [f"test {tasks[j]}" for j in last_routing["tasks"]],
             [f"slot {k}" for k in range(len(mean[0]))],
             mdir / "routing.png",
             "mean routing weight per slot",

@@ -78,7 +78,8 @@ def test_two_task_sapt_run_writes_every_output(tmp_path):
     ]
     assert len(pseudo) == 3  # ceil(5% of 48)
     routing = json.loads((out / "metrics/routing.json").read_text())
-    assert len(routing["0"]["mean_weights"]) == 2
+    assert routing["tasks"] == [0, 1] and len(routing["mean_weights"][0]) == 2
+    assert set(routing["routing_accuracy"]) == {"0", "1"} and routing["chance"] == 0.5
     # the stored attention target of task 1 is exactly [1] (one active slot)
     # and a second start does not retrain
     t0 = time.time()
