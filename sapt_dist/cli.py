@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML config (default: the CPU demo preset)")
     parser.add_argument("--preset", help="name of a preset shipped in the package, e.g. demo")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
+    # the `deepspeed` launcher appends --local_rank=N; LOCAL_RANK carries the same
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

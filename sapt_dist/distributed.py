@@ -13,7 +13,16 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-__all__ = ["gathered", "is_partitioned", "rank", "world_size", "is_main_process"]
+__all__ = [
+    "gathered",
+    "init",
+    "is_main_process",
+    "is_partitioned",
+    "launch_env",
+    "rank",
+    "slurm_hostnames",
+    "world_size",
+]
 
 
 def is_partitioned(p: torch.Tensor) -> bool:
@@ -39,15 +48,16 @@ def gathered(params: Iterable[torch.Tensor], modify: bool = False) -> Iterator[N
 
 
 def rank() -> int:
+    """This process's rank (before :func:`init` too, from the launcher's variables)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
-    return int(os.environ.get("RANK", "0"))
+    return int(os.environ.get("RANK") or launch_env().get("RANK", "0"))
 
 
 def world_size() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("WORLD_SIZE") or launch_env().get("WORLD_SIZE", "1"))
 
 
 def is_main_process() -> bool:
@@ -63,23 +73,71 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init() -> None:
-    """Initialise torch.distributed through DeepSpeed (one process when not launched).
+def slurm_hostnames(nodelist: str) -> list[str]:
+    """Expand a SLURM node list (``node[01-03,07],gpu5``) without calling ``scontrol``."""
+    import re
 
-    A launcher (torchrun, srun, deepspeed) sets RANK / WORLD_SIZE / MASTER_ADDR; a plain
-    ``python`` start gets a one-process group on a free local port.
+    hosts: list[str] = []
+    for m in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist):
+        prefix, ranges = m.group(1), m.group(2)
+        if ranges is None:
+            hosts.append(prefix)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            if not hi:
+                hosts.append(prefix + lo)
+            else:
+                hosts += [prefix + str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
+    return hosts
+
+
+def launch_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The torch.distributed variables this process should run with.
+
+    - torchrun and the ``deepspeed`` launcher set RANK / WORLD_SIZE / LOCAL_RANK /
+      MASTER_ADDR / MASTER_PORT themselves: kept as they are.
+    - ``srun`` (one task per process) sets SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID:
+      they become RANK / WORLD_SIZE / LOCAL_RANK; MASTER_ADDR is the job's first node and
+      MASTER_PORT is derived from the job id (same on every node, no rendezvous file),
+      unless the batch script exported them.
+    - a plain ``python`` start: one process on a free local port.
     """
+    env = dict(os.environ if environ is None else environ)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return {}
+    # SLURM_STEP_NUM_TASKS is set inside an ``srun`` step, not in the batch script itself
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
+        job = int(env.get("SLURM_JOB_ID", "0") or 0)
+        return {
+            "RANK": env["SLURM_PROCID"],
+            "WORLD_SIZE": env["SLURM_STEP_NUM_TASKS"],
+            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "MASTER_ADDR": env.get("MASTER_ADDR") or slurm_hostnames(nodelist)[0],
+            "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + job % 20000),
+        }
+    return {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+    }
+
+
+def init() -> None:
+    """Initialise torch.distributed through DeepSpeed, from whichever launcher started us
+    (see :func:`launch_env`: torchrun, ``deepspeed``, ``srun`` or none)."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return
-    if "RANK" not in os.environ:
-        os.environ.update(
-            RANK="0",
-            WORLD_SIZE="1",
-            LOCAL_RANK="0",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(_free_port()),
-        )
+    os.environ.update(launch_env())
+    # several CPU ranks on one machine: one thread each unless told otherwise
+    # (the deepspeed launcher does not set OMP_NUM_THREADS; torchrun does)
+    cpu_ranks = int(os.environ["WORLD_SIZE"]) > 1 and not torch.cuda.is_available()
+    if cpu_ranks and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
     import deepspeed
 
     deepspeed.init_distributed(verbose=False)
