@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from sapt_dist import distributed
 from sapt_dist.config import ConfigError, ModelConfig
 from sapt_dist.io_utils import atomic_dir
 
@@ -125,7 +126,8 @@ def load_backbone(cfg: ModelConfig, data_root: Path | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if cfg.builder == "demo":
-        path = build_demo_backbone()
+        with distributed.rank0_first():  # one rank builds the cache, the others read it
+            path = build_demo_backbone()
     else:
         path = Path(cfg.path or "")
         if not (path / "config.json").is_file():
@@ -139,16 +141,18 @@ def load_backbone(cfg: ModelConfig, data_root: Path | None = None):
         # LLaMA ships without a pad token; padding is masked everywhere, so EOS serves
         tokenizer.pad_token = tokenizer.eos_token
     kwargs: dict = {"dtype": torch_dtype(cfg.dtype)}
-    if cfg.load_in_4bit:
+    if cfg.quantization != "none":
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
+            bnb_4bit_quant_type=cfg.quantization,
             bnb_4bit_compute_dtype=torch_dtype(cfg.dtype),
             # equal to the training dtype, so ZeRO-3 can partition the quantized weights
             bnb_4bit_quant_storage=torch_dtype(cfg.dtype),
         )
+    # Under ZeRO-3 (distributed.configure) this loads each rank's partition only; a 4-bit
+    # model loads whole (4-bit) on each rank and is partitioned by deepspeed.initialize.
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.eval()
     return model, tokenizer

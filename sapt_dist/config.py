@@ -50,8 +50,9 @@ class ModelConfig:
     tokenizer: str | None = None
     #: Parameter / compute dtype of the backbone and adapters.
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    #: Quantize the frozen backbone to 4-bit NF4 with bitsandbytes (QLoRA-style).
-    load_in_4bit: bool = False
+    #: Quantize the frozen backbone to 4 bits with bitsandbytes (QLoRA-style): ``nf4`` or
+    #: ``fp4``; compute and storage dtype are ``dtype`` (so ZeRO-3 can partition it).
+    quantization: Literal["none", "nf4", "fp4"] = "none"
     #: Recompute activations in the backward pass (needed for 13B+ backbones).
     gradient_checkpointing: bool = False
 
@@ -172,9 +173,11 @@ class EvalConfig:
 
 @dataclass
 class DistributedConfig:
-    #: DeepSpeed config JSON (``ds_configs/``); ``None``: ZeRO stage 0 in one process.
+    """How DeepSpeed shards the run (the process count comes from the launcher)."""
+
+    #: DeepSpeed config: a JSON file, or the name of one in ``ds_configs/`` (``zero0``,
+    #: ``zero2``, ``zero3``, ``zero3_offload``). ``None``: ZeRO stage 0.
     deepspeed_config: str | None = None
-    zero_stage: int = 0
 
 
 @dataclass
@@ -261,11 +264,6 @@ class RunConfig:
             (self.eval.batch_size >= 1, "eval.batch_size", "must be >= 1"),
             (self.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1"),
             (
-                self.distributed.zero_stage in (0, 1, 2, 3),
-                "distributed.zero_stage",
-                "must be 0, 1, 2 or 3",
-            ),
-            (
                 self.model.builder == "demo" or bool(self.model.path),
                 "model.path",
                 "is required (a Hugging Face model folder) unless model.builder is 'demo'",
@@ -284,6 +282,12 @@ class RunConfig:
         for ok, key, msg in checks:
             if not ok:
                 raise ConfigError(f"config key '{key}' {msg} (got {_get(self, key)!r})")
+        from sapt_dist.distributed import resolve_ds_config
+
+        try:
+            resolve_ds_config(self.distributed.deepspeed_config)
+        except ValueError as e:
+            raise ConfigError(f"config key 'distributed.deepspeed_config': {e}") from e
 
 
 def _get(obj: Any, dotted: str) -> Any:

@@ -3,15 +3,49 @@
 Model code calls :func:`gathered` around reads or writes of parameters that ZeRO-3 may
 have partitioned; it does nothing when DeepSpeed is not in use, and deepspeed is imported
 only when a partitioned parameter is actually seen.
+
+Under ZeRO-3 (:func:`configure` with a stage-3 config, before the backbone loads):
+
+- the frozen backbone is partitioned as it loads (``HfDeepSpeedConfig`` makes
+  ``from_pretrained`` run under ``zero.Init``; a 4-bit backbone is loaded whole, 4-bit, on
+  each rank and partitioned by ``deepspeed.initialize``, the QLoRA + ZeRO-3 recipe);
+- the trainable tensors (the current block, the key, the query network) are *partitioned*
+  too: DeepSpeed shards their fp32 master copies, gradients and AdamW moments like any
+  trainable parameter, and :func:`full_optimizer_state` reassembles them world-size
+  independently for checkpoints;
+- the banks of filed blocks, the stored keys and the ARM targets are *buffers, replicated*
+  on every rank on purpose: every forward reads all of them (the mixture runs over every
+  slot), they are small next to one layer of the backbone (15 slots of rank-4 q/v blocks
+  on LLaMA-2 13B: 0.2 GB in bf16), and replicating them keeps the fused mixture a plain
+  local matmul with no gather in its path;
+- forward passes outside training (evaluation, pseudo-samples, routing) need DeepSpeed's
+  parameter hooks: the last training engine keeps them installed until the next one is
+  built, and :func:`ready_for_inference` installs them (an engine without optimizer)
+  when no engine has been built yet.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
+
+#: Shipped DeepSpeed configs, selectable by name (``distributed.deepspeed_config=zero3``).
+DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+
+
+class _Zero:
+    """Process-wide DeepSpeed state (DeepSpeed's own ZeRO-3 machinery is process-wide too)."""
+
+    config: dict | None = None  # the engine config of this run (set by configure())
+    hf_config: Any = None  # HfDeepSpeedConfig: transformers holds only a weak reference
+    active: Any = None  # the engine whose ZeRO-3 hooks are on the model
+
 
 __all__ = [
     "gathered",
@@ -159,6 +193,103 @@ def _lr_lambda(schedule: str, warmup: int, total: int):
     return f
 
 
+def resolve_ds_config(spec: str | None) -> dict:
+    """The DeepSpeed config a run names: a JSON file path, or the name of one shipped in
+    ``ds_configs/`` (``zero0``, ``zero2``, ``zero3``, ``zero3_offload``). ``None``: stage 0.
+
+    Raises:
+        ValueError: naming the file, when it is missing, not JSON or not a JSON object.
+    """
+    if not spec:
+        return {"zero_optimization": {"stage": 0}}
+    path = Path(spec)
+    if not path.is_file() and (DS_CONFIG_DIR / f"{spec}.json").is_file():
+        path = DS_CONFIG_DIR / f"{spec}.json"
+    if not path.is_file():
+        shipped = sorted(f.stem for f in DS_CONFIG_DIR.glob("*.json"))
+        raise ValueError(f"no DeepSpeed config {spec!r} (a path, or one of {shipped})")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"{path}: zero_optimization.stage must be 0-3, not {stage!r}")
+    return cfg
+
+
+def zero_stage(ds_config: dict | None = None) -> int:
+    """ZeRO stage of ``ds_config`` (default: the configured run's)."""
+    cfg = ds_config if ds_config is not None else (_Zero.config or {})
+    return int(cfg.get("zero_optimization", {}).get("stage", 0))
+
+
+def zero3_enabled() -> bool:
+    return zero_stage() == 3
+
+
+def engine_config(
+    ds_config: dict | None,
+    *,
+    micro_batch_size: int,
+    grad_accum: int,
+    max_grad_norm: float | None,
+    dtype: str,
+) -> dict:
+    """The run's DeepSpeed config: the file's keys over defaults derived from the run config.
+
+    The batch sizes always come from ``train.*``; ``optimizer`` / ``scheduler`` are dropped
+    (the trainer passes its own torch AdamW and schedule, so no DeepSpeed CPU-Adam extension
+    is compiled, and so ZeRO-Offload of the *optimizer*, which needs DeepSpeed's own
+    optimizer, is refused with a clear message rather than half-applied).
+    """
+    config: dict = {
+        "gradient_clipping": float(max_grad_norm or 0.0),
+        "zero_optimization": {"stage": 0},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    for k, v in (ds_config or {}).items():
+        if k not in ("optimizer", "scheduler", "train_batch_size"):
+            config[k] = v
+    config["train_micro_batch_size_per_gpu"] = micro_batch_size
+    config["gradient_accumulation_steps"] = grad_accum
+    config["bf16"] = {**config.get("bf16", {}), "enabled": dtype == "bfloat16"}
+    config["fp16"] = {**config.get("fp16", {}), "enabled": dtype == "float16"}
+    offload = config["zero_optimization"].get("offload_optimizer", {}).get("device", "none")
+    if offload not in (None, "none"):
+        raise ValueError(
+            "offload_optimizer needs DeepSpeed's own optimizer, which this trainer does not "
+            "use (its optimizer state is tiny: one LoRA block); offload the frozen backbone "
+            "with zero_optimization.offload_param instead (ds_configs/zero3_offload.json)"
+        )
+    return config
+
+
+def configure(config: dict) -> None:
+    """Fix the run's engine config (from :func:`engine_config`) before the backbone loads.
+
+    Under ZeRO-3 this makes ``from_pretrained`` partition the weights as they load.
+    """
+    _Zero.config = config
+    if zero_stage(config) == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        _Zero.hf_config = HfDeepSpeedConfig(config)
+    else:
+        _Zero.hf_config = None
+
+
+def _activate(engine) -> None:
+    """Make ``engine`` the one whose hooks are on the model (retiring the previous one)."""
+    if _Zero.active is not None and _Zero.active is not engine:
+        _Zero.active.destroy()
+    _Zero.active = engine
+
+
 def build_engine(
     model: torch.nn.Module,
     params: list[torch.nn.Parameter] | list[dict],
@@ -172,42 +303,181 @@ def build_engine(
     warmup_steps: int,
     total_steps: int,
     dtype: str,
-    zero_stage: int = 0,
     ds_config: dict | None = None,
 ):
     """A DeepSpeed engine training ``params`` of ``model`` (one per block trained).
 
-    ``params`` is a list of parameters or of torch param groups (``{"params", "lr"}``).
+    ``params`` is a list of parameters or of torch param groups (``{"params", "lr"}``);
+    ``ds_config``: the run's file (see :func:`engine_config`; default: the configured one).
 
     DeepSpeed does the gradient accumulation (it scales the loss by 1/grad_accum in
-    ``backward`` and steps on the boundaries), clipping and bf16. A torch AdamW is passed
-    in (``zero_allow_untested_optimizer``) so no CPU Adam extension has to be compiled.
+    ``backward`` and steps on the boundaries), clipping, bf16 and ZeRO partitioning. A
+    torch AdamW is passed in (``zero_allow_untested_optimizer``) so no CPU Adam extension
+    has to be compiled.
     """
     import deepspeed
 
     init()
-    config = {
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": grad_accum,
-        "gradient_clipping": float(max_grad_norm or 0.0),
-        "zero_optimization": {"stage": zero_stage},
-        "bf16": {"enabled": dtype == "bfloat16"},
-        "fp16": {"enabled": dtype == "float16"},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    if ds_config:
-        config.update({k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")})
-        config["train_micro_batch_size_per_gpu"] = micro_batch_size
-        config["gradient_accumulation_steps"] = grad_accum
-        config.pop("train_batch_size", None)
+    if ds_config is None and _Zero.config is not None:
+        ds_config = _Zero.config
+    config = engine_config(
+        ds_config,
+        micro_batch_size=micro_batch_size,
+        grad_accum=grad_accum,
+        max_grad_norm=max_grad_norm,
+        dtype=dtype,
+    )
+    if zero_stage(config) == 3 and not zero3_enabled():
+        configure(config)
+    # the previous block's engine (kept for its ZeRO-3 hooks) goes before a new one hooks in
+    _activate(None)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(schedule, warmup_steps, total_steps))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=sched, config=config
     )
+    _activate(engine)
     return engine, optimizer, scheduler
+
+
+def ready_for_inference(model: torch.nn.Module) -> None:
+    """Under ZeRO-3, make sure DeepSpeed's parameter hooks are on ``model`` so that plain
+    forward / ``generate`` calls gather the partitioned weights (no-op otherwise)."""
+    if not zero3_enabled():
+        return
+    active = _Zero.active
+    if active is not None and active.module is model:
+        return
+    import deepspeed
+
+    config = dict(_Zero.config or {})
+    config.setdefault("train_micro_batch_size_per_gpu", 1)
+    _activate(None)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    _activate(engine)
+
+
+def finish() -> None:
+    """Retire the last engine (end of a run)."""
+    _activate(None)
+
+
+def barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable Python data of this run, never files), rank order."""
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def mean_over_ranks(values: list[float]) -> list[float]:
+    """Element-wise mean of ``values`` across ranks (the data-parallel loss of a step)."""
+    if world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    if torch.cuda.is_available():
+        t = t.cuda()
+    torch.distributed.all_reduce(t)
+    return (t / world_size()).tolist()
+
+
+@contextlib.contextmanager
+def rank0_first() -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. builds a cache), the others after it finished."""
+    if world_size() > 1 and rank() != 0:
+        barrier()
+    yield
+    if world_size() > 1 and rank() == 0:
+        barrier()
+
+
+# --------------------------------------------------------------------------- optimizer state
+def _inner_torch_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch AdamW doing the update, inside DeepSpeed's wrappers (ZeRO, bf16)."""
+    inner = optimizer
+    while not isinstance(inner, torch.optim.AdamW) and hasattr(inner, "optimizer"):
+        inner = inner.optimizer
+    return inner
+
+
+def full_optimizer_state(
+    optimizer, params: dict[str, torch.nn.Parameter]
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """World-size-independent training state of ``params``: full fp32 master values and
+    AdamW moments per parameter name, and the step count. Collective under ZeRO-3.
+
+    The same form comes out of ZeRO 0-3 and bf16, so a run saved by N ranks resumes on M.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    inner = _inner_torch_optimizer(optimizer)
+    steps = [float(st["step"]) for st in inner.state.values() if "step" in st]
+    masters, moments = {}, {"exp_avg": {}, "exp_avg_sq": {}}
+    for name, p in params.items():
+        master = safe_get_full_fp32_param(p)
+        if master is None:  # plain fp32 stage 0: the torch optimizer updates p itself
+            st = inner.state.get(p, {})
+            masters[name] = p.detach().float().cpu().clone()
+            for k in moments:
+                moments[k][name] = st[k].detach().float().cpu().clone() if k in st else None
+        else:
+            masters[name] = master.detach().float().cpu().clone()
+            for k in moments:
+                m = safe_get_full_optimizer_state(p, k)
+                moments[k][name] = None if m is None else m.detach().float().cpu().clone()
+    for k in moments:
+        if any(v is None for v in moments[k].values()):
+            moments[k] = None
+    return masters, {"step": int(max(steps)) if steps else 0, **moments}
+
+
+def load_full_optimizer_state(
+    optimizer,
+    params: dict[str, torch.nn.Parameter],
+    masters: dict[str, torch.Tensor],
+    state: dict,
+) -> None:
+    """Put :func:`full_optimizer_state`'s output back (every rank; collective under ZeRO-3)."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    # the model's (possibly low-precision, possibly partitioned) weights first ...
+    with torch.no_grad(), gathered(list(params.values()), modify=True):
+        for name, p in params.items():
+            p.copy_(masters[name].to(p))
+    inner = _inner_torch_optimizer(optimizer)
+    if state.get("exp_avg") is not None:
+        # torch's AdamW creates its state lazily at the first step: create it now
+        for group in inner.param_groups:
+            for q in group["params"]:
+                st = inner.state[q]
+                if "exp_avg" not in st:
+                    st["step"] = torch.tensor(float(state["step"]))
+                    st["exp_avg"] = torch.zeros_like(q, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(q, memory_format=torch.preserve_format)
+                else:
+                    st["step"] = torch.tensor(float(state["step"]))
+    for name, p in params.items():
+        if safe_get_fp32_mapping(p):
+            # ... then the fp32 master copies and moments DeepSpeed keeps (exact fp32)
+            safe_set_full_fp32_param(p, masters[name].to(torch.float32))
+            if state.get("exp_avg") is not None:
+                for k in ("exp_avg", "exp_avg_sq"):
+                    safe_set_full_optimizer_state(p, state[k][name].to(torch.float32), k)
+        elif state.get("exp_avg") is not None:
+            st = inner.state[p]
+            for k in ("exp_avg", "exp_avg_sq"):
+                st[k].copy_(state[k][name].to(st[k]))
+
+
+def safe_get_fp32_mapping(p: torch.Tensor) -> bool:
+    """True when DeepSpeed keeps a separate fp32 master of ``p`` (ZeRO 1-3, bf16)."""
+    return hasattr(p, "ds_id") or getattr(p, "_hp_mapping", None) is not None
 
 
 # --------------------------------------------------------------------------- state files
@@ -257,10 +527,18 @@ def unflatten_state(skeleton, tensors: dict[str, torch.Tensor]):
 
 def release_engine(engine) -> None:
     """Detach a finished block's engine from the model: each ``deepspeed.initialize``
-    registers forward hooks on the module, and one engine per block would pile them up."""
+    registers forward hooks on the module, and one engine per block would pile them up.
+
+    Under ZeRO-3 the engine's parameter hooks stay until the next engine is built (or
+    :func:`finish`): evaluation and pseudo-sample generation run through them.
+    """
     for name in ("module_forward_pre_hook", "module_forward_post_hook"):
         handle = getattr(engine, name, None)
         if handle is not None:
             handle.remove()
             setattr(engine, name, None)
+    if zero3_enabled() and _Zero.active is engine:
+        return
+    if _Zero.active is engine:
+        _Zero.active = None
     engine.destroy()

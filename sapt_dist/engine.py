@@ -181,6 +181,7 @@ class ContinualRun:
         n_slots = self._n_slots(len(tasks))
         self.ds_config = self._ds_config()  # read (and checked) once, before the model loads
         distributed.init()
+        distributed.configure(self.ds_config)  # ZeRO-3: the backbone loads partitioned
 
         backbone, tokenizer = load_backbone(cfg.model)
         self.tokenizer = tokenizer
@@ -207,6 +208,7 @@ class ContinualRun:
             self._stage(i, progress)
         # every rank: the gathers inside save_blocks are collective under ZeRO-3
         save_blocks(self.model, self.out / "blocks", self._block_names(stages - 1))
+        distributed.finish()
         self.state.mark_finished()
         progress["finished"] = True
         return write_report(self.out, cfg, progress)
@@ -353,24 +355,24 @@ class ContinualRun:
             cfg.train,
             cfg.model.dtype,
             self.tokenizer.pad_token_id,
-            zero_stage=cfg.distributed.zero_stage,
             ds_config=self.ds_config,
             resume=resume,
             on_step=on_step,
         )
 
-    def _ds_config(self) -> dict | None:
-        path = self.cfg.distributed.deepspeed_config
-        if not path:
-            return None
-        import json
-
+    def _ds_config(self) -> dict:
+        """The DeepSpeed engine config: the named file over what the run config implies."""
+        t = self.cfg.train
         try:
-            return json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(
-                f"config key 'distributed.deepspeed_config': cannot read {path}: {e}"
-            ) from e
+            return distributed.engine_config(
+                distributed.resolve_ds_config(self.cfg.distributed.deepspeed_config),
+                micro_batch_size=t.micro_batch_size,
+                grad_accum=t.grad_accum,
+                max_grad_norm=t.max_grad_norm,
+                dtype=self.cfg.model.dtype,
+            )
+        except ValueError as e:
+            raise ConfigError(f"config key 'distributed.deepspeed_config': {e}") from e
 
     # ------------------------------------------------------------------ replay
     def _pseudo_path(self, i: int) -> Path:

@@ -39,21 +39,41 @@ def generate_texts(
 ) -> list[str]:
     """Greedy (unless ``gen_kwargs`` say otherwise) continuations of token-id prompts.
 
+    With several ranks, greedy decoding is shared out: rank r decodes batches r, r+W, ...
+    (the same batches one process would form, so the same outputs) and the texts are
+    gathered. Sampling is not shared out: every rank draws every batch from the same seeded
+    stream, so the samples do not depend on the number of ranks. Under ZeRO-3 every forward
+    is collective: ranks run the same number of ``generate`` calls (short ranks repeat a
+    batch and drop its output) with ``synced_gpus``.
+
     Args:
         prompts: token ids of each prompt (no padding).
         weights: (n, slots) fixed mixture weights per prompt (e.g. the generator's);
             ``None``: SAPT's routing from each prompt.
     """
     model.eval()
+    distributed.ready_for_inference(model)
     device = model.router.key.device
     out: list[str | None] = [None] * len(prompts)
     pad = tokenizer.pad_token_id
     batches = list(_batches(prompts, batch_size))
-    for idx in tqdm(batches, desc=desc, disable=not distributed.is_main_process(), leave=False):
+    world, rank = distributed.world_size(), distributed.rank()
+    shared_out = world > 1 and not gen_kwargs.get("do_sample", False) and len(batches) > 0
+    mine = batches
+    if shared_out:
+        per_rank = -(-len(batches) // world)
+        mine = [batches[min(b, len(batches) - 1)] for b in range(rank, per_rank * world, world)]
+        real = list(range(rank, len(batches), world))
+    synced = world > 1 and distributed.zero3_enabled()
+    texts_of: dict[int, str] = {}
+    bar = tqdm(mine, desc=desc, disable=not distributed.is_main_process(), leave=False)
+    for k, idx in enumerate(bar):
         batch = collate_prompts([prompts[i] for i in idx], pad)
         ids = batch["input_ids"].to(device)
         w = weights[idx].to(device) if weights is not None else None
         kwargs = {"do_sample": False, **gen_kwargs}
+        if synced:
+            kwargs["synced_gpus"] = True
         gen = model.generate(
             ids,
             batch["attention_mask"].to(device),
@@ -63,9 +83,18 @@ def generate_texts(
             eos_token_id=tokenizer.eos_token_id,
             **kwargs,
         )
+        if shared_out and k >= len(real):
+            continue  # a repeated batch that only kept this rank in step
         texts = tokenizer.batch_decode(gen[:, ids.shape[1] :], skip_special_tokens=True)
         for i, t in zip(idx, texts, strict=True):
-            out[i] = t.strip()
+            texts_of[i] = t.strip()
+    if shared_out:
+        for part in distributed.all_gather_objects(texts_of):
+            for i, t in part.items():
+                out[i] = t
+    else:
+        for i, t in texts_of.items():
+            out[i] = t
     return out  # type: ignore[return-value]
 
 
@@ -73,7 +102,9 @@ def generate_texts(
 def routing_weights(
     model: SAPTModel, prompts: list[list[int]], pad_id: int, batch_size: int
 ) -> torch.Tensor:
-    """(n, T) the mixture weights SAPT gives each prompt."""
+    """(n, T) the mixture weights SAPT gives each prompt (every rank computes all: the
+    prompt pass is cheap next to decoding)."""
+    distributed.ready_for_inference(model)
     device = model.router.key.device
     rows = torch.empty(len(prompts), model.n_slots)
     for idx in _batches(prompts, batch_size):

@@ -30,7 +30,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class StepState:
-    """What a mid-task checkpoint restores: trainable tensors, optimizer, schedule, RNG."""
+    """What a mid-task checkpoint restores: trainable tensors, optimizer, schedule, RNG.
+
+    ``params`` are the full fp32 master values and ``optimizer`` the full AdamW moments
+    per parameter name (``distributed.full_optimizer_state``): the same form under any ZeRO
+    stage and process count, so a checkpoint written by N ranks resumes on M.
+    """
 
     step: int
     params: dict[str, torch.Tensor]
@@ -102,7 +107,6 @@ def train_block(
     train_cfg,
     dtype: str,
     pad_id: int,
-    zero_stage: int = 0,
     ds_config: dict | None = None,
     resume: StepState | None = None,
     on_step: Callable[[int, Callable[[], StepState]], None] | None = None,
@@ -134,15 +138,13 @@ def train_block(
         warmup_steps=train_cfg.warmup_steps,
         total_steps=job.steps,
         dtype=dtype,
-        zero_stage=zero_stage,
         ds_config=ds_config,
     )
     start, losses = 0, []
     if resume is not None:
-        with torch.no_grad(), distributed.gathered(params, modify=True):
-            for name, p in job.params.items():
-                p.copy_(resume.params[name].to(p))
-        optimizer.load_state_dict(resume.optimizer)
+        distributed.load_full_optimizer_state(
+            optimizer, job.params, resume.params, resume.optimizer
+        )
         scheduler.load_state_dict(resume.scheduler)
         torch.set_rng_state(resume.rng)
         start, losses = resume.step, list(resume.losses)
@@ -151,14 +153,12 @@ def train_block(
         torch.manual_seed(job.seed)
 
     def snapshot_at(step: int) -> Callable[[], StepState]:
-        def snap() -> StepState:
-            with distributed.gathered(params):
-                tensors = {n: p.detach().cpu().clone() for n, p in job.params.items()}
+        def snap() -> StepState:  # collective under ZeRO-3: every rank calls it
+            masters, opt_state = distributed.full_optimizer_state(optimizer, job.params)
             return StepState(
                 step=step,
-                params=tensors,
-                # state_dict() hands out the live moment tensors: copy them
-                optimizer=copy.deepcopy(optimizer.state_dict()),
+                params=masters,
+                optimizer=opt_state,
                 scheduler=copy.deepcopy(scheduler.state_dict()),
                 rng=torch.get_rng_state(),
                 losses=list(losses),
@@ -187,8 +187,9 @@ def train_block(
             kwargs = {k: v.to(device) for k, v in batch.items()}
             if job.weights is not None:
                 kwargs["weights"] = job.weights(len(idx)).to(device)
-            if job.replay is not None:
-                kwargs.update({k: v.to(device) for k, v in job.replay(micro).items()})
+            if job.replay is not None:  # the ARM batch follows the same global numbering
+                replay = job.replay(micro * world + rank)
+                kwargs.update({k: v.to(device) for k, v in replay.items()})
                 kwargs["kl_ratio"] = job.kl_ratio
             out = engine(**kwargs)
             engine.backward(out.loss)
@@ -196,6 +197,8 @@ def train_block(
             acc_task += float(out.task_loss.detach()) / ga
             if out.arm_loss is not None:
                 acc_arm += float(out.arm_loss.detach()) / ga
+        # the step's loss over the global batch (the mean of the ranks' micro-batch means)
+        acc_task, acc_arm = distributed.mean_over_ranks([acc_task, acc_arm])
         losses.append(acc_task + job.kl_ratio * acc_arm)
         postfix = {"loss": f"{acc_task:.3f}"}
         if job.replay is not None:

@@ -37,7 +37,7 @@ def test_defaults_and_overrides():
         ("bogus=1", r"unknown config key 'bogus'"),
         ("train.epochs=two", r"'train.epochs': expected an integer, got 'two'"),
         ("train.epochs=1.5", r"'train.epochs': expected an integer"),
-        ("model.load_in_4bit=yes please", r"'model.load_in_4bit': expected true/false"),
+        ("model.quantization=nf8", r"'model.quantization'"),
         ("method=ewc", r"'method': 'ewc' is not one of"),
         ("adapter.target_modules=q_proj", r"'adapter.target_modules': expected a list"),
         ("train.lr=-1", r"'train.lr' must be > 0"),
@@ -76,3 +76,18 @@ def test_presets_load_and_headers_are_commands(preset):
     cfg = load_config(preset, ["model.path=/models/llama"])
     assert cfg.adapter.rank == 4 and cfg.adapter.alpha == 32 and cfg.train.lr == 5e-5
     assert cfg.model.dtype == "bfloat16" and cfg.train.select_best
+
+
+def test_deepspeed_config_names_and_files(tmp_path):
+    demo = ["model.builder=demo"]
+    cfg = load_config(None, [*demo, "distributed.deepspeed_config=zero3"])
+    assert cfg.distributed.deepspeed_config == "zero3"
+    with pytest.raises(ConfigError, match=r"'distributed.deepspeed_config'.*'zero3'"):
+        load_config(None, [*demo, "distributed.deepspeed_config=zero9"])
+    bad = tmp_path / "ds.json"
+    bad.write_text('{"zero_optimization": {"stage": 3,}}')
+    with pytest.raises(ConfigError, match=rf"'distributed.deepspeed_config'.*{bad}.*JSON"):
+        load_config(None, [*demo, f"distributed.deepspeed_config={bad}"])
+    bad.write_text('{"zero_optimization": {"stage": 4}}')
+    with pytest.raises(ConfigError, match=r"stage must be 0-3"):
+        load_config(None, [*demo, f"distributed.deepspeed_config={bad}"])
