@@ -397,6 +397,45 @@ def rank0_first() -> Iterator[None]:
         barrier()
 
 
+def peak_memory_mb() -> dict[str, float]:
+    """This process's peak host memory (RSS) and, on a GPU, peak allocated device memory."""
+    import resource
+
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def shard_report(module: torch.nn.Module) -> dict:
+    """What this rank holds of ``module``: per parameter, its full and local element count
+    from DeepSpeed's own bookkeeping (``ds_numel`` / ``ds_tensor``), whether it trains, and
+    the bytes of replicated buffers (the block banks)."""
+    params = {}
+    for name, p in module.named_parameters():
+        if is_partitioned(p):
+            full, local = int(p.ds_numel), int(p.ds_tensor.numel())
+            size = p.ds_tensor.element_size()
+        else:
+            full = local = p.numel()
+            size = p.element_size()
+        params[name] = {
+            "full": full,
+            "local": local,
+            "bytes": local * size,
+            "train": p.requires_grad,
+        }
+    buffers = sum(b.numel() * b.element_size() for b in module.buffers())
+    return {
+        "rank": rank(),
+        "world": world_size(),
+        "zero_stage": zero_stage(),
+        "params": params,
+        "buffer_bytes": buffers,
+        **peak_memory_mb(),
+    }
+
+
 # --------------------------------------------------------------------------- optimizer state
 def _inner_torch_optimizer(optimizer) -> torch.optim.Optimizer:
     """The torch AdamW doing the update, inside DeepSpeed's wrappers (ZeRO, bf16)."""
@@ -452,16 +491,14 @@ def load_full_optimizer_state(
             p.copy_(masters[name].to(p))
     inner = _inner_torch_optimizer(optimizer)
     if state.get("exp_avg") is not None:
-        # torch's AdamW creates its state lazily at the first step: create it now
-        for group in inner.param_groups:
-            for q in group["params"]:
-                st = inner.state[q]
-                if "exp_avg" not in st:
-                    st["step"] = torch.tensor(float(state["step"]))
-                    st["exp_avg"] = torch.zeros_like(q, memory_format=torch.preserve_format)
-                    st["exp_avg_sq"] = torch.zeros_like(q, memory_format=torch.preserve_format)
-                else:
-                    st["step"] = torch.tensor(float(state["step"]))
+        # torch's AdamW creates its state lazily at the first step: create it now, for the
+        # tensors it will step (DeepSpeed's flat fp32 partitions under ZeRO / bf16)
+        for q in _stepped_tensors(optimizer, inner):
+            st = inner.state[q]
+            st["step"] = torch.tensor(float(state["step"]))
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k not in st:
+                    st[k] = torch.zeros_like(q, memory_format=torch.preserve_format)
     for name, p in params.items():
         if safe_get_fp32_mapping(p):
             # ... then the fp32 master copies and moments DeepSpeed keeps (exact fp32)
@@ -473,6 +510,20 @@ def load_full_optimizer_state(
             st = inner.state[p]
             for k in ("exp_avg", "exp_avg_sq"):
                 st[k].copy_(state[k][name].to(st[k]))
+
+
+def _stepped_tensors(optimizer, inner: torch.optim.Optimizer) -> list[torch.Tensor]:
+    found = [q for g in inner.param_groups for q in g["params"]]
+    for attr in (
+        "fp32_partitioned_groups_flat",  # ZeRO-3
+        "single_partition_of_fp32_groups",  # ZeRO-1/2
+        "fp32_groups_flat_partition",  # bf16 without ZeRO
+    ):
+        found += [t for t in (getattr(optimizer, attr, None) or []) if isinstance(t, torch.Tensor)]
+    unique: dict[int, torch.Tensor] = {}
+    for t in found:
+        unique.setdefault(id(t), t)
+    return list(unique.values())
 
 
 def safe_get_fp32_mapping(p: torch.Tensor) -> bool:

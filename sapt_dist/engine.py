@@ -165,7 +165,7 @@ class ContinualRun:
     # ------------------------------------------------------------------ the run
     def run(self) -> dict:
         cfg = self.cfg
-        self.state.check_or_save_config(cfg)
+        self.state.check_or_save_config(cfg, distributed.world_size())
         progress = self.state.load_progress()
         tasks = self._load_tasks()  # every task file validated before the model loads
         names = [t.name for t in tasks]
@@ -286,6 +286,8 @@ class ContinualRun:
                 self.state.save_step(i, snapshot(), best)
 
         losses = self._train(job, resume=resume, on_step=on_step)
+        if not getattr(self, "_sharding_written", False):
+            self._write_sharding()
         if best is not None and best["step"] != job.steps:
             log.info(
                 "%s: keeping the block of step %d (dev %.2f)",
@@ -326,6 +328,57 @@ class ContinualRun:
                 model, self.out / "blocks_per_task" / f"{i:02d}_{task.data.name}", [task.data.name]
             )
         self.state.clear_step()
+
+    def _write_sharding(self) -> None:
+        """``metrics/sharding.json``: what each rank holds (collective; once per process)."""
+        import json
+
+        self._sharding_written = True
+        reports = distributed.all_gather_objects(distributed.shard_report(self.model))
+        if not distributed.is_main_process():
+            return
+        names = list(reports[0]["params"])
+        backbone = [n for n in names if not reports[0]["params"][n]["train"]]
+        summary = []
+        for r in reports:
+            full = sum(r["params"][n]["full"] for n in backbone)
+            local = sum(r["params"][n]["local"] for n in backbone)
+            summary.append(
+                {
+                    "rank": r["rank"],
+                    "frozen_elements_full": full,
+                    "frozen_elements_local": local,
+                    "frozen_bytes_local": sum(r["params"][n]["bytes"] for n in backbone),
+                    "trainable_bytes_local": sum(
+                        r["params"][n]["bytes"] for n in names if r["params"][n]["train"]
+                    ),
+                    "replicated_buffer_bytes": r["buffer_bytes"],
+                    "peak_rss_mb": round(r["peak_rss_mb"], 1),
+                    **({"peak_gpu_mb": round(r["peak_gpu_mb"], 1)} if "peak_gpu_mb" in r else {}),
+                }
+            )
+            log.info(
+                "rank %d holds %d of %d frozen elements (%.1f%%), peak RSS %.0f MB",
+                r["rank"],
+                local,
+                full,
+                100 * local / max(1, full),
+                r["peak_rss_mb"],
+            )
+        per_param = {n: [r["params"][n]["local"] for r in reports] for n in names}
+        full = {n: reports[0]["params"][n]["full"] for n in names}
+        trains = {n: reports[0]["params"][n]["train"] for n in names}
+        out = {
+            "world": reports[0]["world"],
+            "zero_stage": reports[0]["zero_stage"],
+            "ranks": summary,
+            "params": {
+                n: {"full": full[n], "local": per_param[n], "train": trains[n]} for n in names
+            },
+        }
+        path = self.out / "metrics" / "sharding.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1))
 
     def _keep_if_best(
         self, task: EncodedTask, step: int, params: dict, best: dict | None

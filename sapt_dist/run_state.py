@@ -17,6 +17,7 @@ anywhere leaves a state the next start reads correctly.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,14 @@ from sapt_dist.trainer import StepState
 
 __all__ = ["RunState"]
 
-#: keys that may change between a run and its restart
-#: (eval.batch_size is not: it batches the sampling of pseudo-samples, which uses the RNG)
-_MUTABLE_KEYS = {"train.checkpoint_every"}
+log = logging.getLogger(__name__)
+
+#: keys a restart may change: where the folder is and how the run is laid out, not what it
+#: computes (eval.batch_size is not: it batches the sampling of pseudo-samples, which uses
+#: the RNG)
+_MUTABLE_KEYS = {"output_dir", "train.checkpoint_every", "distributed.deepspeed_config"}
+#: keys a restart may change as long as the global batch (micro x accumulation x ranks) stays
+_LAYOUT_KEYS = {"train.micro_batch_size", "train.grad_accum"}
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -59,18 +65,58 @@ class RunState:
             recover_dir(d)
 
     # ------------------------------------------------------------------ config
-    def check_or_save_config(self, cfg: RunConfig) -> None:
-        """Save the resolved config; on a restart, refuse a config that differs."""
+    def check_or_save_config(self, cfg: RunConfig, world_size: int = 1) -> None:
+        """Save the resolved config; on a restart, refuse a config that differs.
+
+        A restart may run on another number of processes (saved by 8 GPUs, resumed on 4):
+        micro-batch and accumulation may change as long as the global batch stays the same,
+        since the batch stream is a function of the global batch (see ``trainer``).
+        """
         path = self.root / "config.yaml"
+        layout_path = self.state / "layout.json"
         mine = to_dict(cfg)
+        t = cfg.train
+        layout = {
+            "world_size": world_size,
+            "micro_batch_size": t.micro_batch_size,
+            "grad_accum": t.grad_accum,
+            "global_batch": t.micro_batch_size * t.grad_accum * world_size,
+        }
         if path.is_file() and self.state.is_dir():
             saved = yaml.safe_load(path.read_text()) or {}
             a, b = _flat(saved), _flat(mine)
+            mutable = set(_MUTABLE_KEYS)
+            if layout_path.is_file():
+                before = json.loads(layout_path.read_text())
+                if before["global_batch"] == layout["global_batch"]:
+                    mutable |= _LAYOUT_KEYS
+                    if before != layout:
+                        log.info(
+                            "%s: resuming on %d process(es) x micro-batch %d x accumulation %d "
+                            "(the run started on %d x %d x %d; same global batch %d)",
+                            self.root,
+                            world_size,
+                            t.micro_batch_size,
+                            t.grad_accum,
+                            before["world_size"],
+                            before["micro_batch_size"],
+                            before["grad_accum"],
+                            layout["global_batch"],
+                        )
+                else:
+                    raise ConfigError(
+                        f"{self.root}: the run's global batch was {before['global_batch']} "
+                        f"({before['world_size']} process(es) x train.micro_batch_size "
+                        f"{before['micro_batch_size']} x train.grad_accum {before['grad_accum']}); "
+                        f"on {world_size} process(es) this config gives {layout['global_batch']}. "
+                        f"Set train.grad_accum (or train.micro_batch_size) so the global batch "
+                        f"stays {before['global_batch']}."
+                    )
             diff = [
                 k
                 for k in sorted(set(a) | set(b))
                 if a.get(k) != b.get(k)
-                and not any(k == m or k.startswith(m + ".") for m in _MUTABLE_KEYS)
+                and not any(k == m or k.startswith(m + ".") for m in mutable)
             ]
             if diff:
                 shown = "; ".join(f"{k}: run has {a.get(k)!r}, now {b.get(k)!r}" for k in diff[:5])
@@ -80,6 +126,8 @@ class RunState:
                 )
         if is_main_process():
             atomic_write_text(path, yaml.safe_dump(mine, sort_keys=False))
+            self.state.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(layout_path, json.dumps(layout) + "\n")
 
     # ------------------------------------------------------------------ progress
     def load_progress(self) -> dict[str, Any]:

@@ -2,6 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
 from sapt_dist.distributed import launch_env, slurm_hostnames
 
 
@@ -55,3 +69,211 @@ def test_launch_env_keeps_torchrun_and_defaults_to_one_process():
     # inside an sbatch script but outside srun: one process, not the job's task count
     env = launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "5"})
     assert (env["RANK"], env["WORLD_SIZE"], env["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
+
+
+# --------------------------------------------------------------------------- multi-process
+
+
+ROOT = Path(__file__).resolve().parents[1]
+#: ZeRO-3 that really shards a tiny model: no parameter is small enough to stay whole
+ZERO3 = f"distributed.deepspeed_config={ROOT / 'tests/data/ds_zero3_tiny.json'}"
+#: a 2-task SAPT run (generative replay, ARM) that takes seconds
+TINY = [
+    "data.tasks=[task363_sst2_polarity_classification, task875_emotion_classification]",
+    "data.max_train=32",
+    "data.max_dev=8",
+    "data.max_test=8",
+    "data.max_source_length=96",
+    "train.epochs=1",
+    "train.micro_batch_size=4",
+    "train.checkpoint_every=2",
+    "replay.gen_max_steps=2",
+    "replay.gen_max_new_tokens=24",
+    "eval.max_new_tokens=4",
+    "eval.batch_size=4",
+]
+
+
+def _env() -> dict[str, str]:
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith("SLURM")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    return env
+
+
+def _cmd(procs: int, out: Path, *overrides: str) -> list[str]:
+    entry = [str(ROOT / "launch/train.py"), "--preset", "demo", f"output_dir={out}", *TINY]
+    if procs == 1:
+        return [sys.executable, *entry, *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(procs),
+        "--master_port",
+        str(_free_port()),
+        *entry,
+        *overrides,
+    ]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(procs: int, out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    res = subprocess.run(
+        _cmd(procs, out, *overrides), env=_env(), capture_output=True, text=True, timeout=900
+    )
+    assert res.returncode == 0, res.stderr[-4000:]
+    return res
+
+
+def _progress(out: Path) -> dict:
+    return json.loads((out / "state/blocks/progress.json").read_text())
+
+
+def _assert_blocks_close(a: Path, b: Path, rel: float) -> None:
+    from safetensors.torch import load_file
+
+    files = sorted(p.name for p in (a / "blocks").glob("*.safetensors"))
+    assert files == sorted(p.name for p in (b / "blocks").glob("*.safetensors"))
+    assert "block_01.safetensors" in files and "router.safetensors" in files
+    for f in files:
+        x, y = load_file(str(a / "blocks" / f)), load_file(str(b / "blocks" / f))
+        assert x.keys() == y.keys()
+        for k in x:
+            err = float((x[k] - y[k]).norm() / x[k].norm().clamp_min(1e-12))
+            assert err <= rel, (f, k, err)
+
+
+def _assert_same_results(ref: Path, run: Path, loss_tol: float, block_rel: float) -> None:
+    a, b = _progress(ref), _progress(run)
+    assert a["matrix"] == b["matrix"]
+    assert a["losses"].keys() == b["losses"].keys()
+    for task, la in a["losses"].items():
+        assert len(la) == len(b["losses"][task]) > 1
+        assert la == pytest.approx(b["losses"][task], rel=loss_tol, abs=loss_tol), task
+    _assert_blocks_close(ref, run, block_rel)
+
+
+@pytest.fixture(scope="module")
+def reference_runs(tmp_path_factory):
+    """The unsharded one-process run and the 2-process ZeRO-3 run on the same global batch
+    (8 = 1 process x micro 4 x accumulation 2 = 2 processes x micro 4)."""
+    root = tmp_path_factory.mktemp("zero3")
+    _run(1, root / "one", "train.grad_accum=2")
+    _run(2, root / "two", "train.grad_accum=1", ZERO3)
+    return root
+
+
+@pytest.mark.slow
+def test_two_process_zero3_equals_one_process(reference_runs):
+    one, two = reference_runs / "one", reference_runs / "two"
+    # fp32 losses per step within 1e-5, blocks within 1e-4 relative, the same matrix
+    _assert_same_results(one, two, loss_tol=1e-5, block_rel=1e-4)
+    # ARM replayed the same pseudo-samples, and routing came out the same
+    for f in sorted((one / "pseudo").glob("*.jsonl")):
+        assert f.read_text() == (two / "pseudo" / f.name).read_text()
+    ra = json.loads((one / "metrics/routing.json").read_text())
+    rb = json.loads((two / "metrics/routing.json").read_text())
+    assert ra["routing_accuracy"] == rb["routing_accuracy"]
+    torch.testing.assert_close(
+        torch.tensor(ra["mean_weights"]), torch.tensor(rb["mean_weights"]), atol=1e-5, rtol=0
+    )
+
+
+@pytest.mark.slow
+def test_each_rank_holds_half_of_every_backbone_parameter(reference_runs):
+    shard = json.loads((reference_runs / "two/metrics/sharding.json").read_text())
+    assert shard["world"] == 2 and shard["zero_stage"] == 3
+    backbone = {
+        n: p for n, p in shard["params"].items() if n.startswith("backbone.") and not p["train"]
+    }
+    assert len(backbone) > 10
+    for name, p in backbone.items():
+        # DeepSpeed's own per-parameter sizes: ceil(numel / 2) elements on each rank
+        assert p["local"] == [math.ceil(p["full"] / 2)] * 2, name
+    for r in shard["ranks"]:
+        assert r["frozen_elements_local"] == pytest.approx(r["frozen_elements_full"] / 2, rel=1e-3)
+    # and the unsharded run holds everything
+    one = json.loads((reference_runs / "one/metrics/sharding.json").read_text())
+    assert all(p["local"] == [p["full"]] for p in one["params"].values())
+
+
+def _kill_tree(root: int) -> None:
+    """SIGKILL ``root`` and all its descendants (torchrun starts its workers in sessions of
+    their own, so killing torchrun's process group would leave them running)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    tree, grew = {root}, True
+    while grew:
+        new = {pid for pid, ppid in parents.items() if ppid in tree} - tree
+        tree |= new
+        grew = bool(new)
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _kill_mid_task_two(procs: int, out: Path, *overrides: str) -> None:
+    """Start a run and SIGKILL all its processes once task 2 has a mid-task checkpoint."""
+    proc = subprocess.Popen(
+        _cmd(procs, out, *overrides),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    meta = out / "state" / "step" / "meta.json"
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline:
+            if meta.is_file() and json.loads(meta.read_text())["task_index"] == 1:
+                break
+            assert proc.poll() is None, "run ended before it could be killed"
+            time.sleep(0.05)
+        else:
+            pytest.fail("no mid-task checkpoint of task 2 appeared")
+    finally:
+        _kill_tree(proc.pid)
+        proc.wait()
+    assert _progress(out)["completed"] == 1 and not (out / "state/finished.json").exists()
+
+
+@pytest.mark.slow
+def test_saved_by_two_resumed_by_one_and_by_two(reference_runs, tmp_path):
+    """Killed mid-task by SIGKILL while 2 ZeRO-3 processes ran; resumed from the same state
+    once by 1 process (unsharded, accumulation 2) and once by 2: both end with the results
+    of the uninterrupted 2-process run."""
+    killed = tmp_path / "killed"
+    _kill_mid_task_two(2, killed, "train.grad_accum=1", ZERO3)
+    again_two = tmp_path / "again_two"
+    shutil.copytree(killed, again_two)
+    res = _run(1, killed, "train.grad_accum=2")
+    assert "resumed at step" in res.stderr and "resuming on 1 process" in res.stderr
+    res = _run(2, again_two, "train.grad_accum=1", ZERO3)
+    assert "resumed at step" in res.stderr
+    ref = reference_runs / "two"
+    _assert_same_results(ref, killed, loss_tol=1e-5, block_rel=1e-4)
+    _assert_same_results(ref, again_two, loss_tol=1e-5, block_rel=1e-4)
+
+
+@pytest.mark.slow
+def test_resume_with_another_global_batch_is_refused(reference_runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(reference_runs / "one", run)
+    (run / "state/finished.json").unlink()
+    res = subprocess.run(
+        _cmd(2, run, "train.grad_accum=2"), env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode != 0
+    assert "global batch was 8" in res.stderr and "gives 16" in res.stderr
