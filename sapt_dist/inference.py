@@ -50,7 +50,12 @@ from sapt_dist.data import (
 from sapt_dist.evaluation import generate_texts, routing_scores, routing_weights
 from sapt_dist.io_utils import atomic_write_json, atomic_write_text
 from sapt_dist.model import SAPTModel
-from sapt_dist.serialization import CheckpointMismatchError, load_blocks, read_manifest
+from sapt_dist.serialization import (
+    CheckpointMismatchError,
+    check_files,
+    load_blocks,
+    read_manifest,
+)
 
 __all__ = [
     "InputError",
@@ -318,6 +323,7 @@ def load_run(
         bdir, finished = Path(blocks_dir), (run_dir / "state" / "finished.json").is_file()
     manifest = read_manifest(bdir)
     check_run_binding(manifest, run_dir, bdir)
+    check_files(manifest, bdir)  # before the backbone loads
     if not finished:
         log.info(
             "%s: run not finished; using the blocks of its %d finished task(s) in %s",

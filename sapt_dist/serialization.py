@@ -43,6 +43,7 @@ from sapt_dist.model import SAPTModel
 __all__ = [
     "BlockStateError",
     "CheckpointMismatchError",
+    "check_files",
     "export_peft",
     "library_versions",
     "load_blocks",
@@ -305,7 +306,7 @@ def set_block_enabled(
     folder = Path(folder)
     manifest = read_manifest(folder)
     where = f"{folder}: "
-    _check_files(manifest, folder)
+    check_files(manifest, folder)
     if not reason or not reason.strip():
         raise BlockStateError(f"{where}give a reason for the change (it goes into the history)")
     slot = resolve_block(manifest, block, where)
@@ -368,7 +369,7 @@ def load_blocks(model: SAPTModel, folder: str | Path) -> list[str]:
     manifest = read_manifest(folder)
     check_manifest(manifest, model, str(folder))
     tasks = manifest["tasks"]
-    _check_files(manifest, folder)
+    check_files(manifest, folder)
     router = load_file(str(folder / "router.safetensors"))
     blocks = [load_file(str(folder / f"block_{j:02d}.safetensors")) for j in range(len(tasks))]
     r = model.router
@@ -391,9 +392,10 @@ def load_blocks(model: SAPTModel, folder: str | Path) -> list[str]:
     return tasks
 
 
-def _check_files(manifest: dict[str, Any], folder: Path) -> None:
+def check_files(manifest: dict[str, Any], folder: str | Path) -> None:
     """Every file the manifest lists exists with its sha256 (one clear message when none
     does: the manifest belongs to other block files)."""
+    folder = Path(folder)
     files = manifest.get("files") or {}
     wrong = []
     for fname, digest in files.items():
