@@ -375,7 +375,8 @@ def explain_routing(
     loaded: LoadedRun, prompts: list[list[int]], batch_size: int | None = None, top_k: int = 3
 ) -> list[dict[str, Any]]:
     """Per prompt: the weight on every block, the top blocks, the key scores before the
-    softmax (attention routing only) and the entropy of the weights (nats).
+    softmax and the entropy of the weights in nats (both SAPT only; ``None`` for
+    baselines, whose weights are not an attention).
 
     The weights are :func:`evaluation.routing_weights` (the engine's diagnostics), the
     scores :func:`evaluation.routing_scores`, both batched alike.
@@ -385,7 +386,10 @@ def explain_routing(
     pad = loaded.tokenizer.pad_token_id
     n = len(names)
     w = routing_weights(model, prompts, pad, bs)[:, :n]
-    z = routing_scores(model, prompts, pad, bs)[:, :n] if model.router.mode == "attention" else None
+    # only SAPT trains the query network and keys; the one-slot baselines route with
+    # weight 1 through an untrained router, and IncLoRA sums its blocks
+    attends = loaded.cfg.method == "sapt" and model.router.mode == "attention"
+    z = routing_scores(model, prompts, pad, bs)[:, :n] if attends else None
     disabled = set(loaded.disabled)
     enabled = [j for j in range(n) if j not in disabled]
     out = []
@@ -393,8 +397,8 @@ def explain_routing(
         row = w[i].tolist()
         top = sorted(enabled, key=lambda j, row=row: (-row[j], j))[:top_k]
         entropy = None
-        if model.router.mode == "attention":
-            entropy = -sum(p * math.log(p) for p in row if p > 0)
+        if attends:
+            entropy = 0.0 - sum(p * math.log(p) for p in row if p > 0)
         out.append(
             {
                 "weights": dict(zip(names, row, strict=True)),
@@ -485,7 +489,7 @@ def routing_report(
         f"<th>{html.escape(b)}{' (disabled)' if b in disabled else ''}</th>" for b in blocks
     )
     body = []
-    for r, ws in zip(rows, matrix, strict=True):
+    for r, ws, label in zip(rows, matrix, labels, strict=True):
         cells = []
         for w in ws:
             bg, fg = _color(w)
@@ -494,7 +498,7 @@ def routing_report(
         ent = "" if rt["entropy"] is None else f"{rt['entropy']:.3f}"
         top = rt["top"][0]["block"] if rt["top"] else ""
         body.append(
-            f'<tr><th title="{html.escape(r["input"])}">{html.escape(labels[len(body)])}</th>'
+            f'<tr><th title="{html.escape(r["input"])}">{html.escape(label)}</th>'
             + "".join(cells)
             + f"<td>{html.escape(top)}</td><td>{ent}</td>"
             + f"<td>{html.escape(str(r.get('prediction', '')))}</td></tr>"

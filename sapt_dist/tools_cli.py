@@ -92,8 +92,12 @@ def _serve(args: argparse.Namespace, prog: str, generate: bool) -> int:
     try:
         if args.report and Path(args.report).suffix not in (".html", ".htm", ".png"):
             raise InputError(f"--report {args.report}: the report is .html or .png")
-        if args.batch_size is not None and args.batch_size < 1:
-            raise InputError(f"--batch-size must be >= 1 (got {args.batch_size})")
+        for opt in ("batch_size", "top_k", "max_new_tokens"):
+            v = getattr(args, opt, None)
+            if v is not None and v < 1:
+                raise InputError(f"--{opt.replace('_', '-')} must be >= 1 (got {v})")
+        if args.output != "-" and Path(args.output).is_dir():
+            raise InputError(f"--output {args.output} is a folder; give a .jsonl file path")
         # config and every input are checked before the model loads
         cfg = load_run_config(args.run, args.model_path, args.overrides)
         records = []
