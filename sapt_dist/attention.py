@@ -128,15 +128,24 @@ class SharedAttention(nn.Module):
         """(T, d) every slot's key with the current slot's trainable key in place."""
         return torch.where(self.current.unsqueeze(-1), self.key.unsqueeze(0), self.key_bank)
 
+    def scores(self, u: torch.Tensor) -> torch.Tensor:
+        """(batch, T) key scores before the softmax, ``z_j = <k_j, g(u)> / tau``, for every
+        slot (inactive ones included: explanations show what a disabled block would score).
+
+        Only ``attention`` routing has scores; ``sum`` (IncLoRA) has no query network.
+        """
+        if self.mode == "sum":
+            raise ValueError("routing 'sum' (inc_lora) has no key scores: every block weighs 1")
+        q = self.query(u.to(self.key.dtype))
+        return (q @ self.keys().t() / self.tau).float()
+
     def log_weights(self, u: torch.Tensor) -> torch.Tensor:
         """(batch, T) log of the mixture weights for pooled prompts ``u`` (batch, d)."""
         if self.mode == "sum":
             # IncLoRA: every active block with weight 1 (log 0 on active slots)
             w = self.active.to(u.dtype).expand(u.shape[0], -1)
             return torch.log(w)
-        q = self.query(u.to(self.key.dtype))
-        z = q @ self.keys().t() / self.tau
-        z = z.float().masked_fill(~self.active, float("-inf"))
+        z = self.scores(u).masked_fill(~self.active, float("-inf"))
         return F.log_softmax(z, dim=-1)
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:

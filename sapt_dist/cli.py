@@ -2,7 +2,8 @@
 
 With no ``--config`` it runs the CPU demo preset shipped in the package. Restarting the
 same command resumes the run from its folder's last checkpoint; a finished run is not
-trained again.
+trained again. ``--reevaluate`` scores the finished run again with its current block mask
+(``sapt-blocks disable/enable``) instead of training.
 """
 
 from __future__ import annotations
@@ -62,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML config (default: the CPU demo preset)")
     parser.add_argument("--preset", help="name of a preset shipped in the package, e.g. demo")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
+    parser.add_argument(
+        "--reevaluate",
+        action="store_true",
+        help="do not train: score every seen task of the run in output_dir with its current "
+        "block mask (see sapt-blocks) and write metrics/accuracy_matrix_reevaluated.*",
+    )
     # the `deepspeed` launcher appends --local_rank=N; LOCAL_RANK carries the same
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -79,6 +86,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging()
     log.info("config %s -> run folder %s (method %s)", config, cfg.output_dir, cfg.method)
+    if args.reevaluate:
+        from sapt_dist.inference import load_run, reevaluate
+
+        try:
+            # the run folder's own config.yaml (the given config names the folder), with
+            # the command line's overrides (e.g. model.path on this machine)
+            res = reevaluate(load_run(cfg.output_dir, overrides=args.overrides))
+        except (ConfigError, TaskDataError, CheckpointMismatchError) as e:
+            log.error("%s", e)
+            return 2
+        if distributed.is_main_process():
+            print(res["report"])
+        return 0
     from sapt_dist.engine import run
 
     t0 = time.time()

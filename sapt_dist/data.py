@@ -51,6 +51,7 @@ __all__ = [
     "log_truncation",
     "resolve_data_root",
     "resolve_order",
+    "split_sha256",
 ]
 
 log = logging.getLogger(__name__)
@@ -477,6 +478,23 @@ def load_task(root: Path, name: str, cfg: DataConfig, seed: int) -> TaskData:
         carved=carved,
         source_dir=folder,
     )
+
+
+def split_sha256(task: TaskData, split: str = "train") -> str:
+    """sha256 of what a block learned from: the definition and the split's examples as
+    used (after carving and caps), in order, as canonical JSON. Equal data, equal hash,
+    on any machine; it does not depend on the file's formatting or unused keys."""
+    import hashlib
+
+    ds = task.splits[split]
+    body = {
+        "definition": task.definition,
+        "examples": [
+            [i, x, list(o)] for i, x, o in zip(ds["id"], ds["input"], ds["outputs"], strict=True)
+        ],
+    }
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def format_prompt(template: str, definition: str, input: str) -> str:

@@ -278,6 +278,24 @@ def engine_config(
     return config
 
 
+def run_engine_config(cfg) -> dict:
+    """:func:`engine_config` of a :class:`~sapt_dist.config.RunConfig` (``ConfigError``
+    naming ``distributed.deepspeed_config`` when its file is unusable)."""
+    from sapt_dist.config import ConfigError
+
+    t = cfg.train
+    try:
+        return engine_config(
+            resolve_ds_config(cfg.distributed.deepspeed_config),
+            micro_batch_size=t.micro_batch_size,
+            grad_accum=t.grad_accum,
+            max_grad_norm=t.max_grad_norm,
+            dtype=cfg.model.dtype,
+        )
+    except ValueError as e:
+        raise ConfigError(f"config key 'distributed.deepspeed_config': {e}") from e
+
+
 def configure(config: dict) -> None:
     """Fix the run's engine config (from :func:`engine_config`) before the backbone loads.
 

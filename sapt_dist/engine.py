@@ -31,7 +31,7 @@ import torch
 
 from sapt_dist import distributed
 from sapt_dist.backbone import load_backbone, torch_dtype
-from sapt_dist.config import ConfigError, RunConfig
+from sapt_dist.config import ConfigError, RunConfig, to_dict
 from sapt_dist.data import (
     EncodedExample,
     TaskData,
@@ -43,6 +43,7 @@ from sapt_dist.data import (
     log_truncation,
     resolve_data_root,
     resolve_order,
+    split_sha256,
 )
 from sapt_dist.evaluation import attention_target, generate_texts, routing_weights
 from sapt_dist.metrics import routing_summary, score_predictions
@@ -59,7 +60,7 @@ from sapt_dist.replay import (
 )
 from sapt_dist.report import write_report
 from sapt_dist.run_state import RunState
-from sapt_dist.serialization import load_blocks, save_blocks
+from sapt_dist.serialization import library_versions, load_blocks, save_blocks
 from sapt_dist.trainer import BlockJob, num_steps, train_block
 
 __all__ = ["ContinualRun", "run"]
@@ -179,7 +180,8 @@ class ContinualRun:
             )
             return write_report(self.out, cfg, progress)
         n_slots = self._n_slots(len(tasks))
-        self.ds_config = self._ds_config()  # read (and checked) once, before the model loads
+        # read (and checked) once, before the model loads
+        self.ds_config = distributed.run_engine_config(cfg)
         distributed.init()
         distributed.configure(self.ds_config)  # ZeRO-3: the backbone loads partitioned
 
@@ -207,7 +209,13 @@ class ContinualRun:
         for i in range(progress["completed"], stages):
             self._stage(i, progress)
         # every rank: the gathers inside save_blocks are collective under ZeRO-3
-        save_blocks(self.model, self.out / "blocks", self._block_names(stages - 1))
+        save_blocks(
+            self.model,
+            self.out / "blocks",
+            self._block_names(stages - 1),
+            provenance=progress.get("provenance"),
+            run_config=to_dict(cfg),
+        )
         distributed.finish()
         self.state.mark_finished()
         progress["finished"] = True
@@ -317,15 +325,25 @@ class ContinualRun:
         progress["matrix"].append(row)
         progress["routing"].append(routing)
         progress["completed"] = i + 1
+        record = self._provenance(i, slot, row, len(losses))
+        prov = list(progress.get("provenance") or [])
+        prov[slot:] = [record]  # a single-slot method's one block: its latest record
+        progress["provenance"] = prov
         save_blocks(
             model,
             self.state.blocks,
             self._block_names(i),
             extra_files=self.state.progress_file(progress),
+            provenance=prov,
+            run_config=to_dict(cfg),
         )
         if model.n_slots == 1 and method != "mtl":
             save_blocks(
-                model, self.out / "blocks_per_task" / f"{i:02d}_{task.data.name}", [task.data.name]
+                model,
+                self.out / "blocks_per_task" / f"{i:02d}_{task.data.name}",
+                [task.data.name],
+                provenance=[record],
+                run_config=to_dict(cfg),
             )
         self.state.clear_step()
 
@@ -380,6 +398,49 @@ class ContinualRun:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=1))
 
+    def _provenance(self, i: int, slot: int, row: list[float | None], steps: int) -> dict:
+        """Where block ``slot`` came from, recorded at the end of stage ``i``: its data
+        (folder, split sizes, sha256 of the examples it learned from), the config, the
+        library versions, the time, and row ``i`` of the accuracy matrix."""
+        import datetime
+
+        cfg, method = self.cfg, self.cfg.method
+        if method == "mtl":
+            learned = list(range(len(self.enc)))
+        elif method in ("seq_lora", "replay"):
+            learned = list(range(i + 1))  # one block kept learning through every task so far
+        else:
+            learned = [i]
+        data = []
+        for j in learned:
+            t = self.enc[j].data
+            data.append(
+                {
+                    "task": t.name,
+                    "benchmark": t.benchmark,
+                    "folder": str(t.source_dir) if t.source_dir else None,
+                    "split_sizes": {s: len(t.splits[s]) for s in ("train", "dev", "test")},
+                    "train_sha256": split_sha256(t, "train"),
+                    "carved": t.carved,
+                }
+            )
+        names = [e.data.name for e in self.enc]
+        return {
+            "slot": slot,
+            "task": self._block_names(i)[slot],
+            "stage": i,
+            "method": method,
+            "trained_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"
+            ),
+            "optimizer_steps": steps,
+            "data": data,
+            "scores_after": dict(zip(names, row, strict=True)),
+            "metric": {e.data.name: e.data.metric for e in self.enc},
+            "config": to_dict(cfg),
+            "versions": library_versions(),
+        }
+
     def _keep_if_best(
         self, task: EncodedTask, step: int, params: dict, best: dict | None
     ) -> dict | None:
@@ -412,20 +473,6 @@ class ContinualRun:
             resume=resume,
             on_step=on_step,
         )
-
-    def _ds_config(self) -> dict:
-        """The DeepSpeed engine config: the named file over what the run config implies."""
-        t = self.cfg.train
-        try:
-            return distributed.engine_config(
-                distributed.resolve_ds_config(self.cfg.distributed.deepspeed_config),
-                micro_batch_size=t.micro_batch_size,
-                grad_accum=t.grad_accum,
-                max_grad_norm=t.max_grad_norm,
-                dtype=self.cfg.model.dtype,
-            )
-        except ValueError as e:
-            raise ConfigError(f"config key 'distributed.deepspeed_config': {e}") from e
 
     # ------------------------------------------------------------------ replay
     def _pseudo_path(self, i: int) -> Path:

@@ -15,7 +15,7 @@ from sapt_dist import distributed
 from sapt_dist.data import collate_prompts
 from sapt_dist.model import SAPTModel
 
-__all__ = ["generate_texts", "routing_weights", "attention_target"]
+__all__ = ["generate_texts", "routing_scores", "routing_weights", "attention_target"]
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,21 @@ def routing_weights(
         batch = collate_prompts([prompts[i] for i in idx], pad_id)
         w = model.routing_weights(batch["input_ids"].to(device), batch["attention_mask"].to(device))
         rows[idx] = w.float().cpu()
+    return rows
+
+
+@torch.no_grad()
+def routing_scores(
+    model: SAPTModel, prompts: list[list[int]], pad_id: int, batch_size: int
+) -> torch.Tensor:
+    """(n, T) the key scores before the softmax (inactive slots included), batched exactly
+    as :func:`routing_weights` so that ``softmax`` over the active slots gives its rows."""
+    device = model.router.key.device
+    rows = torch.empty(len(prompts), model.n_slots)
+    for idx in _batches(prompts, batch_size):
+        batch = collate_prompts([prompts[i] for i in idx], pad_id)
+        z = model.routing_scores(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        rows[idx] = z.float().cpu()
     return rows
 
 

@@ -250,6 +250,11 @@ class SAPTModel(nn.Module):
             embeds = self.embed(input_ids)
         return self.router(max_pool_prompt(embeds, prompt_mask))
 
+    def routing_scores(self, input_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """(batch, T) the attention's key scores before the softmax (see
+        :meth:`SharedAttention.scores`), from the same pooled prompt as the weights."""
+        return self.router.scores(max_pool_prompt(self.embed(input_ids), prompt_mask))
+
     def _route(self, weights: torch.Tensor) -> None:
         """Hand the (batch, T) or (batch, layer slots) weights to every adapted layer."""
         extra = self.n_layer_slots - weights.shape[-1]

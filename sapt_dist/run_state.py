@@ -40,14 +40,17 @@ log = logging.getLogger(__name__)
 _MUTABLE_KEYS = {"output_dir", "train.checkpoint_every", "distributed.deepspeed_config"}
 #: keys a restart may change as long as the global batch (micro x accumulation x ranks) stays
 _LAYOUT_KEYS = {"train.micro_batch_size", "train.grad_accum"}
+#: every key that may differ between two configs of the same run
+RESTART_KEYS = frozenset(_MUTABLE_KEYS | _LAYOUT_KEYS)
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+def flat_config(d: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{dotted.key: value}``."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
+            out.update(flat_config(v, key + "."))
         else:
             out[key] = v
     return out
@@ -84,7 +87,7 @@ class RunState:
         }
         if path.is_file() and self.state.is_dir():
             saved = yaml.safe_load(path.read_text()) or {}
-            a, b = _flat(saved), _flat(mine)
+            a, b = flat_config(saved), flat_config(mine)
             mutable = set(_MUTABLE_KEYS)
             if layout_path.is_file():
                 before = json.loads(layout_path.read_text())

@@ -67,3 +67,28 @@ def test_corrupt_file_is_refused(tmp_path):
 def test_not_a_blocks_folder(tmp_path):
     with pytest.raises(CheckpointMismatchError, match="no manifest.json"):
         load_blocks(SAPTModel(tiny_llama(), AdapterConfig(), n_slots=2), tmp_path)
+
+
+def test_disabled_slot_is_masked_at_load_and_v1_manifests_still_load(tmp_path):
+    from sapt_dist.serialization import set_block_enabled
+
+    model = SAPTModel(tiny_llama(), AdapterConfig(), n_slots=4)
+    _random_blocks(model, 3)
+    save_blocks(model, tmp_path / "blocks", ["a", "b", "c"])
+    set_block_enabled(tmp_path / "blocks", "b", False, "test")
+    fresh = SAPTModel(tiny_llama(), AdapterConfig(), n_slots=4)
+    load_blocks(fresh, tmp_path / "blocks")
+    assert fresh.router.active.tolist() == [True, False, True, False]
+    ids, am = _batch()
+    assert torch.all(fresh.routing_weights(ids, am)[:, 1] == 0)
+
+    # a folder written before the mask existed (format 1, no digest) loads unchanged
+    path = tmp_path / "blocks" / "manifest.json"
+    m = json.loads(path.read_text())
+    for k in ("digest", "disabled", "history", "provenance", "run_config"):
+        m.pop(k)
+    m["format_version"] = 1
+    path.write_text(json.dumps(m))
+    old = SAPTModel(tiny_llama(), AdapterConfig(), n_slots=4)
+    assert load_blocks(old, tmp_path / "blocks") == ["a", "b", "c"]
+    assert old.router.active.tolist() == [True, True, True, False]
