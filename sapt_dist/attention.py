@@ -148,8 +148,22 @@ class SharedAttention(nn.Module):
         z = self.scores(u).masked_fill(~self.active, float("-inf"))
         return F.log_softmax(z, dim=-1)
 
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
-        """(batch, T) mixture weights; exactly 0 on inactive slots."""
+    def forward(
+        self,
+        u: torch.Tensor,
+        replay_task: torch.Tensor | None = None,
+        output: str = "weights",
+    ) -> torch.Tensor:
+        """(batch, T) mixture weights; exactly 0 on inactive slots.
+
+        ``output="scores"``: :meth:`scores`; ``output="arm"``: :meth:`arm_loss` of ``u`` as
+        replayed prompts of tasks ``replay_task``. Callers go through here (the module
+        call) rather than the methods so that ZeRO-3's hooks gather the key and ``g``.
+        """
+        if output == "scores":
+            return self.scores(u)
+        if output == "arm":
+            return self.arm_loss(u, replay_task)
         return self.log_weights(u).exp()
 
     def arm_loss(self, u_replay: torch.Tensor, replay_task: torch.Tensor) -> torch.Tensor:

@@ -385,8 +385,11 @@ def ready_for_inference(model: torch.nn.Module) -> None:
 
 
 def finish() -> None:
-    """Retire the last engine (end of a run)."""
+    """Retire the last engine and forget the run's DeepSpeed config (end of a run), so a
+    later model in the same process does not load under ZeRO-3 by accident."""
     _activate(None)
+    _Zero.config = None
+    _Zero.hf_config = None
 
 
 def barrier() -> None:

@@ -253,7 +253,7 @@ class SAPTModel(nn.Module):
     def routing_scores(self, input_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         """(batch, T) the attention's key scores before the softmax (see
         :meth:`SharedAttention.scores`), from the same pooled prompt as the weights."""
-        return self.router.scores(max_pool_prompt(self.embed(input_ids), prompt_mask))
+        return self.router(max_pool_prompt(self.embed(input_ids), prompt_mask), output="scores")
 
     def _route(self, weights: torch.Tensor) -> None:
         """Hand the (batch, T) or (batch, layer slots) weights to every adapted layer."""
@@ -311,7 +311,7 @@ class SAPTModel(nn.Module):
             if replay_task is None or replay_attention_mask is None:
                 raise ValueError("replay_input_ids needs replay_attention_mask and replay_task")
             u = max_pool_prompt(self.embed(replay_input_ids), replay_attention_mask)
-            arm = self.router.arm_loss(u, replay_task)
+            arm = self.router(u, replay_task, output="arm")
         loss = task_loss
         if arm is not None:
             loss = arm * kl_ratio if loss is None else loss + kl_ratio * arm

@@ -364,3 +364,28 @@ def test_4bit_zero3_two_processes_match_one_process(tmp_path):
         if n.startswith("backbone.model.layers.") and n.endswith("base.weight")
     ]
     assert quantized and all(p["local"] == [math.ceil(p["full"] / 2)] * 2 for p in quantized)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("procs", [1, 2])
+def test_predict_on_a_zero3_run_equals_its_evaluation(reference_runs, tmp_path, procs):
+    """``sapt-predict`` on the 2-rank ZeRO-3 run loads it partitioned (its config says
+    ZeRO-3) and, on 1 or 2 processes, predicts what the engine's evaluation predicted."""
+    run = reference_runs / "two"
+    task = "task875_emotion_classification"
+    out = tmp_path / "pred.jsonl"
+    entry = ["-m", "sapt_dist.tools_cli", "predict", str(run), "--task", task, "--split", "test"]
+    cmd = [sys.executable, *entry, "--output", str(out)]
+    if procs == 2:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        cmd += ["--master_port", str(_free_port()), *entry, "--output", str(out)]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    engine = [
+        json.loads(line)
+        for line in (run / "predictions" / f"after_01_{task}" / f"01_{task}.jsonl")
+        .read_text()
+        .splitlines()
+    ]
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [g["prediction"] for g in got] == [e["prediction"] for e in engine]
