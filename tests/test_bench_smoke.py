@@ -25,3 +25,21 @@ def test_bench_mixture_tiny_runs() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for name in ("fused_vs_loop_15", "fused_vs_loop_fwd_15", "sapt15_vs_lora", "sapt1_vs_lora"):
         assert f"RESULT {name}=" in proc.stdout, proc.stdout
+
+
+def test_bench_zero3_tiny_runs() -> None:
+    """1 process vs 2 ZeRO-3 ranks: the table comes out and each rank holds half."""
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env["PYTHONPATH"] = str(ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_zero3.py"), "--tiny"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| 2p-zero3")]
+    assert len(rows) == 2 and all(r[-2].strip() == "0.50" for r in rows), proc.stdout
