@@ -37,7 +37,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,6 +105,7 @@ CASES = [
     ),
     Case("D: d64 L2 DeepSpeed defaults", 64, 176, 2, 4, 2, 512, knobs=DeepSpeedKnobs()),
     Case("E: d128 L2 nf4", 128, 344, 2, 4, 4, 512, quant="nf4"),
+    Case("P: d256 L4 15 slots, 2 x 256 tokens", 256, 688, 4, 8, 4, 8192, slots=15, seq=256),
     Case(
         "G: d128 L3 prefetch + reuse on",
         128,
@@ -446,6 +447,75 @@ def worker(out: Path, names: list[str], tmp: Path) -> None:
         out.write_text(json.dumps(results, indent=1))
 
 
+# --------------------------------------------------------------------------- peak
+#: cases whose activation peak is measured (the others repeat these shapes)
+PEAK_CASES = "ABCEP"
+
+
+def measure_peak(case: Case, tmp: Path, ckpt: bool) -> int:
+    """Peak bytes allocated above the start during one forward + backward of the plain
+    model (no DeepSpeed), from the profiler's allocation timeline (every tensor the CPU
+    allocator creates and frees, intra-op temporaries included)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    model, _ = _build(case, tmp)
+    model.train()
+    if ckpt:
+        model.gradient_checkpointing_enable()
+    batch = _batch(case, 0)
+
+    def step():
+        for p in model.parameters():
+            p.grad = None
+        out = model(**batch)  # held through backward, as the trainer does (its logits)
+        out.loss.backward()
+
+    step()  # one-time allocations (RoPE cache, ...) out of the way
+    with profile(
+        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+    ) as prof:
+        step()
+    cur = peak = 0
+    for _t, action, _key, size in prof._memory_profile().timeline:
+        if action == Action.CREATE:
+            cur += size
+        elif action == Action.DESTROY:
+            cur -= size
+        peak = max(peak, cur)
+    return peak
+
+
+def peak_rows(names: list[str], tmp: Path) -> list[dict]:
+    """Planner's activation peak vs the profiler's, plain torch (DeepSpeed's linear
+    replacement off: the planner's ``held_weights`` are then views of the weights, no
+    new memory, and are left out)."""
+    rows = []
+    for case in CASES:
+        if case.name not in names or case.name[0] not in PEAK_CASES:
+            continue
+        for ckpt in (False, True):
+            meas = measure_peak(case, tmp, ckpt)
+            model, _ = _build(case, tmp)
+            shape = shape_from_dict(model.backbone.config.to_dict(), name=case.name)
+            knobs = replace(case.knobs, memory_efficient_linear=False)
+            a = activation_bytes(replace(plan_inputs(case, shape, 1, ckpt), knobs=knobs))
+            pred = a["peak"] - a["held_weights"]
+            label = f"activation peak, {'ckpt' if ckpt else 'no ckpt'} (plain torch)"
+            rows.append(
+                {
+                    "case": case.name,
+                    "world": 1,
+                    "component": label,
+                    "planner": pred,
+                    "measured": meas,
+                    "rel_error": (pred - meas) / meas,
+                }
+            )
+            print(f"  peak of {case.name}, checkpointing {ckpt}: {meas:,} bytes", flush=True)
+    return rows
+
+
 # --------------------------------------------------------------------------- driver
 COMPONENTS = [
     ("backbone_shard", "backbone shard"),
@@ -531,6 +601,24 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def to_summary(rows: list[dict]) -> str:
+    """One row per case, one column per component: the relative error per process count."""
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    worlds = sorted({r["world"] for r in rows})
+    cell = {(r["case"], r["component"], r["world"]): r["rel_error"] for r in rows}
+    labels = list(dict.fromkeys(r["component"] for r in rows))
+    head = f"| case | {' | '.join(labels)} |"
+    lines = [head, "|---" * (len(labels) + 1) + "|"]
+    for c in cases:
+        vals = []
+        for lab in labels:
+            errs = [cell.get((c, lab, w)) for w in worlds]
+            vals.append(" / ".join("-" if e is None else f"{100 * e:+.1f}%" for e in errs))
+        lines.append(f"| {c} | {' | '.join(vals)} |")
+    procs = " / ".join(str(w) for w in worlds)
+    return "\n".join(lines) + f"\n\n(planner - measured) / measured, for {procs} process(es)."
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -554,12 +642,18 @@ def main(argv: list[str] | None = None) -> int:
         save_quantized_sources(names, Path(tmp))
         measured = [m for w in worlds for m in run_world(w, names, Path(tmp))]
     rows = compare(measured)
+    if not args.quick:
+        with tempfile.TemporaryDirectory() as tmp:
+            save_quantized_sources(names, Path(tmp))
+            rows += peak_rows(names, Path(tmp))
     md = to_markdown(rows)
     print(md)
     worst = max(abs(r["rel_error"]) for r in rows)
     print(f"\nlargest relative error: {100 * worst:.2f}% (CPU, torch + DeepSpeed on gloo)")
+    summary = to_summary(rows)
+    print("\n" + summary)
     if args.markdown:
-        Path(args.markdown).write_text(md + "\n")
+        Path(args.markdown).write_text(summary + "\n\n" + md + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

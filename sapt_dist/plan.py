@@ -57,7 +57,7 @@ activations
     is a view of the attention output, already counted) and the final norm's output (``e N d``) for ``lm_head``; 4-bit linears don't
     (``false`` in the DeepSpeed config saves that memory). On top: the final norm, the fp32 log-probabilities of the loss
     (``4 N V``), the logits the model returns (``e N V``) and the backward of the loss
-    (``(4 + e) N V`` at its peak). With gradient checkpointing (HF, non-reentrant) only each
+    (two fp32 gradients, ``8 N V``, at its peak). With gradient checkpointing (HF, non-reentrant) only each
     layer's input (``e N d``) stays, plus one layer recomputed in backward; HF then makes
     the embedding output require grad, so the prompt max-pool also saves ``e N d``. Frozen linears
     save only their weight (a parameter, not an activation). The frozen embedding's output
@@ -480,7 +480,9 @@ def activation_bytes(inp: PlanInputs) -> dict[str, int]:
     if zero_linear:
         top += e * n * d  # lm_head's input (lm_head is never quantized)
     logits = e * n * s.vocab
-    loss_backward = (4 + e) * n * s.vocab
+    # the loss's backward: fp32 gradients of the log-probabilities and of the logits,
+    # while the saved log-probabilities are still alive
+    loss_backward = 8 * n * s.vocab
     # torch's own linear (memory_efficient_linear off) saves ``weight.t()`` of a frozen
     # linear: under ZeRO-3 that view keeps the gathered weight alive until backward
     held_layer = held_top = 0
@@ -488,26 +490,31 @@ def activation_bytes(inp: PlanInputs) -> dict[str, int]:
         if inp.quant == "none":
             held_layer = e * sum(i * o for i, o in dims.values())
         held_top = e * s.vocab * d + e * 2 * d * inp.query_hidden  # lm_head, g's linears
-    layer += held_layer
-    layer0 += held_layer
-    top += held_top
-    if inp.grad_ckpt:
-        # HF's gradient_checkpointing_enable makes the embedding output require grad, so
-        # the prompt max-pool then saves its masked copy of the embeddings and the mask
-        router += e * n * d + n + b * (1 + e * d)
-        saved = s.layers * e * n * d + top + router
-        peak = saved + logits + max(layer + rope, loss_backward)
-    else:
-        saved = layer0 + (s.layers - 1) * layer + rope + top + router
-        peak = saved + logits + loss_backward
+    # bitsandbytes dequantizes a 4-bit weight in its backward (a transient per linear)
+    dequant = e * max(i * o for i, o in dims.values()) if inp.quant != "none" else 0
+
+    def peak_of(held_layer: int, held_top: int) -> tuple[int, int]:
+        lay, top_ = layer + held_layer, top + held_top
+        if inp.grad_ckpt:
+            saved = s.layers * e * n * d + top_ + router_ckpt
+            return saved, saved + logits + max(lay + rope + dequant, loss_backward)
+        saved = (layer0 + held_layer) + (s.layers - 1) * lay + rope + top_ + router
+        return saved, saved + logits + loss_backward
+
+    # HF's gradient_checkpointing_enable makes the embedding output require grad, so the
+    # prompt max-pool then saves its masked copy of the embeddings and the mask
+    router_ckpt = router + e * n * d + n + b * (1 + e * d)
+    saved, peak = peak_of(held_layer, held_top)
+    _, peak_unheld = peak_of(0, 0)
     return {
         "layer": layer,
         "layer0": layer0,
         "stored_ckpt": s.layers * e * n * d,
-        "held_weights": s.layers * held_layer + held_top if not inp.grad_ckpt else held_top,
+        "held_weights": peak - peak_unheld,
         "top": top,
-        "router": router,
+        "router": router_ckpt if inp.grad_ckpt else router,
         "rope": rope,
+        "dequant": dequant,
         "logits": logits,
         "loss_backward": loss_backward,
         "saved": saved,
