@@ -290,7 +290,11 @@ class SavedTensors:
         # a view of a parameter (torch's linear saves ``weight.t()``): nothing new on a
         # plain model, but under ZeRO-3 it keeps the *gathered* copy alive until backward
         params = {p.data.untyped_storage().data_ptr(): p for p in self.model.parameters()}
-        if ptr in params and not hasattr(params[ptr], "ds_id"):
+        owner = params.get(ptr)
+        if owner is not None and (
+            not hasattr(owner, "ds_id")  # a plain parameter
+            or owner.ds_tensor.untyped_storage().data_ptr() == ptr  # one rank: the partition
+        ):
             return t
         self.seen[ptr] = st.nbytes()
         return t
@@ -352,7 +356,10 @@ def measure(case: Case, tmp: Path) -> dict:
         live = 0
         for p in frozen:
             if not p.ds_persist and p.ds_status == ZeroParamStatus.AVAILABLE:
-                live += p.data.numel() * p.data.element_size()
+                st = p.data.untyped_storage()
+                # one rank: the gathered tensor is the partition itself, nothing new
+                if st.data_ptr() != p.ds_tensor.untyped_storage().data_ptr():
+                    live += p.data.numel() * p.data.element_size()
         peak["v"] = max(peak["v"], live)
 
     handles = []

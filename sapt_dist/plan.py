@@ -23,7 +23,8 @@ gathered working set
     not released: taken as half the distance); with prefetching on
     (``stage3_prefetch_bucket_size`` > 0) DeepSpeed keeps fetching ahead until
     ``stage3_max_live_parameters`` elements are available, so that cap is the figure;
-    never more than the whole partitioned model. An upper bound: measured on CPU it is
+    never more than the whole partitioned model; none on one GPU, where a gathered
+    parameter shares its partition's storage. An upper bound: measured on CPU it is
     exact without prefetch and reuse, and 14-38 % high with them.
 block stack (replicated)
     Per adapted linear the banks ``A_bank`` (slots, r, in) and ``B_bank`` (slots, out, r)
@@ -486,7 +487,7 @@ def activation_bytes(inp: PlanInputs) -> dict[str, int]:
     # torch's own linear (memory_efficient_linear off) saves ``weight.t()`` of a frozen
     # linear: under ZeRO-3 that view keeps the gathered weight alive until backward
     held_layer = held_top = 0
-    if not zero_linear:
+    if not zero_linear and inp.world > 1:  # one rank: the "gathered" weight is the partition
         if inp.quant == "none":
             held_layer = e * sum(i * o for i, o in dims.values())
         held_top = e * s.vocab * d + e * 2 * d * inp.query_hidden  # lm_head, g's linears
@@ -549,7 +550,8 @@ def plan(inp: PlanInputs) -> dict[str, Any]:
     kept = largest_module + k.max_reuse_distance // 2
     if k.prefetch_bucket_size > 0:
         kept = max(kept, k.max_live_parameters)
-    gathered_numel = min(partitioned_total, kept)
+    # with one rank a "gathered" parameter is its partition (same storage): nothing extra
+    gathered_numel = min(partitioned_total, kept) if W > 1 else 0
     gathered = gathered_numel * e
     dims = _linear_dims(inp.shape)
     banks = (
