@@ -39,30 +39,29 @@ trainable + optimizer
     moments: ``2 e + 12`` bytes (``e`` = 2 in bf16, 4 in fp32). Persistent trainable
     tensors (below the threshold, e.g. every LoRA A/B of LLaMA-2 at r 4) are also whole.
 activations
-    Tensors autograd saves for backward, counted from the code that runs (HF
-    ``LlamaDecoderLayer`` with SDPA, ``MixtureLoRALinear``'s fused op), for micro-batch
-    ``b`` and length ``s`` (``N = b s`` tokens), per decoder layer: two RMSNorms (fp32
-    input copy + rsqrt, ``4 (N d + N)`` each; the first layer's input norm passes no
-    gradient and saves nothing), q, k, v after RoPE and the attention output (``e N`` times
-    ``d + 2 d_kv + d``; with a padding mask HF repeats k, v to all heads, so ``d_kv = d``),
-    the attention's log-sum-exp (``4 b heads s``) and, with padding, its mask
-    (``e b s^2``), the SwiGLU MLP's gate, up and SiLU outputs (``3 e N d_ff``); per adapted
-    linear the mixture's input (shared by linears reading the same tensor), the stacked
-    blocks ``e T r (in + out)``, ``z = x A^T`` (``e N T r``) and the per-row scales
-    (``e b T r``). With ``memory_efficient_linear`` off, torch's linear saves a view of
-    each frozen weight, which under ZeRO-3 keeps the gathered weight alive until backward
-    (``held_weights``: every layer's, or with checkpointing the recomputed layer's, plus
-    ``lm_head``'s): leave it on. Under ZeRO-3 with ``memory_efficient_linear`` (DeepSpeed's default)
-    every ``nn.Linear`` saves its input too, frozen or not: the attention input, the MLP
-    input (``e N d`` each) and the SwiGLU product (``e N d_ff``) per layer (o_proj's input
-    is a view of the attention output, already counted) and the final norm's output (``e N d``) for ``lm_head``; 4-bit linears don't
-    (``false`` in the DeepSpeed config saves that memory). On top: the final norm, the fp32 log-probabilities of the loss
-    (``4 N V``), the logits the model returns (``e N V``) and the backward of the loss
-    (two fp32 gradients, ``8 N V``, at its peak). With gradient checkpointing (HF, non-reentrant) only each
-    layer's input (``e N d``) stays, plus one layer recomputed in backward; HF then makes
-    the embedding output require grad, so the prompt max-pool also saves ``e N d``. Frozen linears
-    save only their weight (a parameter, not an activation). The frozen embedding's output
-    needs no gradient. Batches are taken to be padded (SAPT's collation pads).
+    The peak of one forward + backward, counted from the code that runs (HF
+    ``LlamaDecoderLayer`` with SDPA, ``MixtureLoRALinear``'s fused op) for micro-batch
+    ``b`` and length ``s`` (``N = b s`` tokens, ``e`` bytes per element). Saved per decoder
+    layer: two RMSNorms (fp32 input copy + rsqrt, ``4 (N d + N)`` each; the first layer's
+    input norm passes no gradient and saves nothing); q, k, v after RoPE and the attention
+    output (``e N (d + 2 d_kv + d)``; with a padding mask HF repeats k, v to all heads, so
+    ``d_kv = d``); the attention's log-sum-exp (``4 b heads s``) and, with padding, its
+    mask (``e b s^2``); the SwiGLU MLP's gate, up and SiLU outputs (``3 e N d_ff``); per
+    adapted linear its input (once per tensor read), the stacked blocks
+    ``e T r (in + out)``, ``z = x A^T`` (``e N T r``) and the per-row scales (``e b T r``).
+    ZeRO-3's ``memory_efficient_linear`` (DeepSpeed's default) replaces torch's linear by
+    one that saves every linear's input, frozen or not: the MLP input (``e N d``), the
+    SwiGLU product (``e N d_ff``) and ``lm_head``'s input (``e N d``) are added (o_proj's
+    input is a view of the attention output; bitsandbytes 4-bit linears don't go through
+    it). With it off, torch's linear saves a view of each frozen weight instead, which
+    under ZeRO-3 keeps the *gathered* weight alive until backward (``held_weights``): keep
+    it on. On top of the layers: the final norm, the loss's fp32 log-probabilities
+    (``4 N V``), the logits the model returns (``e N V``, held through backward) and the
+    loss's backward (two more fp32 ``N V`` gradients). With gradient checkpointing (HF,
+    non-reentrant) each layer keeps only its input (``e N d``) and one layer is recomputed
+    at a time in backward (plus, with 4-bit, one dequantized weight); HF then makes the
+    embedding output require grad, so the prompt max-pool saves ``e N d`` more. Batches
+    are taken to be padded (SAPT's collation pads); ``--no-padding`` drops the mask.
 
 Not counted: the CUDA context and NCCL buffers (about 0.5-1 GiB per GPU), allocator
 fragmentation, DeepSpeed's reduce/all-gather bucket buffers (``reduce_bucket_size``), the
@@ -188,6 +187,12 @@ class DeepSpeedKnobs:
         except json.JSONDecodeError as e:
             raise PlanError(f"--ds-config {p}: not valid JSON: {e}") from e
         zero = cfg.get("zero_optimization", {}) if isinstance(cfg, dict) else {}
+        stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+        if stage != 3:
+            raise PlanError(
+                f"--ds-config {p}: zero_optimization.stage is {stage!r}; sapt-plan models "
+                "ZeRO stage 3 (the backbone sharded over the GPUs)"
+            )
         out = {}
         for f, key in (
             ("prefetch_bucket_size", "stage3_prefetch_bucket_size"),
@@ -323,7 +328,8 @@ def shape_from_dict(cfg: dict, name: str = "model", where: str = "config") -> Mo
         vocab=need("vocab_size"),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         head_dim=cfg.get("head_dim"),
-        attention_bias=bool(cfg.get("attention_bias", False)),
+        # Qwen2 has q, k, v biases without saying so in its config
+        attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
     )
     shape.validate()
     return shape

@@ -252,6 +252,48 @@ def test_cli_reads_a_preset_and_a_ds_config(tmp_path, capsys):
     assert j["bytes"]["gathered"] == 32000 * 5120 * 2
 
 
+def test_run_config_with_a_model_folder_takes_its_shape(tmp_path, capsys):
+    folder = tmp_path / "model"
+    tiny_llama(vocab=96, hidden=32, layers=2).config.save_pretrained(folder)
+    run = tmp_path / "run.yaml"
+    run.write_text(
+        f"model: {{path: {folder}, dtype: float32, load_in_4bit: true}}\n"
+        "adapter: {rank: 8, target_modules: [q_proj, k_proj], n_slots: 5}\n"
+        "train: {micro_batch_size: 3}\n"
+        "data: {max_source_length: 100, max_target_length: 20}\n"
+    )
+    assert main(["--run-config", str(run), "--format", "json", "--offload-param"]) == 0
+    j = json.loads(capsys.readouterr().out)
+    assert j["shape"]["hidden"] == 32 and j["shape"]["layers"] == 2
+    i = j["inputs"]
+    assert (i["dtype"], i["quant"], i["rank"], i["slots"], i["micro_batch"], i["seq_len"]) == (
+        "fp32",
+        "nf4",
+        8,
+        5,
+        3,
+        120,
+    )
+    assert i["targets"] == ["q_proj", "k_proj"]
+    # offloaded: only the persistent tensors and the replicated 4-bit constants stay
+    d = j["detail"]
+    assert d["backbone_offloaded_to_cpu"] == d["backbone_partitions"] > 0
+    assert j["bytes"]["backbone_shard"] == (
+        d["backbone_persistent_full"] + d["quant_constants_replicated"]
+    )
+
+
+def test_double_quant_constants_are_smaller():
+    shape = PRESETS["llama2-13b"]
+    single = plan(_inputs(shape, dtype="bf16", quant="nf4"))["detail"]
+    double = plan(_inputs(shape, dtype="bf16", quant="nf4", double_quant=True))["detail"]
+    linear = sum(t.numel for t in backbone_tensors(shape) if t.kind.endswith("_proj"))
+    assert single["quant_constants_replicated"] == pytest.approx(linear / 16, rel=1e-3)
+    assert double["quant_constants_replicated"] == pytest.approx(
+        linear / 64 * (1 + 4 / 256), rel=1e-2
+    )
+
+
 @pytest.mark.parametrize(
     "argv, needle",
     [
@@ -265,6 +307,10 @@ def test_cli_reads_a_preset_and_a_ds_config(tmp_path, capsys):
             "--ds-config: file not found",
         ),
         (["--run-config", "no_such_preset"], "no preset 'no_such_preset'"),
+        (
+            ["--model", "llama2-7b", "--ds-config", str(REPO / "ds_configs/zero0.json")],
+            "stage is 0",
+        ),
         ([], "give the model"),
     ],
 )
