@@ -368,3 +368,22 @@ def test_planner_matches_deepspeed_in_two_processes(tmp_path):
             assert r["planner"] == r["measured"], r
         else:  # saved activations: a few bytes of index tensors are not modelled
             assert abs(r["rel_error"]) < 0.01, r
+
+
+def test_gpu_plan_check_dry_run_on_cpu():
+    """The prepared GPU check runs its CPU smoke path and agrees with the profiler."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gpu_plan_check.py"), "--device", "cpu", "--dry-run"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("activation peak")]
+    assert len(rows) == 2, proc.stdout
+    for line in rows:
+        err = float(line.split()[-1].rstrip("%"))
+        assert abs(err) < 5.0, line
