@@ -179,13 +179,13 @@ class DeepSpeedKnobs:
     def from_ds_config(cls, path: str | Path) -> DeepSpeedKnobs:
         """Read the ``stage3_*`` knobs of a DeepSpeed JSON config (defaults where absent;
         ``"auto"`` values, which HF fills from the model, are taken as the defaults)."""
-        p = Path(path)
-        if not p.is_file():
-            raise PlanError(f"--ds-config: file not found: {p}")
+        from sapt_dist.distributed import resolve_ds_config
+
+        p = Path(path)  # a file, or the name of one shipped in ds_configs/ ("zero3")
         try:
-            cfg = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise PlanError(f"--ds-config {p}: not valid JSON: {e}") from e
+            cfg = resolve_ds_config(str(path))
+        except ValueError as e:
+            raise PlanError(f"--ds-config: {e}") from e
         zero = cfg.get("zero_optimization", {}) if isinstance(cfg, dict) else {}
         stage = zero.get("stage", 0) if isinstance(zero, dict) else None
         if stage != 3:
@@ -712,7 +712,7 @@ def _from_run_config(path: str) -> dict[str, Any]:
         raise PlanError(f"--run-config: {e}") from None
     out: dict[str, Any] = {
         "dtype": "fp32" if cfg.model.dtype == "float32" else "bf16",
-        "quant": "nf4" if cfg.model.load_in_4bit else "none",
+        "quant": cfg.model.quantization,
         "micro_batch": cfg.train.micro_batch_size,
         "seq_len": cfg.data.max_source_length + cfg.data.max_target_length,
         "rank": cfg.adapter.rank,
@@ -728,7 +728,17 @@ def _from_run_config(path: str) -> dict[str, Any]:
     if cfg.model.path and (Path(cfg.model.path) / "config.json").is_file():
         out["shape"] = shape_from_config(cfg.model.path)
     if cfg.distributed.deepspeed_config:
-        out["knobs"] = DeepSpeedKnobs.from_ds_config(cfg.distributed.deepspeed_config)
+        from sapt_dist.distributed import resolve_ds_config, zero_stage
+
+        ds = resolve_ds_config(cfg.distributed.deepspeed_config)
+        if zero_stage(ds) == 3:
+            out["knobs"] = DeepSpeedKnobs.from_ds_config(cfg.distributed.deepspeed_config)
+        else:  # e.g. the 7B presets' zero2: every GPU holds the whole backbone
+            print(
+                f"note: {p} uses ZeRO stage {zero_stage(ds)}, which keeps the whole backbone on "
+                "every GPU; the 1-GPU figures below are its per-GPU memory",
+                file=sys.stderr,
+            )
     return out
 
 

@@ -257,7 +257,7 @@ def test_run_config_with_a_model_folder_takes_its_shape(tmp_path, capsys):
     tiny_llama(vocab=96, hidden=32, layers=2).config.save_pretrained(folder)
     run = tmp_path / "run.yaml"
     run.write_text(
-        f"model: {{path: {folder}, dtype: float32, load_in_4bit: true}}\n"
+        f"model: {{path: {folder}, dtype: float32, quantization: nf4}}\n"
         "adapter: {rank: 8, target_modules: [q_proj, k_proj], n_slots: 5}\n"
         "train: {micro_batch_size: 3}\n"
         "data: {max_source_length: 100, max_target_length: 20}\n"
@@ -304,7 +304,7 @@ def test_double_quant_constants_are_smaller():
         (["--config", "/nonexistent/config.json"], "no such file"),
         (
             ["--model", "llama2-7b", "--ds-config", "/nonexistent.json"],
-            "--ds-config: file not found",
+            "--ds-config: no DeepSpeed config '/nonexistent.json'",
         ),
         (["--run-config", "no_such_preset"], "no preset 'no_such_preset'"),
         (
