@@ -14,6 +14,8 @@ from collections.abc import Iterable, Iterator
 import torch
 
 __all__ = [
+    "any_rank",
+    "barrier",
     "gathered",
     "init",
     "is_main_process",
@@ -62,6 +64,31 @@ def world_size() -> int:
 
 def is_main_process() -> bool:
     return rank() == 0
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank (collective when several ranks
+    run: every rank must call it at the same point). Lets all ranks agree to stop after
+    the same step when a signal reached only some of them."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    # NCCL reduces only CUDA tensors; gloo (CPU) only CPU ones
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    )
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in one process)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        any_rank(
+            False
+        )  # an all-reduce: works on gloo and NCCL alike, unlike a bare barrier's device guess
 
 
 # --------------------------------------------------------------------------- process group
