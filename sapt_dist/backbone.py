@@ -18,12 +18,13 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
 from sapt_dist.config import ConfigError, ModelConfig
-from sapt_dist.io_utils import atomic_dir
 
 __all__ = ["DEMO_SPEC", "build_demo_backbone", "demo_spec", "load_backbone", "torch_dtype"]
 
@@ -129,9 +130,22 @@ def build_demo_backbone(
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(cfg)
-    with atomic_dir(folder) as tmp:
+    # several ranks (or jobs) may build it at once: each writes its own temporary folder
+    # and renames it into place; a rename onto a finished folder fails and that copy is
+    # dropped (the build is deterministic). A finished folder is never moved, so a rank
+    # already loading it is never disturbed (atomic_dir's swap would move it).
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    try:
         model.save_pretrained(tmp)
         hf_tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not (folder / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
