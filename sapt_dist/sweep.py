@@ -248,6 +248,16 @@ def sbatch_command(sweep: Sweep, n: int) -> list[str]:
     ]
 
 
+#: a process-group's variables: never handed on to the runs (each is its own job / group)
+_LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
 def _print_plan(sweep: Sweep, runs: list[SweepRun]) -> None:
     print(f"sweep {sweep.name}: {len(runs)} run(s) -> {sweep.folder}")
     w = max(len(r.name) for r in runs)
@@ -277,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     _print_plan(sweep, runs)
     cmd = sbatch_command(sweep, len(runs))
     if args.local:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = _child_env()
         failed = []
         for r in runs:
             print(f"[{r.index + 1}/{len(runs)}] {r.name}", flush=True)
@@ -295,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.submit:
         return 0
     (sweep.folder / "logs").mkdir(parents=True, exist_ok=True)
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    # sbatch hands its environment to the job (--export=ALL)
+    res = subprocess.run(cmd, capture_output=True, text=True, env=_child_env())
     if res.returncode != 0:
         print(f"sapt-sweep: sbatch failed: {res.stderr.strip()}", file=sys.stderr)
         return 1

@@ -85,6 +85,8 @@ def _wait(env, job: str, states: set[str], log: Path, timeout: float = 900) -> d
     while True:
         info = _job(env, job)
         state = info.get("JobState")
+        if not info:
+            pytest.fail(f"job {job} is unknown to slurmctld (purged?):\n{_log_tail(log)}")
         if state in states:
             return info
         if state in {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}:

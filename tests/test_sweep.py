@@ -134,3 +134,26 @@ def test_report_table_and_plots(tmp_path):
 def test_report_refuses_a_folder_that_is_no_run(tmp_path, capsys):
     assert study.main([str(tmp_path)]) == 2
     assert "neither a sapt-sweep folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_local_sweep_runs_and_reports(tmp_path, capsys):
+    """--local: the runs one after another in this machine's Python, then the report."""
+    from .test_engine import TINY
+
+    p = _write(
+        tmp_path,
+        models={"d128": {"model.builder": "demo"}},
+        methods=["seq_lora"],
+        seeds=[3],
+        overrides=[*TINY, "train.max_steps=2", "eval.max_new_tokens=2"],
+    )
+    assert sweep.main([str(p), "--local"]) == 0
+    run = tmp_path / "out/s/runs/d128-seq_lora-demo-s3"
+    res = json.loads((run / "metrics/results.json").read_text())
+    assert (run / "state/finished.json").is_file() and len(res["matrix"]) == 2
+    assert study.main([str(tmp_path / "out/s")]) == 0
+    row = next(csv.DictReader((tmp_path / "out/s/report/summary.csv").open()))
+    assert row["status"] == "finished" and float(row["AP"]) == pytest.approx(
+        res["metrics"]["AP"], abs=0.005
+    )
