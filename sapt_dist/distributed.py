@@ -86,9 +86,8 @@ def barrier() -> None:
     """Wait for every rank (no-op in one process)."""
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        any_rank(
-            False
-        )  # an all-reduce: works on gloo and NCCL alike, unlike a bare barrier's device guess
+        # an all-reduce: the same device choice as any_rank on gloo and NCCL alike
+        any_rank(False)
 
 
 # --------------------------------------------------------------------------- process group
