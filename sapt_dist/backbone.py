@@ -18,15 +18,16 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
 from sapt_dist import distributed
 from sapt_dist.config import ConfigError, ModelConfig
-from sapt_dist.io_utils import atomic_dir
 
-__all__ = ["DEMO_SPEC", "build_demo_backbone", "load_backbone", "torch_dtype"]
+__all__ = ["DEMO_SPEC", "build_demo_backbone", "demo_spec", "load_backbone", "torch_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,27 @@ def _cache_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "sapt_dist"
 
 
-def build_demo_backbone(data_dir: Path | None = None, cache: Path | None = None) -> Path:
-    """Build (once; cached) the demo backbone folder and return its path."""
+def demo_spec(hidden_size: int | None = None, layers: int | None = None) -> dict:
+    """:data:`DEMO_SPEC` with another width / depth (``model.demo_hidden_size`` /
+    ``model.demo_layers``); the MLP stays twice the width, the heads stay 4."""
+    spec = dict(DEMO_SPEC)
+    if hidden_size is not None and hidden_size != DEMO_SPEC["hidden_size"]:
+        spec.update(
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            initializer_range=round(hidden_size**-0.5, 4),
+        )
+    if layers is not None:
+        spec["num_hidden_layers"] = layers
+    return spec
+
+
+def build_demo_backbone(
+    data_dir: Path | None = None, cache: Path | None = None, spec: dict | None = None
+) -> Path:
+    """Build (once; cached) the demo backbone folder and return its path (``spec``: a
+    :func:`demo_spec`; default the demo's)."""
+    spec_in = DEMO_SPEC if spec is None else spec
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -79,7 +99,7 @@ def build_demo_backbone(data_dir: Path | None = None, cache: Path | None = None)
     data_dir = Path(data_dir or DEMO_DATA_DIR)
     texts = _demo_texts(data_dir)
     key = hashlib.sha256(
-        json.dumps([DEMO_SPEC, GEN_TOKENS, len(texts), texts[:50]], sort_keys=True).encode()
+        json.dumps([spec_in, GEN_TOKENS, len(texts), texts[:50]], sort_keys=True).encode()
     ).hexdigest()[:12]
     folder = (cache or _cache_root()) / f"demo-backbone-{key}"
     if (folder / "config.json").is_file():
@@ -100,8 +120,8 @@ def build_demo_backbone(data_dir: Path | None = None, cache: Path | None = None)
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
     )
-    torch.manual_seed(DEMO_SPEC["seed"])
-    spec = {k: v for k, v in DEMO_SPEC.items() if k != "seed"}
+    torch.manual_seed(spec_in["seed"])
+    spec = {k: v for k, v in spec_in.items() if k != "seed"}
     spec["vocab_size"] = len(hf_tok)
     cfg = LlamaConfig(
         **spec,
@@ -111,9 +131,22 @@ def build_demo_backbone(data_dir: Path | None = None, cache: Path | None = None)
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(cfg)
-    with atomic_dir(folder) as tmp:
+    # several ranks (or jobs) may build it at once: each writes its own temporary folder
+    # and renames it into place; a rename onto a finished folder fails and that copy is
+    # dropped (the build is deterministic). A finished folder is never moved, so a rank
+    # already loading it is never disturbed (atomic_dir's swap would move it).
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    try:
         model.save_pretrained(tmp)
         hf_tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not (folder / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
@@ -127,7 +160,7 @@ def load_backbone(cfg: ModelConfig, data_root: Path | None = None):
 
     if cfg.builder == "demo":
         with distributed.rank0_first():  # one rank builds the cache, the others read it
-            path = build_demo_backbone()
+            path = build_demo_backbone(spec=demo_spec(cfg.demo_hidden_size, cfg.demo_layers))
     else:
         path = Path(cfg.path or "")
         if not (path / "config.json").is_file():

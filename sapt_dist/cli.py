@@ -4,6 +4,11 @@ With no ``--config`` it runs the CPU demo preset shipped in the package. Restart
 same command resumes the run from its folder's last checkpoint; a finished run is not
 trained again. ``--reevaluate`` scores the finished run again with its current block mask
 (``sapt-blocks disable/enable``) instead of training.
+
+Exit codes: 0 done, 2 bad config or data (nothing trained), 75
+(:data:`sapt_dist.preemption.EXIT_PREEMPTED`) stopped cleanly on SIGUSR1 / SIGTERM with a
+checkpoint at a step boundary: run the same command again to resume (the SLURM batch
+scripts requeue the job on it).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from sapt_dist import distributed
+from sapt_dist import distributed, preemption
 
 __all__ = ["main", "preset_path"]
 
@@ -85,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sapt-train: {e}", file=sys.stderr)
         return 2
     setup_logging()
+    # SIGUSR1 / SIGTERM: stop at the next step boundary with a checkpoint (preemption.py)
+    preemption.install_handlers()
     log.info("config %s -> run folder %s (method %s)", config, cfg.output_dir, cfg.method)
     if args.reevaluate:
         from sapt_dist.inference import load_run, reevaluate
@@ -107,6 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, TaskDataError, CheckpointMismatchError) as e:
         log.error("%s", e)
         return 2
+    except preemption.Preempted as e:
+        if distributed.is_main_process():
+            print(
+                f"preempted {e}: checkpoint saved in {cfg.output_dir}/state; "
+                f"run the same command to resume (exit {preemption.EXIT_PREEMPTED})",
+                file=sys.stderr,
+            )
+        return preemption.EXIT_PREEMPTED
     if distributed.is_main_process():
         print(results.get("report", ""))
         print(f"run folder: {cfg.output_dir}  ({time.time() - t0:.0f} s)")

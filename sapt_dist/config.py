@@ -55,6 +55,10 @@ class ModelConfig:
     quantization: Literal["none", "nf4", "fp4"] = "none"
     #: Recompute activations in the backward pass (needed for 13B+ backbones).
     gradient_checkpointing: bool = False
+    #: ``demo`` builder only: width and depth of the tiny backbone (``None``: the demo's
+    #: 128 and 2), so a scaling study can compare tiny model sizes on a CPU.
+    demo_hidden_size: int | None = None
+    demo_layers: int | None = None
 
 
 @dataclass
@@ -211,6 +215,17 @@ class RunConfig:
                 "must be >= 1",
             ),
             (self.adapter.query_hidden >= 1, "adapter.query_hidden", "must be >= 1"),
+            (
+                self.model.demo_hidden_size is None
+                or (self.model.demo_hidden_size >= 8 and self.model.demo_hidden_size % 4 == 0),
+                "model.demo_hidden_size",
+                "must be a multiple of 4 (the attention heads), >= 8",
+            ),
+            (
+                self.model.demo_layers is None or self.model.demo_layers >= 1,
+                "model.demo_layers",
+                "must be >= 1",
+            ),
             (self.adapter.tau is None or self.adapter.tau > 0, "adapter.tau", "must be > 0"),
             (self.train.epochs >= 1, "train.epochs", "must be >= 1"),
             (

@@ -48,6 +48,8 @@ class _Zero:
 
 
 __all__ = [
+    "any_rank",
+    "barrier",
     "gathered",
     "init",
     "is_main_process",
@@ -96,6 +98,30 @@ def world_size() -> int:
 
 def is_main_process() -> bool:
     return rank() == 0
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank (collective when several ranks
+    run: every rank must call it at the same point). Lets all ranks agree to stop after
+    the same step when a signal reached only some of them."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    # NCCL reduces only CUDA tensors; gloo (CPU) only CPU ones
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    )
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in one process)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # an all-reduce: the same device choice as any_rank on gloo and NCCL alike
+        any_rank(False)
 
 
 # --------------------------------------------------------------------------- process group
@@ -390,11 +416,6 @@ def finish() -> None:
     _activate(None)
     _Zero.config = None
     _Zero.hf_config = None
-
-
-def barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from sapt_dist import distributed
+from sapt_dist import distributed, preemption
 from sapt_dist.backbone import load_backbone, torch_dtype
 from sapt_dist.config import ConfigError, RunConfig, to_dict
 from sapt_dist.data import (
@@ -208,6 +208,9 @@ class ContinualRun:
         stages = 1 if cfg.method == "mtl" else len(tasks)
         for i in range(progress["completed"], stages):
             self._stage(i, progress)
+            # a signal that came during evaluation / pseudo-samples: stop before the next task
+            if i + 1 < stages and preemption.stop_requested():
+                self._stop(f"after task {i + 1}/{stages} (its checkpoint is saved)")
         # every rank: the gathers inside save_blocks are collective under ZeRO-3
         save_blocks(
             self.model,
@@ -290,8 +293,13 @@ class ContinualRun:
             if select_every and (step % select_every == 0 or step == job.steps):
                 best = self._keep_if_best(task, step, params, best)
             every = t.checkpoint_every
-            if every and step % every == 0 and step < job.steps:
+            saved = bool(every and step % every == 0 and step < job.steps)
+            if saved:
                 self.state.save_step(i, snapshot(), best)
+            if preemption.stop_requested():
+                if not saved:
+                    self.state.save_step(i, snapshot(), best)
+                self._stop(f"at step {step}/{job.steps} of {label}")
 
         losses = self._train(job, resume=resume, on_step=on_step)
         if not getattr(self, "_sharding_written", False):
@@ -440,6 +448,18 @@ class ContinualRun:
             "config": to_dict(cfg),
             "versions": library_versions(),
         }
+
+    def _stop(self, where: str) -> None:
+        """Every rank stopped at the same boundary with its state saved: leave cleanly."""
+        why = preemption.requested_locally() or "another rank's signal"
+        log.warning(
+            "%s: stopping %s on %s; the same command resumes from here", self.out, where, why
+        )
+        preemption.write_marker(where, self.out)
+        # no rank leaves before rank 0 has written the checkpoint (srun --kill-on-bad-exit
+        # would kill it mid-write when another rank exits first)
+        distributed.barrier()
+        raise preemption.Preempted(where)
 
     def _keep_if_best(
         self, task: EncodedTask, step: int, params: dict, best: dict | None

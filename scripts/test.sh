@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The test suite (the README's test command ends here): pytest, plus what the SLURM tests
+# need. Those run the project's sbatch scripts on a real one-node SLURM cluster that
+# tests/test_slurm.py starts with slurm/local_cluster.sh when SLURM is installed and this
+# runs as root; elsewhere they skip and say why.
+#
+#   SAPT_INSTALL_SLURM=1   install Debian's SLURM packages first (root, apt; CI sets it)
+#   SAPT_REQUIRE_SLURM=1   a SLURM test that cannot run fails instead of skipping (CI)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "${SAPT_INSTALL_SLURM:-0}" = 1 ] && ! command -v slurmctld >/dev/null; then
+    echo "scripts/test.sh: installing SLURM for the SLURM tests"
+    bash slurm/local_cluster.sh install
+fi
+exec pytest "$@"
