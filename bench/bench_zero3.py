@@ -40,7 +40,7 @@ ZERO3 = {
     }
 }
 SHAPES = {
-    "default": {"hidden": 512, "layers": 6, "vocab": 8000, "seq": 128, "micro": 4, "steps": 8},
+    "default": {"hidden": 1024, "layers": 8, "vocab": 32000, "seq": 128, "micro": 4, "steps": 4},
     "tiny": {"hidden": 64, "layers": 2, "vocab": 512, "seq": 32, "micro": 2, "steps": 3},
 }
 
