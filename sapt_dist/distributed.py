@@ -39,6 +39,10 @@ import torch
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 
 
+#: torch's own F.linear: ZeRO-3 (memory_efficient_linear) swaps in its own for the process
+_TORCH_LINEAR = torch.nn.functional.linear
+
+
 class _Zero:
     """Process-wide DeepSpeed state (DeepSpeed's own ZeRO-3 machinery is process-wide too)."""
 
@@ -416,6 +420,9 @@ def finish() -> None:
     _activate(None)
     _Zero.config = None
     _Zero.hf_config = None
+    # ZeRO-3 replaced F.linear process-wide with a version that saves every input for
+    # backward; with no ZeRO-3 engine left, later models in this process get torch's back
+    torch.nn.functional.linear = _TORCH_LINEAR
 
 
 def all_gather_objects(obj: Any) -> list[Any]:
