@@ -60,6 +60,7 @@ from sapt_dist.replay import (
 from sapt_dist.report import write_report
 from sapt_dist.run_state import RunState
 from sapt_dist.serialization import load_blocks, save_blocks
+from sapt_dist.tracking import Tracker, final_pending, open_tracker
 from sapt_dist.trainer import BlockJob, num_steps, train_block
 
 __all__ = ["ContinualRun", "run"]
@@ -87,6 +88,7 @@ class ContinualRun:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.state = RunState(self.out)
+        self.tracker = Tracker()  # the no-op one until run() opens the real one (rank 0)
 
     # ------------------------------------------------------------------ set-up
     def _load_tasks(self) -> list[TaskData]:
@@ -164,6 +166,20 @@ class ContinualRun:
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict:
+        try:
+            return self._run()
+        except BaseException:
+            self.tracker.finish(exit_code=1)
+            raise
+        finally:
+            self.tracker.finish()
+
+    def _global_step(self, progress: dict) -> int:
+        """Optimizer steps of the finished tasks' blocks: the tracker's x axis continues
+        from here (derived from saved progress, so a resumed run continues it)."""
+        return sum(len(v) for v in progress["losses"].values())
+
+    def _run(self) -> dict:
         cfg = self.cfg
         self.state.check_or_save_config(cfg)
         progress = self.state.load_progress()
@@ -177,10 +193,17 @@ class ContinualRun:
             log.info(
                 "%s: run already finished; nothing to train (delete the folder to rerun)", self.out
             )
-            return write_report(self.out, cfg, progress)
+            results = write_report(self.out, cfg, progress)
+            if final_pending(cfg):  # killed between the finished marker and the W&B summary
+                self.tracker = open_tracker(cfg)
+                self.tracker.log_final(self._global_step(progress), results, self.out / "metrics")
+            return results
         n_slots = self._n_slots(len(tasks))
         self.ds_config = self._ds_config()  # read (and checked) once, before the model loads
         distributed.init()
+        self.tracker = open_tracker(
+            cfg, {"world_size": distributed.world_size(), "task_names": names}
+        )
 
         backbone, tokenizer = load_backbone(cfg.model)
         self.tokenizer = tokenizer
@@ -209,7 +232,9 @@ class ContinualRun:
         save_blocks(self.model, self.out / "blocks", self._block_names(stages - 1))
         self.state.mark_finished()
         progress["finished"] = True
-        return write_report(self.out, cfg, progress)
+        results = write_report(self.out, cfg, progress)
+        self.tracker.log_final(self._global_step(progress), results, self.out / "metrics")
+        return results
 
     def _block_names(self, i: int) -> list[str]:
         names = [e.data.name for e in self.enc]
@@ -283,7 +308,14 @@ class ContinualRun:
             if every and step % every == 0 and step < job.steps:
                 self.state.save_step(i, snapshot(), best)
 
-        losses = self._train(job, resume=resume, on_step=on_step)
+        offset = self._global_step(progress)
+        log_step = None
+        if self.tracker.enabled:
+
+            def log_step(step: int, stats: dict) -> None:
+                self.tracker.log_step(offset + step, {**stats, "task": i + 1})
+
+        losses = self._train(job, resume=resume, on_step=on_step, log_step=log_step)
         if best is not None and best["step"] != job.steps:
             log.info(
                 "%s: keeping the block of step %d (dev %.2f)",
@@ -324,6 +356,9 @@ class ContinualRun:
                 model, self.out / "blocks_per_task" / f"{i:02d}_{task.data.name}", [task.data.name]
             )
         self.state.clear_step()
+        pseudo = self._pseudo_path(i) if method == "sapt" and i < len(self.enc) - 1 else None
+        names = [e.data.name for e in self.enc]
+        self.tracker.log_task(offset + len(losses), i, names, progress["matrix"], routing, pseudo)
 
     def _keep_if_best(
         self, task: EncodedTask, step: int, params: dict, best: dict | None
@@ -345,7 +380,7 @@ class ContinualRun:
             tensors = {n: p.detach().cpu().clone() for n, p in params.items()}
         return {"score": score, "step": step, "params": tensors}
 
-    def _train(self, job: BlockJob, resume=None, on_step=None) -> list[float]:
+    def _train(self, job: BlockJob, resume=None, on_step=None, log_step=None) -> list[float]:
         cfg = self.cfg
         return train_block(
             self.model,
@@ -357,6 +392,7 @@ class ContinualRun:
             ds_config=self.ds_config,
             resume=resume,
             on_step=on_step,
+            log_step=log_step,
         )
 
     def _ds_config(self) -> dict | None:

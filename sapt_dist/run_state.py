@@ -31,9 +31,10 @@ from sapt_dist.trainer import StepState
 
 __all__ = ["RunState"]
 
-#: keys that may change between a run and its restart
+#: keys that may change between a run and its restart (tracking: where and how the run
+#: is logged, e.g. offline first, online after a restart; it changes no result)
 #: (eval.batch_size is not: it batches the sampling of pseudo-samples, which uses the RNG)
-_MUTABLE_KEYS = {"train.checkpoint_every"}
+_MUTABLE_KEYS = {"train.checkpoint_every", "tracking"}
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
