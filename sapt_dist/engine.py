@@ -200,10 +200,11 @@ class ContinualRun:
             return results
         n_slots = self._n_slots(len(tasks))
         self.ds_config = self._ds_config()  # read (and checked) once, before the model loads
-        distributed.init()
+        # before the process group: a tracking config error stops every rank alike
         self.tracker = open_tracker(
             cfg, {"world_size": distributed.world_size(), "task_names": names}
         )
+        distributed.init()
 
         backbone, tokenizer = load_backbone(cfg.model)
         self.tokenizer = tokenizer

@@ -407,10 +407,10 @@ class WandbTracker(Tracker):
 def open_tracker(cfg: RunConfig, extra_config: dict | None = None) -> Tracker:
     """The run's tracker: a W&B run on rank 0 when tracking is on, else the no-op one."""
     t = cfg.tracking
-    if t.backend == "none" or not distributed.is_main_process():
+    if t.backend == "none":
         return Tracker()
-    mode = resolve_mode(t.mode)
-    if mode == "disabled":
+    mode = resolve_mode(t.mode)  # on every rank: a config error stops them all alike
+    if mode == "disabled" or not distributed.is_main_process():
         return Tracker()
     return WandbTracker(cfg, mode, extra_config)
 

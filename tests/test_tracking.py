@@ -328,3 +328,41 @@ def test_killed_run_resumes_the_same_wandb_run(tmp_path):
     for step, loss in {**la, **lb}.items():
         assert loss == pytest.approx(losses[step - 1], rel=1e-12), step
     assert "final/AP" in wb.summary
+
+
+@pytest.mark.slow
+def test_two_ranks_one_wandb_run(tmp_path):
+    """torchrun with 2 CPU ranks: rank 0 alone creates the W&B run (one start, one run
+    id), and its history is the engine's per-step losses; the config says world_size 2."""
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "sapt_dist.cli",
+        "--config",
+        str(DEMO),
+        f"output_dir={out}",
+        *TINY,
+        "train.checkpoint_every=0",
+        "tracking.mode=offline",
+    ]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    wb = _finished(out, 1)
+    assert wb.config["world_size"] == 2
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 1
+    losses = _losses(out)
+    assert _steps(wb.history) == list(range(1, len(losses) + 1))
+    assert [r["train/loss"] for r in wb.history if "train/loss" in r] == pytest.approx(
+        losses, rel=1e-12
+    )
+    assert wb.summary["final/AP"] == pytest.approx(
+        json.loads((out / "metrics/results.json").read_text())["metrics"]["AP"]
+    )
