@@ -578,8 +578,11 @@ def main(argv: list[str] | None = None) -> int:
     if steps:
         print(f"{len(run.history)} history rows, global steps {min(steps)}..{max(steps)}")
     for k in sorted(run.summary):
-        if k.startswith("final/") or k.startswith("eval/"):
-            print(f"  {k} = {run.summary[k]}")
+        v = run.summary[k]
+        if isinstance(v, dict) and "_type" in v:  # a logged image / table: its file
+            v = f"<{v['_type']}> {v.get('path', '')}"
+        if k.startswith(("final/", "eval/")):
+            print(f"  {k} = {v}")
     return 0
 
 

@@ -170,18 +170,25 @@ def _media(run, key_row: dict) -> Path:
 @pytest.mark.slow
 def test_tracked_run_reads_back_complete(tmp_path, monkeypatch):
     """A 2-task SAPT run tracked offline: per-step metrics equal the engine's losses,
-    per-task rows equal the accuracy matrix, images / tables exist, the summary equals
-    results.json; a W&B key in the environment is written nowhere."""
+    per-task rows equal the accuracy matrix, images / tables exist, the summary (FWT
+    included) equals results.json; a W&B key in the environment is written nowhere."""
     from sapt_dist.engine import run
 
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
     out = tmp_path / "run"
+    # b_j of FWT, as a single_task run folder holds them
+    single = {TASKS[0]: 10.0, TASKS[1]: 20.0}
+    (tmp_path / "single/metrics").mkdir(parents=True)
+    (tmp_path / "single/metrics/results.json").write_text(
+        json.dumps({"single_task_scores": single})
+    )
     cfg = load_config(
         DEMO,
         [
             f"output_dir={out}",
             *TINY,
             "train.checkpoint_every=0",
+            f"single_task_run={tmp_path / 'single'}",
             "tracking.mode=offline",
             "tracking.group=sweep-a",
             "tracking.tags=[ci]",
@@ -243,7 +250,9 @@ def test_tracked_run_reads_back_complete(tmp_path, monkeypatch):
     assert s["final/AP"] == pytest.approx(res["metrics"]["AP"]) == results["metrics"]["AP"]
     assert s["final/F_Ra"] == pytest.approx(res["metrics"]["F.Ra"])
     assert s["final/BWT"] == pytest.approx(res["metrics"]["BWT"])
-    assert s["final/FWT"] is None and "single_task_run" in s["final/fwt_source"]
+    fwt = sum(matrix[j][j] - single[t] for j, t in enumerate(TASKS)) / 2
+    assert s["final/FWT"] == pytest.approx(res["metrics"]["FWT"]) == pytest.approx(fwt)
+    assert s["final/fwt_source"].endswith("single/metrics/results.json")
     assert s["final/routing_accuracy"] == pytest.approx(res["routing_accuracy"])
     heat = _media(wb, s["final/accuracy_matrix_heatmap"])
     assert heat.read_bytes() == (out / "metrics/accuracy_matrix.png").read_bytes()
