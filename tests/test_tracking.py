@@ -89,11 +89,14 @@ def test_redact_drops_secret_looking_keys_only():
 
 
 def test_no_tracker_off_rank0_or_when_off(monkeypatch, tmp_path):
+    from sapt_dist import distributed
+
     cfg = load_config(DEMO, [f"output_dir={tmp_path}/run"])
-    monkeypatch.setenv("RANK", "1")
+    # an earlier in-process run may have a process group of one: rank() says 0 then
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
     tr = open_tracker(cfg)
     assert type(tr) is Tracker and not tr.enabled
-    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
     for ov in ("tracking.backend=none", "tracking.mode=disabled"):
         tr = open_tracker(load_config(DEMO, [f"output_dir={tmp_path}/run", ov]))
         assert type(tr) is Tracker
