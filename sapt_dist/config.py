@@ -24,6 +24,7 @@ __all__ = [
     "ModelConfig",
     "ReplayConfig",
     "RunConfig",
+    "TrackingConfig",
     "TrainConfig",
     "load_config",
     "to_dict",
@@ -185,6 +186,37 @@ class DistributedConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment tracking (``sapt_dist.tracking``): one W&B run per continual-learning run,
+    logged by rank 0 only. Never holds a secret: the API key comes from ``WANDB_API_KEY``
+    or ``wandb login``, never from a config."""
+
+    #: ``wandb``: track the run with Weights & Biases. ``none``: no tracking at all.
+    backend: Literal["wandb", "none"] = "wandb"
+    #: ``auto``: online when an API key is configured (``WANDB_API_KEY`` or ``wandb login``)
+    #: and ``WANDB_MODE`` does not say otherwise, else offline (files to ``wandb sync``
+    #: later). ``offline`` / ``online`` / ``disabled``: as W&B's own modes.
+    mode: Literal["auto", "offline", "online", "disabled"] = "auto"
+    #: W&B project and entity (team or user; ``None``: the key's default entity).
+    project: str = "sapt-dist"
+    entity: str | None = None
+    #: Run group, e.g. the sweep or scaling study this run belongs to (``None``: none,
+    #: or ``WANDB_RUN_GROUP``).
+    group: str | None = None
+    #: Job type (``None``: the method, e.g. ``sapt``, ``seq_lora``).
+    job_type: str | None = None
+    #: Display name (``None``: the run folder's name).
+    name: str | None = None
+    tags: list[str] = field(default_factory=list)
+    #: Folder W&B writes into (as ``<dir>/wandb/``); ``None``: the run folder.
+    dir: str | None = None
+    #: Log the per-step metrics every N optimizer steps.
+    log_every: int = 1
+    #: Rows of the pseudo-sample table logged per task.
+    pseudo_examples: int = 20
+
+
+@dataclass
 class RunConfig:
     """A whole continual-learning run."""
 
@@ -201,6 +233,7 @@ class RunConfig:
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
         """Impossible values, named by key."""
@@ -283,6 +316,9 @@ class RunConfig:
                 "model.path",
                 "is required (a Hugging Face model folder) unless model.builder is 'demo'",
             ),
+            (bool(self.tracking.project.strip()), "tracking.project", "must not be empty"),
+            (self.tracking.log_every >= 1, "tracking.log_every", "must be >= 1"),
+            (self.tracking.pseudo_examples >= 0, "tracking.pseudo_examples", "must be >= 0"),
             (
                 self.data.order == "custom" or not self.data.order.startswith("custom"),
                 "data.order",

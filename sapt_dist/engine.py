@@ -61,6 +61,7 @@ from sapt_dist.replay import (
 from sapt_dist.report import write_report
 from sapt_dist.run_state import RunState
 from sapt_dist.serialization import library_versions, load_blocks, save_blocks
+from sapt_dist.tracking import Tracker, final_pending, open_tracker
 from sapt_dist.trainer import BlockJob, num_steps, train_block
 
 __all__ = ["ContinualRun", "run"]
@@ -88,6 +89,7 @@ class ContinualRun:
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.state = RunState(self.out)
+        self.tracker = Tracker()  # the no-op one until run() opens the real one (rank 0)
 
     # ------------------------------------------------------------------ set-up
     def _load_tasks(self) -> list[TaskData]:
@@ -165,6 +167,20 @@ class ContinualRun:
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict:
+        try:
+            return self._run()
+        except BaseException:
+            self.tracker.finish(exit_code=1)
+            raise
+        finally:
+            self.tracker.finish()
+
+    def _global_step(self, progress: dict) -> int:
+        """Optimizer steps of the finished tasks' blocks: the tracker's x axis continues
+        from here (derived from saved progress, so a resumed run continues it)."""
+        return sum(len(v) for v in progress["losses"].values())
+
+    def _run(self) -> dict:
         cfg = self.cfg
         self.state.check_or_save_config(cfg, distributed.world_size())
         progress = self.state.load_progress()
@@ -178,10 +194,18 @@ class ContinualRun:
             log.info(
                 "%s: run already finished; nothing to train (delete the folder to rerun)", self.out
             )
-            return write_report(self.out, cfg, progress)
+            results = write_report(self.out, cfg, progress)
+            if final_pending(cfg):  # killed between the finished marker and the W&B summary
+                self.tracker = open_tracker(cfg)
+                self.tracker.log_final(self._global_step(progress), results, self.out / "metrics")
+            return results
         n_slots = self._n_slots(len(tasks))
         # read (and checked) once, before the model loads
         self.ds_config = distributed.run_engine_config(cfg)
+        # before the process group: a tracking config error stops every rank alike
+        self.tracker = open_tracker(
+            cfg, {"world_size": distributed.world_size(), "task_names": names}
+        )
         distributed.init()
         distributed.configure(self.ds_config)  # ZeRO-3: the backbone loads partitioned
 
@@ -222,7 +246,9 @@ class ContinualRun:
         distributed.finish()
         self.state.mark_finished()
         progress["finished"] = True
-        return write_report(self.out, cfg, progress)
+        results = write_report(self.out, cfg, progress)
+        self.tracker.log_final(self._global_step(progress), results, self.out / "metrics")
+        return results
 
     def _block_names(self, i: int) -> list[str]:
         names = [e.data.name for e in self.enc]
@@ -301,7 +327,14 @@ class ContinualRun:
                     self.state.save_step(i, snapshot(), best)
                 self._stop(f"at step {step}/{job.steps} of {label}")
 
-        losses = self._train(job, resume=resume, on_step=on_step)
+        offset = self._global_step(progress)
+        log_step = None
+        if self.tracker.enabled:
+
+            def log_step(step: int, stats: dict) -> None:
+                self.tracker.log_step(offset + step, {**stats, "task": i + 1})
+
+        losses = self._train(job, resume=resume, on_step=on_step, log_step=log_step)
         if not getattr(self, "_sharding_written", False):
             self._write_sharding()
         if best is not None and best["step"] != job.steps:
@@ -354,6 +387,9 @@ class ContinualRun:
                 run_config=to_dict(cfg),
             )
         self.state.clear_step()
+        pseudo = self._pseudo_path(i) if method == "sapt" and i < len(self.enc) - 1 else None
+        names = [e.data.name for e in self.enc]
+        self.tracker.log_task(offset + len(losses), i, names, progress["matrix"], routing, pseudo)
 
     def _write_sharding(self) -> None:
         """``metrics/sharding.json``: what each rank holds (collective; once per process)."""
@@ -481,7 +517,7 @@ class ContinualRun:
             tensors = {n: p.detach().cpu().clone() for n, p in params.items()}
         return {"score": score, "step": step, "params": tensors}
 
-    def _train(self, job: BlockJob, resume=None, on_step=None) -> list[float]:
+    def _train(self, job: BlockJob, resume=None, on_step=None, log_step=None) -> list[float]:
         cfg = self.cfg
         return train_block(
             self.model,
@@ -492,6 +528,7 @@ class ContinualRun:
             ds_config=self.ds_config,
             resume=resume,
             on_step=on_step,
+            log_step=log_step,
         )
 
     # ------------------------------------------------------------------ replay

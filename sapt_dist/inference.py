@@ -50,7 +50,7 @@ from sapt_dist.data import (
 from sapt_dist.evaluation import generate_texts, routing_scores, routing_weights
 from sapt_dist.io_utils import atomic_write_json, atomic_write_text
 from sapt_dist.model import SAPTModel
-from sapt_dist.run_state import RESTART_KEYS, flat_config
+from sapt_dist.run_state import flat_config, restart_may_change
 from sapt_dist.serialization import (
     CheckpointMismatchError,
     check_files,
@@ -262,7 +262,9 @@ def check_run_binding(manifest: dict[str, Any], run_dir: Path, blocks_dir: Path)
         return  # written outside a run (or before format 2): nothing to bind to
     mine = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     a, b = flat_config(saved), flat_config(mine)
-    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in RESTART_KEYS]
+    diff = [
+        k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not restart_may_change(k)
+    ]
     if diff:
         shown = "; ".join(f"{k}: blocks {a.get(k)!r}, run {b.get(k)!r}" for k in diff[:4])
         raise CheckpointMismatchError(

@@ -34,14 +34,24 @@ __all__ = ["RunState"]
 
 log = logging.getLogger(__name__)
 
-#: keys a restart may change: where the folder is and how the run is laid out, not what it
-#: computes (eval.batch_size is not: it batches the sampling of pseudo-samples, which uses
-#: the RNG)
-_MUTABLE_KEYS = {"output_dir", "train.checkpoint_every", "distributed.deepspeed_config"}
+#: keys a restart may change: where the folder is, how the run is laid out and where it is
+#: logged (tracking: e.g. offline first, online after a restart), not what it computes
+#: (eval.batch_size is not: it batches the sampling of pseudo-samples, which uses the RNG)
+_MUTABLE_KEYS = {
+    "output_dir",
+    "train.checkpoint_every",
+    "distributed.deepspeed_config",
+    "tracking",
+}
 #: keys a restart may change as long as the global batch (micro x accumulation x ranks) stays
 _LAYOUT_KEYS = {"train.micro_batch_size", "train.grad_accum"}
-#: every key that may differ between two configs of the same run
+#: every key (or section) that may differ between two configs of the same run
 RESTART_KEYS = frozenset(_MUTABLE_KEYS | _LAYOUT_KEYS)
+
+
+def restart_may_change(key: str, keys: frozenset[str] | set[str] = RESTART_KEYS) -> bool:
+    """Whether dotted ``key`` is one of ``keys`` or inside one of their sections."""
+    return any(key == m or key.startswith(m + ".") for m in keys)
 
 
 def flat_config(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -118,8 +128,7 @@ class RunState:
             diff = [
                 k
                 for k in sorted(set(a) | set(b))
-                if a.get(k) != b.get(k)
-                and not any(k == m or k.startswith(m + ".") for m in mutable)
+                if a.get(k) != b.get(k) and not restart_may_change(k, mutable)
             ]
             if diff:
                 shown = "; ".join(f"{k}: run has {a.get(k)!r}, now {b.get(k)!r}" for k in diff[:5])

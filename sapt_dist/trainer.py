@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -110,11 +111,14 @@ def train_block(
     ds_config: dict | None = None,
     resume: StepState | None = None,
     on_step: Callable[[int, Callable[[], StepState]], None] | None = None,
+    log_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> list[float]:
     """Train ``job`` for ``job.steps`` optimizer steps; return the per-step mean losses.
 
     ``on_step(step, snapshot)`` is called after every optimizer step; ``snapshot()`` builds
     the :class:`StepState` to save (only when the caller decides to checkpoint).
+    ``log_step(step, stats)`` (experiment tracking) gets the step's losses, learning rate,
+    throughput and memory (:func:`_step_stats`), before ``on_step``.
     """
     if not job.examples:
         raise ValueError(f"{job.name}: no training examples")
@@ -180,6 +184,7 @@ def train_block(
     rank, world = distributed.rank(), distributed.world_size()
     for step in range(start, job.steps):
         acc_task, acc_arm = 0.0, 0.0
+        t_step, tokens = time.perf_counter(), 0
         for micro in range(step * ga, (step + 1) * ga):
             # rank r of W reads global micro-batch micro * W + r of the stream
             idx = batch_positions(n, mbs, micro * world + rank, job.seed)
@@ -191,6 +196,10 @@ def train_block(
                 replay = job.replay(micro * world + rank)
                 kwargs.update({k: v.to(device) for k, v in replay.items()})
                 kwargs["kl_ratio"] = job.kl_ratio
+            if log_step is not None:  # tokens this rank reads: prompts + targets + ARM, no pads
+                tokens += sum(
+                    int(v.sum()) for k, v in kwargs.items() if k.endswith("attention_mask")
+                )
             out = engine(**kwargs)
             engine.backward(out.loss)
             engine.step()
@@ -205,6 +214,12 @@ def train_block(
             postfix["arm"] = f"{acc_arm:.4f}"
         bar.set_postfix(postfix, refresh=False)
         bar.update(1)
+        if log_step is not None:
+            arm = acc_arm if job.replay is not None else None
+            seconds = time.perf_counter() - t_step
+            log_step(
+                step + 1, _step_stats(losses[-1], acc_task, arm, scheduler, tokens * world, seconds)
+            )
         if on_step is not None:
             on_step(step + 1, snapshot_at(step + 1))
             model.train()  # the callback may have evaluated
@@ -220,3 +235,25 @@ def train_block(
             losses[-1],
         )
     return losses
+
+
+def _step_stats(
+    loss: float, task_loss: float, arm_loss: float | None, scheduler, tokens: int, seconds: float
+) -> dict[str, float]:
+    """One optimizer step for the tracker. ``tokens``: this rank's non-pad tokens times the
+    world size (every rank reads equally sized micro-batches), over this rank's wall time."""
+    from sapt_dist.tracking import process_memory_gb
+
+    lrs = scheduler.get_last_lr()
+    stats = {
+        "loss": loss,
+        "task_loss": task_loss,
+        "lr": float(lrs[0]),
+        "tokens_per_s": tokens / max(seconds, 1e-9),
+        **process_memory_gb(),
+    }
+    if arm_loss is not None:
+        stats["arm_loss"] = arm_loss
+    if len(lrs) > 1:  # the router's group (BlockJob.router_lr)
+        stats["router_lr"] = float(lrs[1])
+    return stats

@@ -10,6 +10,8 @@ import torch
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# tests never go online, whatever key the machine has (tracking.mode=auto reads this)
+os.environ["WANDB_MODE"] = "offline"
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

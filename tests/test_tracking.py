@@ -1,0 +1,380 @@
+"""Experiment tracking: the offline W&B run is read back from its own ``.wandb`` files and
+compared with what the run folder says (progress losses, accuracy matrix, results,
+pseudo-samples); a killed and resumed run continues the same W&B run and step sequence.
+No test goes online (conftest sets WANDB_MODE=offline; these tests also say offline)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sapt_dist.config import ConfigError, load_config
+from sapt_dist.tracking import (
+    STEP_KEY,
+    Tracker,
+    open_tracker,
+    read_offline_run,
+    read_wandb_file,
+    redact,
+    resolve_mode,
+    state_path,
+)
+
+from .test_engine import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "sapt_dist/presets/demo.yaml"
+FAKE_KEY = "fakeWandbKey0123456789abcdefSECRETxyz0123"
+TASKS = ["task363_sst2_polarity_classification", "task875_emotion_classification"]
+
+
+# ---------------------------------------------------------------------------- config, mode
+def test_tracking_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"unknown config key 'tracking\.api_key'"):
+        load_config(DEMO, ["tracking.api_key=abc"])
+    with pytest.raises(ConfigError, match=r"'tracking\.mode'.*'sometimes'"):
+        load_config(DEMO, ["tracking.mode=sometimes"])
+    with pytest.raises(ConfigError, match=r"'tracking\.log_every' must be >= 1"):
+        load_config(DEMO, ["tracking.log_every=0"])
+    cfg = load_config(DEMO, ["tracking.group=sweep1", "tracking.tags=[a, b]"])
+    assert cfg.tracking.group == "sweep1" and cfg.tracking.tags == ["a", "b"]
+    assert cfg.tracking.mode == "offline"  # the demo's default
+    assert load_config(None, ["model.builder=demo"]).tracking.mode == "auto"
+
+
+def test_resolve_mode(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    empty = tmp_path / "netrc"
+    empty.write_text("")
+    monkeypatch.setenv("NETRC", str(empty))
+    assert resolve_mode("auto") == "offline"
+    assert resolve_mode("offline") == "offline"
+    with pytest.raises(ConfigError, match=r"'tracking\.mode' is 'online' but no W&B API key"):
+        resolve_mode("online")
+    # what `wandb login` writes: a netrc entry for the W&B host
+    (tmp_path / "netrc2").write_text("machine api.wandb.ai\n  login user\n  password notreal\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc2"))
+    assert resolve_mode("auto") == "online"
+    monkeypatch.setenv("NETRC", str(empty))
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    assert resolve_mode("auto") == "online" and resolve_mode("online") == "online"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert resolve_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert resolve_mode("auto") == "disabled"
+
+
+def test_redact_drops_secret_looking_keys_only():
+    tree = {
+        "api_key": "x",
+        "hf_token": "x",
+        "max_new_tokens": 3,
+        "model": {"password": "x", "path": "/m", "tokenizer": "t"},
+        "items": [{"secret": "x", "keep": 1}],
+    }
+    assert redact(tree) == {
+        "max_new_tokens": 3,
+        "model": {"path": "/m", "tokenizer": "t"},
+        "items": [{"keep": 1}],
+    }
+
+
+def test_no_tracker_off_rank0_or_when_off(monkeypatch, tmp_path):
+    from sapt_dist import distributed
+
+    cfg = load_config(DEMO, [f"output_dir={tmp_path}/run"])
+    # an earlier in-process run may have a process group of one: rank() says 0 then
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    tr = open_tracker(cfg)
+    assert type(tr) is Tracker and not tr.enabled
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    for ov in ("tracking.backend=none", "tracking.mode=disabled"):
+        tr = open_tracker(load_config(DEMO, [f"output_dir={tmp_path}/run", ov]))
+        assert type(tr) is Tracker
+    assert not (tmp_path / "run").exists()  # nothing written, wandb never started
+
+
+# ---------------------------------------------------------------------------- the reader
+def test_reader_against_wandbs_writer(tmp_path):
+    """Rows logged with wandb come back from the .wandb file; corruption is detected."""
+    import wandb
+
+    run = wandb.init(mode="offline", dir=str(tmp_path), project="p", config={"a": {"b": 2}})
+    for i in range(1, 4):
+        run.log({"x": i / 10, "s": f"row{i}"}, step=i)
+    run.summary["final"] = 7.5
+    run.finish()
+    back = _finished(tmp_path, 1)
+    assert back.run_ids == [run.id] and back.config["a"] == {"b": 2}
+    assert [(r["_step"], r["x"], r["s"]) for r in back.history] == [
+        (1, 0.1, "row1"),
+        (2, 0.2, "row2"),
+        (3, 0.3, "row3"),
+    ]
+    assert back.summary["final"] == 7.5 and back.exit_codes == [0]
+    (path,) = back.files
+    data = bytearray(path.read_bytes())
+    n = len(read_wandb_file(path))
+    # a kill mid-write: the whole records before the cut are read
+    cut = tmp_path / "cut.wandb"
+    cut.write_bytes(bytes(data[: len(data) - 40]))
+    assert 0 < len(read_wandb_file(cut)) < n
+    data[len(data) // 2] ^= 0xFF
+    bad = tmp_path / "bad.wandb"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="bad checksum"):
+        read_wandb_file(bad)
+    junk = tmp_path / "x.wandb"
+    junk.write_bytes(b"hello world")
+    with pytest.raises(ValueError, match="not a .wandb file"):
+        read_wandb_file(junk)
+
+
+# ---------------------------------------------------------------------------- end to end
+def _steps(rows: list[dict]) -> list[int]:
+    return [r[STEP_KEY] for r in rows if "train/loss" in r]
+
+
+def _losses(out: Path) -> list[float]:
+    progress = json.loads((out / "state/blocks/progress.json").read_text())
+    return [x for t in progress["tasks"] for x in progress["losses"][t]]
+
+
+def _finished(out: Path, starts: int, killed: int = 0):
+    """The run's W&B files once ``starts`` of them (less ``killed``) hold their exit
+    record: wandb's service writes the ``.wandb`` file in its own process, a moment after
+    ``run.finish()``."""
+    deadline = time.time() + 120
+    while True:
+        run = read_offline_run(out)
+        done = sum(c is not None for c in run.exit_codes)
+        if len(run.files) == starts and done == starts - killed:
+            return run
+        if time.time() > deadline:
+            pytest.fail(f"{out}: {len(run.files)} W&B start(s), exit codes {run.exit_codes}")
+        time.sleep(0.2)
+
+
+def _media(run, key_row: dict) -> Path:
+    """The file a logged image / table was written to, under the run's files/ folder."""
+    (f,) = [f for f in run.files if (f.parent / "files" / key_row["path"]).is_file()]
+    return f.parent / "files" / key_row["path"]
+
+
+@pytest.mark.slow
+def test_tracked_run_reads_back_complete(tmp_path, monkeypatch):
+    """A 2-task SAPT run tracked offline: per-step metrics equal the engine's losses,
+    per-task rows equal the accuracy matrix, images / tables exist, the summary (FWT
+    included) equals results.json; a W&B key in the environment is written nowhere."""
+    from sapt_dist.engine import run
+
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    out = tmp_path / "run"
+    # b_j of FWT, as a single_task run folder holds them
+    single = {TASKS[0]: 10.0, TASKS[1]: 20.0}
+    (tmp_path / "single/metrics").mkdir(parents=True)
+    (tmp_path / "single/metrics/results.json").write_text(
+        json.dumps({"single_task_scores": single})
+    )
+    cfg = load_config(
+        DEMO,
+        [
+            f"output_dir={out}",
+            *TINY,
+            "train.checkpoint_every=0",
+            f"single_task_run={tmp_path / 'single'}",
+            "tracking.mode=offline",
+            "tracking.group=sweep-a",
+            "tracking.tags=[ci]",
+        ],
+    )
+    results = run(cfg)
+    saved = json.loads(state_path(out).read_text())
+    wb = _finished(out, 1)
+    assert wb.run_ids == [saved["run_id"]] and saved["final_logged"] is True
+    assert (wb.project, wb.group, wb.job_type) == ("sapt-dist", "sweep-a", "sapt")
+    assert wb.config["method"] == "sapt" and wb.config["train"]["lr"] == cfg.train.lr
+    assert wb.config["world_size"] == 1 and wb.config["task_names"] == TASKS
+    assert wb.exit_codes == [0]
+
+    # per step: the engine's own per-step losses, one row per optimizer step, in order
+    losses = _losses(out)
+    train = [r for r in wb.history if "train/loss" in r]
+    assert _steps(wb.history) == list(range(1, len(losses) + 1))
+    assert [r["train/loss"] for r in train] == pytest.approx(losses, rel=1e-12)
+    n1 = len(json.loads((out / "state/blocks/progress.json").read_text())["losses"][TASKS[0]])
+    for r in train:
+        assert r["train/lr"] == pytest.approx(cfg.train.lr)
+        assert r["train/router_lr"] == pytest.approx(cfg.train.router_lr)
+        assert r["train/tokens_per_s"] > 0 and r["train/rss_gb"] > 0
+        assert r["train/task"] == (1 if r[STEP_KEY] <= n1 else 2)
+        # the ARM loss exists from task 2 on; loss = task loss + kl_ratio * ARM loss
+        assert ("train/arm_loss" in r) == (r["train/task"] == 2)
+        arm = r.get("train/arm_loss", 0.0)
+        assert r["train/loss"] == pytest.approx(r["train/task_loss"] + arm, rel=1e-9)
+
+    # per task: the new matrix row, routing heatmap + table, pseudo-sample table
+    matrix = json.loads((out / "metrics/accuracy_matrix.json").read_text())["matrix"]
+    task_rows = [r for r in wb.history if "task/completed" in r]
+    assert [r["task/completed"] for r in task_rows] == [1, 2]
+    assert [r[STEP_KEY] for r in task_rows] == [n1, len(losses)]
+    for i, r in enumerate(task_rows):
+        for j, name in enumerate(TASKS):
+            assert r.get(f"eval/{name}") == matrix[i][j]  # None above the diagonal: absent
+        assert r["routing/heatmap"]["_type"] == "image-file"
+        png = _media(wb, r["routing/heatmap"])
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        table = json.loads(_media(wb, r["routing/weights"]).read_text())
+        assert [row[0] for row in table["data"]] == TASKS[: i + 1]
+        assert len(table["columns"]) == 1 + (i + 1) + 2
+        mtable = json.loads(_media(wb, r["task/accuracy_matrix"]).read_text())
+        assert [row[1:] for row in mtable["data"]] == matrix[: i + 1]
+    pseudo = [
+        json.loads(x)
+        for x in (out / f"pseudo/00_{TASKS[0]}.jsonl").read_text().splitlines()
+        if x.strip()
+    ]
+    ptable = json.loads(_media(wb, task_rows[0]["pseudo/samples"]).read_text())
+    assert [row[3] for row in ptable["data"]] == [p["input"] for p in pseudo]
+    assert task_rows[0]["pseudo/count"] == len(pseudo) and "pseudo/samples" not in task_rows[1]
+
+    # at the end: the summary equals results.json; the matrix heatmap is an image
+    res = json.loads((out / "metrics/results.json").read_text())
+    s = wb.summary
+    assert s["final/AP"] == pytest.approx(res["metrics"]["AP"]) == results["metrics"]["AP"]
+    assert s["final/F_Ra"] == pytest.approx(res["metrics"]["F.Ra"])
+    assert s["final/BWT"] == pytest.approx(res["metrics"]["BWT"])
+    fwt = sum(matrix[j][j] - single[t] for j, t in enumerate(TASKS)) / 2
+    assert s["final/FWT"] == pytest.approx(res["metrics"]["FWT"]) == pytest.approx(fwt)
+    assert s["final/fwt_source"].endswith("single/metrics/results.json")
+    assert s["final/routing_accuracy"] == pytest.approx(res["routing_accuracy"])
+    heat = _media(wb, s["final/accuracy_matrix_heatmap"])
+    assert heat.read_bytes() == (out / "metrics/accuracy_matrix.png").read_bytes()
+
+    # the key in the environment is in no file of the run folder (wandb's included)
+    leaks = [p for p in out.rglob("*") if p.is_file() and FAKE_KEY.encode() in p.read_bytes()]
+    assert not leaks, leaks
+
+    # a second start of the finished run opens no new W&B start; a lost summary is redone
+    run(cfg)
+    assert len(read_offline_run(out).files) == 1
+    state_path(out).write_text(json.dumps({**saved, "final_logged": False}))
+    run(cfg)
+    again = _finished(out, 2)
+    assert again.run_ids == [saved["run_id"]]
+    assert again.history_per_file[1][0]["final/AP"] == pytest.approx(res["metrics"]["AP"])
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_the_same_wandb_run(tmp_path):
+    """SIGKILL mid task 2, restart: the same W&B run id, the step sequence continues from
+    the step checkpoint, the re-run steps log the same losses, and the union of both
+    starts' steps is every step once."""
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env["PYTHONPATH"] = str(ROOT)
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "sapt_dist.cli",
+        "--config",
+        str(DEMO),
+        f"output_dir={out}",
+        *TINY,
+        "data.max_train=96",
+        "train.checkpoint_every=2",
+        "tracking.mode=offline",
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    meta = out / "state" / "step" / "meta.json"
+    deadline = time.time() + 300
+    wandb_dir = out / "wandb"
+
+    def task1_on_file() -> bool:  # the .wandb file is flushed every FLUSH_SECONDS
+        try:
+            rows = read_offline_run(wandb_dir).history
+        except FileNotFoundError:
+            return False
+        return any(r.get("task/completed") == 1 for r in rows)
+
+    while time.time() < deadline:
+        if meta.is_file() and json.loads(meta.read_text())["task_index"] == 1 and task1_on_file():
+            break
+        assert proc.poll() is None, "run ended before it could be killed"
+        time.sleep(0.05)
+    else:
+        pytest.fail("no mid-task checkpoint of task 2 appeared")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ckpt = json.loads(meta.read_text())["step"]  # task 2's step the restart resumes at
+    first_id = json.loads(state_path(out).read_text())["run_id"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    wb = _finished(out, 2, killed=1)
+    assert wb.run_ids == [first_id] and wb.exit_codes == [None, 0]
+    a, b = (_steps(rows) for rows in wb.history_per_file)
+    progress = json.loads((out / "state/blocks/progress.json").read_text())
+    n1, total = len(progress["losses"][TASKS[0]]), len(_losses(out))
+    # the killed start: every step of task 1 in order (task 2's last ~FLUSH_SECONDS may
+    # be lost with the process); the restart: from task 2's checkpoint on, never from 0
+    assert a == list(range(1, len(a) + 1)) and len(a) >= n1
+    assert b == list(range(n1 + ckpt + 1, total + 1))
+    assert [r["task/completed"] for r in wb.history if "task/completed" in r] == [1, 2]
+    # a deterministic resume: steps logged by both starts carry the same loss
+    la = {r[STEP_KEY]: r["train/loss"] for r in wb.history_per_file[0] if "train/loss" in r}
+    lb = {r[STEP_KEY]: r["train/loss"] for r in wb.history_per_file[1] if "train/loss" in r}
+    for step in set(la) & set(lb):
+        assert la[step] == pytest.approx(lb[step], rel=1e-12), step
+    losses = _losses(out)  # the engine's own record, the killed start's steps included
+    for step, loss in {**la, **lb}.items():
+        assert loss == pytest.approx(losses[step - 1], rel=1e-12), step
+    assert "final/AP" in wb.summary
+
+
+@pytest.mark.slow
+def test_two_ranks_one_wandb_run(tmp_path):
+    """torchrun with 2 CPU ranks: rank 0 alone creates the W&B run (one start, one run
+    id), and its history is the engine's per-step losses; the config says world_size 2."""
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "sapt_dist.cli",
+        "--config",
+        str(DEMO),
+        f"output_dir={out}",
+        *TINY,
+        "train.checkpoint_every=0",
+        "tracking.mode=offline",
+    ]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    wb = _finished(out, 1)
+    assert wb.config["world_size"] == 2
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 1
+    losses = _losses(out)
+    assert _steps(wb.history) == list(range(1, len(losses) + 1))
+    assert [r["train/loss"] for r in wb.history if "train/loss" in r] == pytest.approx(
+        losses, rel=1e-12
+    )
+    assert wb.summary["final/AP"] == pytest.approx(
+        json.loads((out / "metrics/results.json").read_text())["metrics"]["AP"]
+    )
