@@ -27,8 +27,15 @@ LAUNCHER = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 #: CPU ranks: 2 tasks of one core on the one node, no GPU
 CPU_OPTS = ["--ntasks-per-node=2", "--gpus-per-task=0", "--cpus-per-task=1"]
 #: 2 tasks of 36 steps each with 2 ranks (96 examples x 6 epochs / (8 x 2)); a periodic
-#: checkpoint every 10 steps tells the test that training is under way
-RUN_ARGS = [*TINY, "data.max_train=96", "train.epochs=6", "train.checkpoint_every=10"]
+#: checkpoint every 10 steps tells the test that training is under way; ZeRO-3 (sharding
+#: even this tiny model), so srun-launched ranks really partition the backbone
+RUN_ARGS = [
+    *TINY,
+    "data.max_train=96",
+    "train.epochs=6",
+    "train.checkpoint_every=10",
+    f"distributed.deepspeed_config={ROOT / 'tests/data/ds_zero3_tiny.json'}",
+]
 
 
 def _fail_or_skip(why: str):
