@@ -197,6 +197,10 @@ def expand(sweep: Sweep) -> list[SweepRun]:
         name = f"{mname}-{method}-{oname}-s{seed}"
         out = str(sweep.folder / "runs" / name)
         ov = [
+            # one W&B group per sweep (the job type defaults to the method), one run per
+            # config; the sweep's own overrides may still change them
+            f"tracking.group={sweep.name}",
+            f"tracking.name={name}",
             *sweep.overrides,
             *(f"{k}={_value(v)}" for k, v in mov.items()),
             *(f"{k}={_value(v)}" for k, v in oov.items()),

@@ -46,6 +46,9 @@ def test_grid_configs_and_sbatch_command(tmp_path):
     cfg = load_config(r.config_file)
     assert (cfg.method, cfg.train.seed, cfg.model.demo_hidden_size) == ("seq_lora", 1, 256)
     assert cfg.output_dir == str(tmp_path / "out/s/runs/b-seq_lora-demo-s1")
+    # W&B: the sweep is the group, the method the job type, the run its own name
+    assert (cfg.tracking.group, cfg.tracking.name) == ("s", "b-seq_lora-demo-s1")
+    assert cfg.tracking.job_type in (None, "seq_lora")
     assert cfg.train.lr == load_config(ROOT / "sapt_dist/presets/demo.yaml").train.lr
     index = json.loads((tmp_path / "out/s/runs.json").read_text())
     assert [x["name"] for x in index["runs"]] == [r.name for r in runs]
