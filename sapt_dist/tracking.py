@@ -210,6 +210,8 @@ def _table_value(v: Any) -> Any:
 class WandbTracker(Tracker):
     """Rank 0's W&B run. Construct with :func:`open_tracker`."""
 
+    _broken = False  # set by _guard after a failed W&B call
+
     enabled = True
 
     def __init__(self, cfg: RunConfig, mode: str, extra_config: dict | None = None) -> None:
@@ -270,8 +272,25 @@ class WandbTracker(Tracker):
     def _write_state(self) -> None:
         atomic_write_json(self.state_file, {**self._state, "final_logged": self.final_logged})
 
+    def _guard(self, what: str, fn, *args, **kwargs) -> bool:
+        """Run a W&B call; tracking never takes training down. The first failure (e.g. the
+        W&B service killed by the job's SIGTERM along with the training processes) turns
+        tracking off for the rest of this start, with one warning; the run id stays in the
+        run folder, so the restart continues the same W&B run."""
+        if self._broken:
+            return False
+        try:
+            fn(*args, **kwargs)
+            return True
+        except Exception as e:  # noqa: BLE001 - any W&B failure, see above
+            self._broken = True
+            log.warning(
+                "W&B %s failed (%s: %s); tracking off until restart", what, type(e).__name__, e
+            )
+            return False
+
     def _log(self, global_step: int, data: dict) -> None:
-        self.run.log({STEP_KEY: global_step, **data}, step=global_step)
+        self._guard("log", self.run.log, {STEP_KEY: global_step, **data}, step=global_step)
 
     # ---------------------------------------------------------------- per step
     def log_step(self, global_step: int, stats: dict[str, float]) -> None:
@@ -392,16 +411,20 @@ class WandbTracker(Tracker):
             if (metrics_dir / name).is_file():
                 data[key] = wandb.Image(str(metrics_dir / name))
         self._log(global_step, data)
-        for k, v in summary.items():  # None too: FWT "missing" is shown, not dropped
-            self.run.summary[k] = v
-        self.final_logged = True
-        self._write_state()
+
+        def write_summary() -> None:
+            for k, v in summary.items():  # None too: FWT "missing" is shown, not dropped
+                self.run.summary[k] = v
+
+        if self._guard("summary", write_summary):
+            self.final_logged = True  # else the next start writes it (final_pending)
+            self._write_state()
 
     def finish(self, exit_code: int = 0) -> None:
         if self._finished:
             return
         self._finished = True
-        self.run.finish(exit_code=exit_code)
+        self._guard("finish", self.run.finish, exit_code=exit_code)
 
 
 def open_tracker(cfg: RunConfig, extra_config: dict | None = None) -> Tracker:

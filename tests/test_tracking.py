@@ -378,3 +378,33 @@ def test_two_ranks_one_wandb_run(tmp_path):
     assert wb.summary["final/AP"] == pytest.approx(
         json.loads((out / "metrics/results.json").read_text())["metrics"]["AP"]
     )
+
+
+def test_a_dead_wandb_service_never_stops_training(caplog):
+    """SLURM's SIGTERM reaches W&B's service process too: every later W&B call fails.
+    The tracker warns once and goes quiet instead of raising into the training loop."""
+    from types import SimpleNamespace
+
+    from sapt_dist.tracking import WandbTracker
+
+    calls = []
+
+    class DeadRun:
+        summary: dict = {}
+
+        def log(self, *a, **k):
+            calls.append("log")
+            raise ConnectionResetError("Connection lost")
+
+        def finish(self, *a, **k):
+            calls.append("finish")
+            raise ConnectionResetError("Connection lost")
+
+    tracker = object.__new__(WandbTracker)
+    tracker.run, tracker.t, tracker._finished = DeadRun(), SimpleNamespace(log_every=1), False
+    with caplog.at_level("WARNING", logger="sapt_dist.tracking"):
+        tracker.log_step(1, {"loss": 1.0})
+        tracker.log_step(2, {"loss": 0.5})
+        tracker.finish(exit_code=1)
+    assert calls == ["log"]  # after the first failure nothing more is tried
+    assert sum("tracking off until restart" in r.message for r in caplog.records) == 1
