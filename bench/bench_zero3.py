@@ -37,8 +37,20 @@ ZERO3 = {
         "stage3_param_persistence_threshold": 0,
         "stage3_prefetch_bucket_size": 1_000_000,
         "reduce_bucket_size": 1_000_000,
+        # release each layer after use: DeepSpeed's defaults (1e9 live elements, reuse
+        # distance 1e9) would keep this whole 165M model gathered, hiding the sharding
+        "stage3_max_live_parameters": 10_000_000,
+        "stage3_max_reuse_distance": 0,
     }
 }
+
+
+def _rss_mb() -> float:
+    """Current resident set size of this process (MB)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 SHAPES = {
     "default": {"hidden": 1024, "layers": 8, "vocab": 32000, "seq": 128, "micro": 4, "steps": 4},
     "tiny": {"hidden": 64, "layers": 2, "vocab": 512, "seq": 32, "micro": 2, "steps": 3},
@@ -63,6 +75,7 @@ def worker(args: argparse.Namespace) -> None:
         ds, micro_batch_size=shape["micro"], grad_accum=ga, max_grad_norm=1.0, dtype="float32"
     )
     distributed.configure(config)
+    base_rss = _rss_mb()  # libraries and process group, before any model memory
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=shape["vocab"],
@@ -136,6 +149,7 @@ def worker(args: argparse.Namespace) -> None:
         "rank": rank,
         "step_s": statistics.median(times),
         "peak_rss_mb": report["peak_rss_mb"],
+        "model_mb": report["peak_rss_mb"] - base_rss,
         "frozen_mb": frozen / 2**20,
         "buffers_mb": report["buffer_bytes"] / 2**20,
         "frozen_params_full_mb": sum(
@@ -151,6 +165,10 @@ def run_config(name: str, procs: int, stage: int, shape: str) -> list[dict]:
     out = Path(tempfile.mkdtemp(prefix=f"bench_zero3_{name}_"))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(PYTHONPATH=str(ROOT), DS_ACCELERATOR="cpu")
+    # glibc keeps freed heap (per-thread arenas, no trim): gloo's gather buffers then stay
+    # in RSS and a 2-rank run looked 1.5x bigger than it is; measure what is in use
+    env.setdefault("MALLOC_ARENA_MAX", "1")
+    env.setdefault("MALLOC_TRIM_THRESHOLD_", "0")
     args = ["--worker", "--stage", str(stage), "--shape", shape, "--out", str(out)]
     args += ["--global-micro", "2"]
     if procs == 1:
@@ -192,17 +210,22 @@ def main() -> None:
     ref = results["1p-zero0"][0]
     print()
     print(
-        "| config | rank | step (s) | step vs 1p-zero0 | peak RSS (MB) | RSS vs 1p-zero0 "
-        "| backbone held (MB) | of full |"
+        "| config | rank | step (s) | step vs 1p-zero0 | peak RSS (MB) | peak above start "
+        "(MB) | vs 1p-zero0 | backbone held (MB) | of full |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, rows in results.items():
         for r in rows:
             print(
                 f"| {name} | {r['rank']} | {r['step_s']:.3f} | {r['step_s'] / ref['step_s']:.2f}x "
-                f"| {r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x "
+                f"| {r['peak_rss_mb']:.0f} | {r['model_mb']:.0f} "
+                f"| {r['model_mb'] / ref['model_mb']:.2f}x "
                 f"| {r['frozen_mb']:.1f} | {r['frozen_mb'] / r['frozen_params_full_mb']:.2f} |"
             )
+    print(
+        "\npeak above start = peak RSS minus the RSS after imports and process-group start "
+        "(what the model, its activations and DeepSpeed's buffers cost)"
+    )
 
 
 if __name__ == "__main__":
