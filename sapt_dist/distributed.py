@@ -52,16 +52,34 @@ class _Zero:
 
 
 __all__ = [
+    "DS_CONFIG_DIR",
+    "all_gather_objects",
     "any_rank",
     "barrier",
+    "build_engine",
+    "configure",
+    "engine_config",
+    "finish",
+    "full_optimizer_state",
     "gathered",
     "init",
     "is_main_process",
     "is_partitioned",
     "launch_env",
+    "load_full_optimizer_state",
+    "mean_over_ranks",
+    "peak_memory_mb",
     "rank",
+    "rank0_first",
+    "ready_for_inference",
+    "release_engine",
+    "resolve_ds_config",
+    "run_engine_config",
+    "shard_report",
     "slurm_hostnames",
     "world_size",
+    "zero3_enabled",
+    "zero_stage",
 ]
 
 
@@ -197,6 +215,11 @@ def init() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return
     os.environ.update(launch_env())
+    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu":
+        # each rank its own GPU before anything allocates: a 4-bit backbone loads onto
+        # the current device (transformers skips zero.Init for it), and NCCL collectives
+        # before the first engine (barriers) need distinct devices
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     # several CPU ranks on one machine: one thread each unless told otherwise
     # (the deepspeed launcher does not set OMP_NUM_THREADS; torchrun does)
     cpu_ranks = int(os.environ["WORLD_SIZE"]) > 1 and not torch.cuda.is_available()
@@ -439,7 +462,7 @@ def mean_over_ranks(values: list[float]) -> list[float]:
     if world_size() == 1:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64)
-    if torch.cuda.is_available():
+    if torch.distributed.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
         t = t.cuda()
     torch.distributed.all_reduce(t)
     return (t / world_size()).tolist()

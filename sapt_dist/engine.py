@@ -169,6 +169,9 @@ class ContinualRun:
     def run(self) -> dict:
         try:
             return self._run()
+        except preemption.Preempted:
+            self.tracker.finish(exit_code=preemption.EXIT_PREEMPTED)  # resumed, not failed
+            raise
         except BaseException:
             self.tracker.finish(exit_code=1)
             raise
@@ -387,6 +390,9 @@ class ContinualRun:
                 run_config=to_dict(cfg),
             )
         self.state.clear_step()
+        # rank 0 wrote the pseudo-samples, blocks and progress and removed state/step:
+        # nobody reads them for the next task before that is done
+        distributed.barrier()
         pseudo = self._pseudo_path(i) if method == "sapt" and i < len(self.enc) - 1 else None
         names = [e.data.name for e in self.enc]
         self.tracker.log_task(offset + len(losses), i, names, progress["matrix"], routing, pseudo)

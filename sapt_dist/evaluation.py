@@ -120,6 +120,7 @@ def routing_scores(
 ) -> torch.Tensor:
     """(n, T) the key scores before the softmax (inactive slots included), batched exactly
     as :func:`routing_weights` so that ``softmax`` over the active slots gives its rows."""
+    distributed.ready_for_inference(model)
     device = model.router.key.device
     rows = torch.empty(len(prompts), model.n_slots)
     for idx in _batches(prompts, batch_size):

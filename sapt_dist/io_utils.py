@@ -67,7 +67,9 @@ def recover_dir(path: str | Path) -> None:
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(old, path)
+            # another rank of the same run may have repaired it first
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(old, path)
 
 
 def sha256_file(path: str | Path) -> str:
