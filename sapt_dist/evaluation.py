@@ -99,35 +99,33 @@ def generate_texts(
 
 
 @torch.no_grad()
-def routing_weights(
-    model: SAPTModel, prompts: list[list[int]], pad_id: int, batch_size: int
-) -> torch.Tensor:
-    """(n, T) the mixture weights SAPT gives each prompt (every rank computes all: the
-    prompt pass is cheap next to decoding)."""
+def _per_prompt(model: SAPTModel, prompts: list[list[int]], pad_id: int, batch_size: int, fn):
+    """(n, T) rows of ``fn(input_ids, prompt_mask)`` over length-sorted batches (every rank
+    computes all: the prompt pass is cheap next to decoding)."""
     distributed.ready_for_inference(model)
     device = model.router.key.device
     rows = torch.empty(len(prompts), model.n_slots)
     for idx in _batches(prompts, batch_size):
         batch = collate_prompts([prompts[i] for i in idx], pad_id)
-        w = model.routing_weights(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        rows[idx] = w.float().cpu()
+        rows[idx] = (
+            fn(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu()
+        )
     return rows
 
 
-@torch.no_grad()
+def routing_weights(
+    model: SAPTModel, prompts: list[list[int]], pad_id: int, batch_size: int
+) -> torch.Tensor:
+    """(n, T) the mixture weights SAPT gives each prompt."""
+    return _per_prompt(model, prompts, pad_id, batch_size, model.routing_weights)
+
+
 def routing_scores(
     model: SAPTModel, prompts: list[list[int]], pad_id: int, batch_size: int
 ) -> torch.Tensor:
     """(n, T) the key scores before the softmax (inactive slots included), batched exactly
     as :func:`routing_weights` so that ``softmax`` over the active slots gives its rows."""
-    distributed.ready_for_inference(model)
-    device = model.router.key.device
-    rows = torch.empty(len(prompts), model.n_slots)
-    for idx in _batches(prompts, batch_size):
-        batch = collate_prompts([prompts[i] for i in idx], pad_id)
-        z = model.routing_scores(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        rows[idx] = z.float().cpu()
-    return rows
+    return _per_prompt(model, prompts, pad_id, batch_size, model.routing_scores)
 
 
 def attention_target(
