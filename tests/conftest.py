@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,38 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # tests never go online, whatever key the machine has (tracking.mode=auto reads this)
 os.environ["WANDB_MODE"] = "offline"
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+#: what a launcher sets: a subprocess started by a test must not inherit the test
+#: process's own (in-process DeepSpeed tests set them) or a surrounding SLURM job's
+LAUNCHER = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a run a test starts as a user's shell would: no launcher or
+    SLURM variables, this checkout importable, one thread per process, CPU DeepSpeed."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER and not k.startswith("SLURM")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", **extra)
+    return env
+
+
+def run_progress(out: Path) -> dict:
+    """A run folder's progress as of its last finished task."""
+    return json.loads((out / "state/blocks/progress.json").read_text())
+
+
+def wait_for_step_checkpoint(proc, out: Path, task_index: int, timeout: float = 300, also=None):
+    """Wait until the running ``proc`` has written a mid-task checkpoint of task
+    ``task_index`` (and ``also()`` holds, when given); fail if it ends or times out first."""
+    meta = out / "state" / "step" / "meta.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        at_task = meta.is_file() and json.loads(meta.read_text())["task_index"] == task_index
+        if at_task and (also is None or also()):
+            return
+        assert proc.poll() is None, "run ended before it could be stopped"
+        time.sleep(0.05)
+    pytest.fail(f"no mid-task checkpoint of task {task_index + 1} appeared in {timeout:.0f} s")
 
 
 def tiny_llama(vocab: int = 128, hidden: int = 32, layers: int = 2, seed: int = 0):

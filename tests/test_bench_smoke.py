@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .conftest import subprocess_env
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -29,9 +31,7 @@ def test_bench_mixture_tiny_runs() -> None:
 
 def test_bench_zero3_tiny_runs() -> None:
     """1 process vs 2 ZeRO-3 ranks: the table comes out and each rank holds half."""
-    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in launcher}
-    env["PYTHONPATH"] = str(ROOT)
+    env = subprocess_env()
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "bench_zero3.py"), "--tiny"],
         cwd=ROOT,

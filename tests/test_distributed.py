@@ -10,13 +10,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from sapt_dist.distributed import launch_env, slurm_hostnames
+
+from .conftest import run_progress, subprocess_env, wait_for_step_checkpoint
 
 
 def test_slurm_hostnames_expands_ranges_and_keeps_padding():
@@ -99,13 +100,6 @@ TINY = [
 ]
 
 
-def _env() -> dict[str, str]:
-    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith("SLURM")}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    return env
-
-
 def _cmd(procs: int, out: Path, *overrides: str) -> list[str]:
     entry = [str(ROOT / "launch/train.py"), "--preset", "demo", f"output_dir={out}", *TINY]
     if procs == 1:
@@ -133,14 +127,14 @@ def _free_port() -> int:
 
 def _run(procs: int, out: Path, *overrides: str) -> subprocess.CompletedProcess:
     res = subprocess.run(
-        _cmd(procs, out, *overrides), env=_env(), capture_output=True, text=True, timeout=900
+        _cmd(procs, out, *overrides),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert res.returncode == 0, res.stderr[-4000:]
     return res
-
-
-def _progress(out: Path) -> dict:
-    return json.loads((out / "state/blocks/progress.json").read_text())
 
 
 def _assert_blocks_close(a: Path, b: Path, rel: float) -> None:
@@ -158,7 +152,7 @@ def _assert_blocks_close(a: Path, b: Path, rel: float) -> None:
 
 
 def _assert_same_results(ref: Path, run: Path, loss_tol: float, block_rel: float) -> None:
-    a, b = _progress(ref), _progress(run)
+    a, b = run_progress(ref), run_progress(run)
     assert a["matrix"] == b["matrix"]
     assert a["losses"].keys() == b["losses"].keys()
     for task, la in a["losses"].items():
@@ -234,24 +228,16 @@ def _kill_mid_task_two(procs: int, out: Path, *overrides: str) -> None:
     """Start a run and SIGKILL all its processes once task 2 has a mid-task checkpoint."""
     proc = subprocess.Popen(
         _cmd(procs, out, *overrides),
-        env=_env(),
+        env=subprocess_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    meta = out / "state" / "step" / "meta.json"
-    deadline = time.time() + 600
     try:
-        while time.time() < deadline:
-            if meta.is_file() and json.loads(meta.read_text())["task_index"] == 1:
-                break
-            assert proc.poll() is None, "run ended before it could be killed"
-            time.sleep(0.05)
-        else:
-            pytest.fail("no mid-task checkpoint of task 2 appeared")
+        wait_for_step_checkpoint(proc, out, 1, timeout=600)
     finally:
         _kill_tree(proc.pid)
         proc.wait()
-    assert _progress(out)["completed"] == 1 and not (out / "state/finished.json").exists()
+    assert run_progress(out)["completed"] == 1 and not (out / "state/finished.json").exists()
 
 
 @pytest.mark.slow
@@ -278,7 +264,11 @@ def test_resume_with_another_global_batch_is_refused(reference_runs, tmp_path):
     shutil.copytree(reference_runs / "one", run)
     (run / "state/finished.json").unlink()
     res = subprocess.run(
-        _cmd(2, run, "train.grad_accum=2"), env=_env(), capture_output=True, text=True, timeout=300
+        _cmd(2, run, "train.grad_accum=2"),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert res.returncode != 0
     assert "global batch was 8" in res.stderr and "gives 16" in res.stderr
@@ -353,7 +343,7 @@ def test_4bit_zero3_two_processes_match_one_process(tmp_path):
     q = ["model.quantization=nf4", "model.dtype=bfloat16"]
     _run(1, tmp_path / "one", *q, "train.grad_accum=2", ZERO3)
     _run(2, tmp_path / "two", *q, "train.grad_accum=1", ZERO3)
-    one, two = _progress(tmp_path / "one"), _progress(tmp_path / "two")
+    one, two = run_progress(tmp_path / "one"), run_progress(tmp_path / "two")
     for task, la in one["losses"].items():
         assert la == pytest.approx(two["losses"][task], rel=BF16_LOSS_REL), task
     _assert_blocks_close(tmp_path / "one", tmp_path / "two", BF16_BLOCK_REL)
@@ -379,7 +369,7 @@ def test_predict_on_a_zero3_run_equals_its_evaluation(reference_runs, tmp_path, 
     if procs == 2:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
         cmd += ["--master_port", str(_free_port()), *entry, "--output", str(out)]
-    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    res = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     engine = [
         json.loads(line)

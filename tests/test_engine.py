@@ -7,7 +7,6 @@ and the ARM KL against a plain computation.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,6 +18,8 @@ import torch
 
 from sapt_dist.attention import SharedAttention, arm_kl
 from sapt_dist.config import load_config
+
+from .conftest import run_progress, subprocess_env, wait_for_step_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -138,9 +139,7 @@ def test_sigkill_resume_equals_uninterrupted(tmp_path):
     the same accuracy matrix as an uninterrupted run (fp32, CPU, same seed)."""
     args = [*TINY, "data.max_train=96", "train.checkpoint_every=2"]
     # a plain start, as a user's shell: no process-group variables from in-process tests
-    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in launcher}
-    env["PYTHONPATH"] = str(ROOT)
+    env = subprocess_env()
 
     def cmd(out):
         return [
@@ -161,18 +160,10 @@ def test_sigkill_resume_equals_uninterrupted(tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen(cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # kill in the middle of the second task, once a mid-task checkpoint of it exists
-    meta = out / "state" / "step" / "meta.json"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if meta.is_file() and json.loads(meta.read_text())["task_index"] == 1:
-            break
-        assert proc.poll() is None, "run ended before it could be killed"
-        time.sleep(0.05)
-    else:
-        pytest.fail("no mid-task checkpoint of task 2 appeared")
+    wait_for_step_checkpoint(proc, out, 1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    progress = json.loads((out / "state/blocks/progress.json").read_text())
+    progress = run_progress(out)
     assert progress["completed"] == 1 and not (out / "state/finished.json").exists()
     res = subprocess.run(cmd(out), env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

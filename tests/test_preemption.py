@@ -16,17 +16,16 @@ import torch
 
 from sapt_dist import distributed, preemption
 
+from .conftest import run_progress, subprocess_env
 from .test_engine import ROOT, TINY
 
 #: 2 tasks of 36 steps each (96 examples, 3 epochs, batch 8), a periodic checkpoint every
 #: 10 steps: the signal is sent once the first one exists, so the stop lands mid-task
 ARGS = [*TINY, "data.max_train=96", "train.epochs=3", "train.checkpoint_every=10"]
-LAUNCHER = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    env = subprocess_env()
     env.pop(preemption.MARKER_ENV, None)
     return env
 
@@ -58,10 +57,6 @@ def test_signal_sets_the_flag_only():
         preemption.reset()
         for s, h in old.items():
             signal.signal(s, h)
-
-
-def _progress(out) -> dict:
-    return json.loads((out / "state/blocks/progress.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +105,7 @@ def test_signal_mid_task_stops_cleanly_and_resumes_exactly(tmp_path, reference, 
     assert res.returncode == 0, res.stderr[-3000:]
     # resumed exactly there: no step lost, none trained twice
     assert f"resumed at step {stop}/{total}" in res.stderr
-    a, b = _progress(reference), _progress(out)
+    a, b = run_progress(reference), run_progress(out)
     assert a["losses"] == b["losses"] and a["matrix"] == b["matrix"]
     from safetensors.torch import load_file
 

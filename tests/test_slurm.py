@@ -21,9 +21,9 @@ import pytest
 import torch
 import yaml
 
+from .conftest import LAUNCHER
 from .test_engine import ROOT, TINY
 
-LAUNCHER = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 #: CPU ranks: 2 tasks of one core on the one node, no GPU
 CPU_OPTS = ["--ntasks-per-node=2", "--gpus-per-task=0", "--cpus-per-task=1"]
 #: 2 tasks of 36 steps each with 2 ranks (96 examples x 6 epochs / (8 x 2)); a periodic

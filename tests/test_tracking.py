@@ -6,7 +6,6 @@ No test goes online (conftest sets WANDB_MODE=offline; these tests also say offl
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from sapt_dist.tracking import (
     state_path,
 )
 
+from .conftest import subprocess_env, wait_for_step_checkpoint
 from .test_engine import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -279,9 +279,7 @@ def test_killed_run_resumes_the_same_wandb_run(tmp_path):
     """SIGKILL mid task 2, restart: the same W&B run id, the step sequence continues from
     the step checkpoint, the re-run steps log the same losses, and the union of both
     starts' steps is every step once."""
-    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in launcher}
-    env["PYTHONPATH"] = str(ROOT)
+    env = subprocess_env()
     out = tmp_path / "run"
     cmd = [
         sys.executable,
@@ -296,8 +294,6 @@ def test_killed_run_resumes_the_same_wandb_run(tmp_path):
         "tracking.mode=offline",
     ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    meta = out / "state" / "step" / "meta.json"
-    deadline = time.time() + 300
     wandb_dir = out / "wandb"
 
     def task1_on_file() -> bool:  # the .wandb file is flushed every FLUSH_SECONDS
@@ -307,16 +303,12 @@ def test_killed_run_resumes_the_same_wandb_run(tmp_path):
             return False
         return any(r.get("task/completed") == 1 for r in rows)
 
-    while time.time() < deadline:
-        if meta.is_file() and json.loads(meta.read_text())["task_index"] == 1 and task1_on_file():
-            break
-        assert proc.poll() is None, "run ended before it could be killed"
-        time.sleep(0.05)
-    else:
-        pytest.fail("no mid-task checkpoint of task 2 appeared")
+    wait_for_step_checkpoint(proc, out, 1, also=task1_on_file)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    ckpt = json.loads(meta.read_text())["step"]  # task 2's step the restart resumes at
+    ckpt = json.loads((out / "state/step/meta.json").read_text())[
+        "step"
+    ]  # task 2's step the restart resumes at
     first_id = json.loads(state_path(out).read_text())["run_id"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -346,9 +338,7 @@ def test_killed_run_resumes_the_same_wandb_run(tmp_path):
 def test_two_ranks_one_wandb_run(tmp_path):
     """torchrun with 2 CPU ranks: rank 0 alone creates the W&B run (one start, one run
     id), and its history is the engine's per-step losses; the config says world_size 2."""
-    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in launcher}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    env = subprocess_env()
     out = tmp_path / "run"
     cmd = [
         sys.executable,
