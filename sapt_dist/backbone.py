@@ -27,7 +27,17 @@ import torch
 from sapt_dist import distributed
 from sapt_dist.config import ConfigError, ModelConfig
 
-__all__ = ["DEMO_SPEC", "build_demo_backbone", "demo_spec", "load_backbone", "torch_dtype"]
+__all__ = [
+    "DEMO_SPEC",
+    "GGUF_ARCHITECTURES",
+    "build_demo_backbone",
+    "check_gguf",
+    "demo_spec",
+    "gguf_as_folder",
+    "load_backbone",
+    "resolve_model_path",
+    "torch_dtype",
+]
 
 log = logging.getLogger(__name__)
 
@@ -162,14 +172,25 @@ def load_backbone(cfg: ModelConfig, data_root: Path | None = None):
         with distributed.rank0_first():  # one rank builds the cache, the others read it
             path = build_demo_backbone(spec=demo_spec(cfg.demo_hidden_size, cfg.demo_layers))
     else:
-        path = Path(cfg.path or "")
-        if not (path / "config.json").is_file():
-            raise ConfigError(
-                f"config key 'model.path': {str(path)!r} is not a Hugging Face model folder "
-                f"(no config.json there)"
-            )
-    tok_path = Path(cfg.tokenizer) if cfg.tokenizer else path
-    tokenizer = AutoTokenizer.from_pretrained(tok_path)
+        path = resolve_model_path(cfg.path or "")
+    gguf = path.suffix == ".gguf"
+    if gguf:
+        check_gguf(path)
+        if cfg.quantization != "none" or distributed.zero3_enabled():
+            # transformers reads a GGUF file whole (no 4-bit quantization, no ZeRO-3
+            # partitioning while loading): such runs load a safetensors copy, converted
+            # once per file into the model cache
+            with distributed.rank0_first():
+                path = gguf_as_folder(path)
+            gguf = False
+    tok_kwargs: dict = {}
+    if cfg.tokenizer:
+        tok_path = Path(cfg.tokenizer)
+    elif gguf:  # the GGUF file carries its tokenizer
+        tok_path, tok_kwargs = path.parent, {"gguf_file": path.name}
+    else:
+        tok_path = path
+    tokenizer = AutoTokenizer.from_pretrained(tok_path, **tok_kwargs)
     if tokenizer.pad_token_id is None:
         # LLaMA ships without a pad token; padding is masked everywhere, so EOS serves
         tokenizer.pad_token = tokenizer.eos_token
@@ -186,6 +207,97 @@ def load_backbone(cfg: ModelConfig, data_root: Path | None = None):
         )
     # Under ZeRO-3 (distributed.configure) this loads each rank's partition only; a 4-bit
     # model loads whole (4-bit) on each rank and is partitioned by deepspeed.initialize.
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if gguf:
+        # transformers dequantizes every GGUF tensor to ``dtype`` on the host, then loads
+        # the result like any checkpoint (partitioned under ZeRO-3, quantized to 4 bits
+        # again under model.quantization)
+        kwargs["gguf_file"] = path.name
+        path = path.parent
+        log.info("loading GGUF %s (dequantized to %s)", Path(path) / kwargs["gguf_file"], cfg.dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        if not gguf:
+            raise
+        raise ConfigError(
+            f"config key 'model.path': {Path(path) / kwargs['gguf_file']} could not be loaded "
+            f"as a GGUF checkpoint ({type(e).__name__}: {e})"
+        ) from e
     model.eval()
     return model, tokenizer
+
+
+def resolve_model_path(spec: str) -> Path:
+    """``model.path`` as a local path: a Hugging Face model folder, a ``.gguf`` file, or
+    the name of a model ``sapt-models`` knows (fetched into the cache on first use).
+
+    Raises:
+        ConfigError: naming ``model.path`` when it is none of these.
+    """
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if (path / "config.json").is_file():
+        return path
+    from sapt_dist import models
+
+    if spec in models.KNOWN:
+        with distributed.rank0_first():  # one rank downloads, the others find it cached
+            return models.ensure(spec)
+    if path.is_dir():
+        why = "a folder without config.json (not a Hugging Face model folder)"
+    elif path.exists():
+        why = "a file that is not a .gguf checkpoint"
+    else:
+        why = "no such file or folder"
+    raise ConfigError(
+        f"config key 'model.path': {spec!r} is {why}; give a Hugging Face model folder, a "
+        f".gguf file, or a model name sapt-models knows ({', '.join(sorted(models.KNOWN))})"
+    )
+
+
+def gguf_as_folder(path: Path) -> Path:
+    """The GGUF file dequantized (fp32) into a safetensors model folder, made once and kept
+    in the model cache, keyed by the file's name, size and modification time."""
+    from sapt_dist.models import cache_dir, convert
+
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    out = cache_dir() / "converted" / f"{path.stem}-{key[:12]}"
+    if not (out / "config.json").is_file():
+        log.info("converting %s once to a safetensors folder %s", path, out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        convert(path, out)
+    return out
+
+
+#: GGUF architectures this loader accepts: LLaMA-family decoders transformers dequantizes
+GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def check_gguf(path: Path) -> str:
+    """Read a GGUF file's header (no tensors) and return its architecture.
+
+    Raises:
+        ConfigError: naming the file when it is not a readable GGUF file or holds an
+            architecture other than :data:`GGUF_ARCHITECTURES`.
+    """
+    try:
+        from gguf import GGUFReader
+    except ImportError as e:  # pragma: no cover - gguf is a dependency
+        raise ConfigError(f"{path}: reading GGUF files needs the 'gguf' package") from e
+    try:
+        reader = GGUFReader(str(path))
+        field = reader.fields["general.architecture"]
+        arch = bytes(field.parts[field.data[0]]).decode()
+    except Exception as e:  # the reader raises many kinds on a damaged file
+        raise ConfigError(
+            f"config key 'model.path': {path} is not a readable GGUF file "
+            f"({type(e).__name__}: {e}); fetch it again"
+        ) from e
+    if arch not in GGUF_ARCHITECTURES:
+        raise ConfigError(
+            f"config key 'model.path': {path} holds a {arch!r} model; GGUF loading supports "
+            f"the LLaMA-family decoders {list(GGUF_ARCHITECTURES)}"
+        )
+    return arch
