@@ -3,7 +3,7 @@
 For a sequence ``x`` with prompt mask ``m`` (1 on instruction + input tokens)::
 
     u = max_{i: m_i = 1} E(x)_i                       (b, d)   prompt max-pool
-    q = LayerNorm(SiLU(W2 W1 u))                      (b, d)   query network g
+    q = LayerNorm(SiLU(W2 W1 (u - c)))                (b, d)   query network g
     z_j = <k_j, q> / tau   (active j),  -inf otherwise  (b, T)
     w = softmax(z)                                    (b, T)
 
@@ -14,7 +14,9 @@ attending as they did when task j was learned).
 State is held in fixed-shape buffers so nothing is reallocated between tasks:
 ``key_bank`` (T, d) holds the frozen keys, ``key`` (d,) is the current task's trainable
 key, ``active`` / ``current`` (T,) are boolean slot masks and ``targets`` (T, T) holds each
-finished task's stored attention target ``a_j*`` (row j, zero-padded).
+finished task's stored attention target ``a_j*`` (row j, zero-padded). ``c`` is 0 (the
+paper) or, with ``center='tasks'``, the mean of the seen tasks' mean pooled prompts
+(``task_means``, ``center``).
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ class SharedAttention(nn.Module):
         hidden: int = 100,
         tau: float | None = None,
         mode: RoutingMode = "attention",
+        center: Literal["none", "tasks"] = "none",
     ) -> None:
         super().__init__()
         if mode not in ("attention", "sum"):
@@ -100,7 +103,35 @@ class SharedAttention(nn.Module):
         self.register_buffer("active", torch.zeros(n_slots, dtype=torch.bool))
         self.register_buffer("current", torch.zeros(n_slots, dtype=torch.bool))
         self.register_buffer("targets", torch.zeros(n_slots, n_slots))
+        # The query network's input is ``u - center``. ``none`` (the paper): center stays 0.
+        # ``tasks``: the mean of the seen tasks' mean pooled training prompts, so that what
+        # every max-pooled prompt shares (its largest component on a real model) does not
+        # drown what tells the tasks apart (see docs/ROUTING.md).
+        if center not in ("none", "tasks"):
+            raise ValueError(f"router center must be 'none' or 'tasks', got {center!r}")
+        self.center_mode = center
+        self.register_buffer("task_means", torch.zeros(n_slots, d))
+        self.register_buffer("has_mean", torch.zeros(n_slots, dtype=torch.bool))
+        self.register_buffer("center", torch.zeros(d))
         self.reset_key()
+
+    @torch.no_grad()
+    def set_task_mean(self, slot: int, mean: torch.Tensor) -> None:
+        """Record task ``slot``'s mean pooled training prompt and recompute the center (the
+        mean of the recorded task means, each task weighing the same). No-op unless the
+        attention centers its input (``center='tasks'``)."""
+        if self.center_mode != "tasks":
+            return
+        self.task_means[slot].copy_(mean.to(self.task_means))
+        self.has_mean[slot] = True
+        self.recompute_center()
+
+    @torch.no_grad()
+    def recompute_center(self) -> None:
+        if self.center_mode != "tasks" or not bool(self.has_mean.any()):
+            self.center.zero_()
+            return
+        self.center.copy_(self.task_means[self.has_mean].mean(dim=0))
 
     def adapter_params(self) -> list[nn.Parameter]:
         """Trainable parameters of the attention (none in ``sum`` mode)."""
@@ -136,7 +167,7 @@ class SharedAttention(nn.Module):
         """
         if self.mode == "sum":
             raise ValueError("routing 'sum' (inc_lora) has no key scores: every block weighs 1")
-        q = self.query(u.to(self.key.dtype))
+        q = self.query((u - self.center).to(self.key.dtype))
         return (q @ self.keys().t() / self.tau).float()
 
     def log_weights(self, u: torch.Tensor) -> torch.Tensor:

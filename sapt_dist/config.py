@@ -83,6 +83,12 @@ class AdapterConfig:
     tau: float | None = None
     #: ``cut``: earlier blocks pass no gradient to hidden states (the paper). ``exact``: they do.
     gradient: Literal["cut", "exact"] = "cut"
+    #: What the query network reads. ``none``: the max-pooled prompt embedding (the paper).
+    #: ``tasks``: that minus the mean of the seen tasks' mean pooled training prompts,
+    #: updated when a task starts. On a real model every max-pooled prompt shares one large
+    #: component (|mean| ~7x the spread on SmolLM2) and the paper's routing collapses onto
+    #: the first block; centering removes it (docs/ROUTING.md has the measurements).
+    router_center: Literal["none", "tasks"] = "none"
 
 
 @dataclass
@@ -174,6 +180,10 @@ class ReplayConfig:
 class EvalConfig:
     max_new_tokens: int = 50
     batch_size: int = 8
+    #: SAPT: every N optimizer steps, the mean routing weights of every seen task's dev
+    #: inputs (metrics/routing_trajectory.{json,png}, W&B ``train/routing_own/<task>``);
+    #: 0: off. Costs one embedding + pooling pass over the dev prompts.
+    routing_every: int = 5
 
 
 @dataclass
@@ -311,6 +321,7 @@ class RunConfig:
             (self.replay.kl_ratio >= 0, "replay.kl_ratio", "must be >= 0"),
             (self.eval.batch_size >= 1, "eval.batch_size", "must be >= 1"),
             (self.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1"),
+            (self.eval.routing_every >= 0, "eval.routing_every", "must be >= 0"),
             (
                 self.model.builder == "demo" or bool(self.model.path),
                 "model.path",

@@ -45,7 +45,12 @@ from sapt_dist.data import (
     resolve_order,
     split_sha256,
 )
-from sapt_dist.evaluation import attention_target, generate_texts, routing_weights
+from sapt_dist.evaluation import (
+    attention_target,
+    generate_texts,
+    mean_pooled_prompt,
+    routing_weights,
+)
 from sapt_dist.metrics import routing_summary, score_predictions
 from sapt_dist.model import SAPTModel
 from sapt_dist.replay import (
@@ -90,6 +95,7 @@ class ContinualRun:
         self.out = Path(cfg.output_dir)
         self.state = RunState(self.out)
         self.tracker = Tracker()  # the no-op one until run() opens the real one (rank 0)
+        self._trajectory: dict[tuple[int, int], dict] = {}
 
     # ------------------------------------------------------------------ set-up
     def _load_tasks(self) -> list[TaskData]:
@@ -270,6 +276,15 @@ class ContinualRun:
         torch.manual_seed(cfg.train.seed + 1000 * i)
         model.start_task(slot, fresh=fresh)
         task = self.enc[i]
+        if method == "sapt" and cfg.adapter.router_center != "none":
+            # the router's input center takes in this task (recomputed the same on resume)
+            mean = mean_pooled_prompt(
+                model,
+                [ex.input_ids[: ex.prompt_len] for ex in task.train],
+                self.tokenizer.pad_token_id,
+                cfg.eval.batch_size,
+            )
+            model.router.set_task_mean(slot, mean)
         label = f"task {i + 1}/{len(self.enc)} {task.data.name}"
 
         examples = list(task.train)
@@ -312,13 +327,31 @@ class ContinualRun:
             router_lr=t.router_lr,
         )
         resume, best = self.state.load_step(i)
+        offset = self._global_step(progress)
         per_epoch = num_steps(
             len(examples), 1, t.micro_batch_size, t.grad_accum, None, distributed.world_size()
         )
         select_every = per_epoch * t.eval_every_epochs if t.select_best else 0
 
+        every_r = cfg.eval.routing_every if method == "sapt" else 0
+
+        def trajectory(step: int) -> dict[str, float]:
+            """Mean weight of each seen task's dev inputs on its own block, at ``step``."""
+            if not every_r or (step % every_r and step != job.steps):
+                return {}
+            point = self._trajectory.get((i, step))
+            if point is None:
+                point = self._routing_point(i)
+                self._trajectory[(i, step)] = point
+                self._write_trajectory(i, offset + step, point, step, final=step == job.steps)
+            return {
+                f"routing_own/{self.enc[j].data.name}": point[self.enc[j].data.name][j]
+                for j in range(i + 1)
+            }
+
         def on_step(step: int, snapshot) -> None:
             nonlocal best
+            trajectory(step)
             if select_every and (step % select_every == 0 or step == job.steps):
                 best = self._keep_if_best(task, step, params, best)
             every = t.checkpoint_every
@@ -330,12 +363,12 @@ class ContinualRun:
                     self.state.save_step(i, snapshot(), best)
                 self._stop(f"at step {step}/{job.steps} of {label}")
 
-        offset = self._global_step(progress)
         log_step = None
         if self.tracker.enabled:
 
             def log_step(step: int, stats: dict) -> None:
-                self.tracker.log_step(offset + step, {**stats, "task": i + 1})
+                extra = trajectory(step)
+                self.tracker.log_step(offset + step, {**stats, **extra, "task": i + 1})
 
         losses = self._train(job, resume=resume, on_step=on_step, log_step=log_step)
         if not getattr(self, "_sharding_written", False):
@@ -396,6 +429,44 @@ class ContinualRun:
         pseudo = self._pseudo_path(i) if method == "sapt" and i < len(self.enc) - 1 else None
         names = [e.data.name for e in self.enc]
         self.tracker.log_task(offset + len(losses), i, names, progress["matrix"], routing, pseudo)
+
+    # ------------------------------------------------------------------ routing dynamics
+    def _routing_point(self, i: int) -> dict[str, list[float]]:
+        """Mean routing weights (over slots ``0..i``) of each seen task's dev inputs."""
+        pad = self.tokenizer.pad_token_id
+        was_training = self.model.training
+        out = {}
+        for j in range(i + 1):
+            e = self.enc[j]
+            w = routing_weights(self.model, e.dev_prompts, pad, self.cfg.eval.batch_size)
+            out[e.data.name] = [round(float(x), 5) for x in w[:, : i + 1].mean(0)]
+        self.model.train(was_training)
+        return out
+
+    def _write_trajectory(
+        self, i: int, global_step: int, point: dict, step: int, final: bool
+    ) -> None:
+        """Add a point to ``metrics/routing_trajectory.json`` (and draw the ``.png`` at a
+        task's end): the dev inputs' mean weights during training, keyed by (task, step),
+        so a resumed run writes the same points again, never twice."""
+        import json
+
+        from sapt_dist.io_utils import atomic_write_json
+        from sapt_dist.report import plot_trajectory
+
+        if not distributed.is_main_process():
+            return
+        path = self.out / "metrics" / "routing_trajectory.json"
+        try:
+            data = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, json.JSONDecodeError):
+            data = {}  # a diagnostic file: a damaged one is started again
+        name = self.enc[i].data.name
+        data.setdefault(name, {})[str(step)] = {"global_step": global_step, "mean": point}
+        data[name] = dict(sorted(data[name].items(), key=lambda kv: int(kv[0])))
+        atomic_write_json(path, data)
+        if final:
+            plot_trajectory(data, [e.data.name for e in self.enc], path.with_suffix(".png"))
 
     def _write_sharding(self) -> None:
         """``metrics/sharding.json``: what each rank holds (collective; once per process)."""

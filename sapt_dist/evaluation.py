@@ -15,7 +15,13 @@ from sapt_dist import distributed
 from sapt_dist.data import collate_prompts
 from sapt_dist.model import SAPTModel
 
-__all__ = ["generate_texts", "routing_scores", "routing_weights", "attention_target"]
+__all__ = [
+    "attention_target",
+    "generate_texts",
+    "mean_pooled_prompt",
+    "routing_scores",
+    "routing_weights",
+]
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +132,24 @@ def routing_scores(
     """(n, T) the key scores before the softmax (inactive slots included), batched exactly
     as :func:`routing_weights` so that ``softmax`` over the active slots gives its rows."""
     return _per_prompt(model, prompts, pad_id, batch_size, model.routing_scores)
+
+
+@torch.no_grad()
+def mean_pooled_prompt(
+    model: SAPTModel, prompts: list[list[int]], pad_id: int, batch_size: int
+) -> torch.Tensor:
+    """(d,) the mean max-pooled prompt embedding of ``prompts`` (each counted once): a
+    task's contribution to the router's input center (``adapter.router_center=tasks``)."""
+    distributed.ready_for_inference(model)
+    device = model.router.key.device
+    total = None
+    for idx in _batches(prompts, batch_size):
+        batch = collate_prompts([prompts[i] for i in idx], pad_id)
+        u = model.pooled_prompts(
+            batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        ).double()
+        total = u.sum(0) if total is None else total + u.sum(0)
+    return (total / max(1, len(prompts))).float().cpu()
 
 
 def attention_target(

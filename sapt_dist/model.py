@@ -9,8 +9,8 @@ patched), owns the :class:`~sapt_dist.attention.SharedAttention`, and on every f
 3. puts ``w`` in the routing context every adapted layer reads,
 4. runs the backbone on the embeddings (``inputs_embeds``), so the table is read once.
 
-The task life cycle is ``start_task(slot)`` -> train -> ``finish_task(target)``; see
-``sapt_dist.engine`` for the loop.
+The task life cycle is ``start_task(slot)`` -> train -> ``file_current()`` ->
+``set_target(slot, a*)``; see ``sapt_dist.engine`` for the loop.
 """
 
 from __future__ import annotations
@@ -129,7 +129,12 @@ class SAPTModel(nn.Module):
         emb = backbone.get_input_embeddings()
         d = emb.embedding_dim
         self.router = SharedAttention(
-            d, n_slots, hidden=adapter.query_hidden, tau=adapter.tau, mode=routing
+            d,
+            n_slots,
+            hidden=adapter.query_hidden,
+            tau=adapter.tau,
+            mode=routing,
+            center=adapter.router_center if routing == "attention" else "none",
         )
         if dtype is not None:
             self.router.to(dtype)
@@ -232,6 +237,10 @@ class SAPTModel(nn.Module):
         row = torch.zeros(self.n_slots, dtype=self.router.targets.dtype, device=target.device)
         row[: target.numel()] = target.to(row.dtype)
         self.router.targets[slot].copy_(row.to(self.router.targets.device))
+
+    def pooled_prompts(self, input_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """(batch, d) the max-pooled prompt embeddings the attention reads (before centering)."""
+        return max_pool_prompt(self.embed(input_ids), prompt_mask)
 
     def x_grad_mask(self) -> torch.Tensor | None:
         if self.adapter_config.gradient == "exact":

@@ -9,6 +9,8 @@
                                   per slot and routing accuracy per test task, chance
     metrics/routing.png           heatmap of the mean weights (SAPT only)
     metrics/results.json          the summary (and, for single_task, the b_j scores)
+    metrics/routing_trajectory.*  SAPT: mean dev weights during training (written by the
+                                  engine; drawn here by plot_trajectory)
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from sapt_dist.config import RunConfig
 from sapt_dist.io_utils import atomic_write_json, atomic_write_text
 from sapt_dist.metrics import cl_metrics, matrix_markdown, save_heatmap
 
-__all__ = ["load_single_task_scores", "write_report"]
+__all__ = ["load_single_task_scores", "plot_trajectory", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -109,3 +111,50 @@ def write_report(out: Path, cfg: RunConfig, progress: dict) -> dict:
         )
     results["report"] = text
     return results
+
+
+def plot_trajectory(data: dict, tasks: list[str], path: Path) -> None:
+    """One panel per seen task's dev inputs: the mean weight on every block against the
+    global optimizer step, across the whole run (``metrics/routing_trajectory.png``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seen = [
+        t for t in tasks if any(t in p["mean"] for rows in data.values() for p in rows.values())
+    ]
+    if not seen:
+        return
+    fig, axes = plt.subplots(
+        1, len(seen), figsize=(4.2 * len(seen), 3.2), squeeze=False, sharey=True
+    )
+    for ax, dev_task in zip(axes[0], seen, strict=True):
+        series: dict[int, list[tuple[int, float]]] = {}
+        for rows in data.values():
+            for point in rows.values():
+                mean = point["mean"].get(dev_task)
+                if mean is None:
+                    continue
+                for slot, w in enumerate(mean):
+                    series.setdefault(slot, []).append((point["global_step"], w))
+        for slot, pts in sorted(series.items()):
+            pts.sort()
+            own = tasks[slot] == dev_task
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                lw=2.2 if own else 1.0,
+                label=f"block {slot + 1}" + (" (own)" if own else ""),
+            )
+        ax.set_title(f"dev inputs of {dev_task[:28]}", fontsize=8)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("mean routing weight")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(path)

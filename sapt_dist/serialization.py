@@ -112,6 +112,11 @@ def model_signature(model: SAPTModel) -> dict[str, Any]:
         "routing": model.router.mode,
         "query_hidden": model.adapter_config.query_hidden,
         "tau": model.router.tau,
+        **(
+            {"router_center": model.router.center_mode}
+            if model.router.center_mode != "none"
+            else {}
+        ),
         "target_layers": {
             name: [layer.in_features, layer.out_features] for name, layer in model.layers.items()
         },
@@ -161,6 +166,9 @@ def save_blocks(
     with distributed.gathered(router_params):
         router = {f"query.{k}": _cpu(v) for k, v in model.router.query.state_dict().items()}
     router["targets"] = _cpu(model.router.targets)
+    if model.router.center_mode != "none":
+        router["task_means"] = _cpu(model.router.task_means)
+        router["has_mean"] = _cpu(model.router.has_mean.to(torch.uint8))
     if not distributed.is_main_process():
         return folder
     with atomic_dir(folder) as tmp:
@@ -341,8 +349,10 @@ def check_manifest(manifest: dict[str, Any], model: SAPTModel, where: str) -> No
     """Raise naming every field where ``manifest`` disagrees with ``model``."""
     saved, mine = manifest.get("model", {}), model_signature(model)
     problems = []
-    for key in mine:
-        if saved.get(key) != mine[key]:
+    # keys written only when set (so older manifests still load) are compared both ways
+    optional = [k for k in ("router_center",) if k in saved and k not in mine]
+    for key in list(mine) + optional:
+        if saved.get(key) != mine.get(key):
             if key == "target_layers":
                 a, b = set(saved.get(key, {})), set(mine[key])
                 diff = (
@@ -351,7 +361,7 @@ def check_manifest(manifest: dict[str, Any], model: SAPTModel, where: str) -> No
                 )
                 problems.append(f"target_layers differ (e.g. {diff})")
             else:
-                problems.append(f"{key}: saved {saved.get(key)!r}, model has {mine[key]!r}")
+                problems.append(f"{key}: saved {saved.get(key)!r}, model has {mine.get(key)!r}")
     if problems:
         raise CheckpointMismatchError(
             f"{where}: saved blocks do not fit this model/config: " + "; ".join(problems)
@@ -379,6 +389,15 @@ def load_blocks(model: SAPTModel, folder: str | Path) -> list[str]:
                 {k.removeprefix("query."): v for k, v in router.items() if k.startswith("query.")}
             )
         r.targets.copy_(router["targets"].to(r.targets))
+        if r.center_mode != "none":
+            if "task_means" not in router:
+                raise CheckpointMismatchError(
+                    f"{folder / 'router.safetensors'}: has no task means, but the model "
+                    f"centers the router's input (adapter.router_center={r.center_mode!r})"
+                )
+            r.task_means.copy_(router["task_means"].to(r.task_means))
+            r.has_mean.copy_(router["has_mean"].to(torch.bool))
+            r.recompute_center()
         for j, block in enumerate(blocks):
             for name, layer in model.layers.items():
                 layer.A_bank[j].copy_(block[f"{name}.A"].to(layer.A_bank))
