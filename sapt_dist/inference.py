@@ -64,12 +64,14 @@ __all__ = [
     "LoadedRun",
     "explain_routing",
     "find_blocks",
+    "judge_routing",
     "load_run",
     "load_run_config",
     "predict",
     "read_inputs",
     "reevaluate",
     "routing_report",
+    "routing_verdict",
     "task_inputs",
     "write_jsonl",
 ]
@@ -430,6 +432,8 @@ def predict(
             desc="predict",
         )
     routing = explain_routing(loaded, prompts, bs, top_k)
+    for r, rt in zip(records, routing, strict=True):
+        judge_routing(rt, r.task, loaded.blocks)
     rows = []
     for k, (r, rt) in enumerate(zip(records, routing, strict=True)):
         row: dict[str, Any] = {"id": r.id, "input": r.input}
@@ -442,6 +446,80 @@ def predict(
         row["routing"] = rt
         rows.append(row)
     return rows
+
+
+#: entropy above this share of the maximum (ln of the enabled blocks) is called weak
+WEAK_ENTROPY = 0.8
+
+
+def judge_routing(rt: dict[str, Any], task: str | None, blocks: list[str]) -> dict[str, Any]:
+    """Add a reader's verdict to one routing explanation (in place, and returned):
+    ``task`` (the input's task, where known: a task split or a ``task`` field),
+    ``own_block`` (is the top block that task's? ``None`` when the task is unknown or has
+    no block), ``weak`` (weights near uniform) and ``note``: the same in words."""
+    top = rt["top"][0] if rt["top"] else None
+    rt["task"] = task
+    rt["own_block"] = None
+    weak = (
+        rt.get("entropy") is not None
+        and rt.get("max_entropy")
+        and rt["entropy"] >= WEAK_ENTROPY * rt["max_entropy"]
+    )
+    rt["weak"] = bool(weak)
+    if top is None:
+        rt["note"] = "no enabled block"
+        return rt
+    words = f"routes to {top['block']} (weight {top['weight']:.2f})"
+    if task is not None and task in blocks:
+        rt["own_block"] = top["block"] == task
+        if rt["own_block"]:
+            words = f"routes to its own task's block {task} (weight {top['weight']:.2f})"
+        else:
+            words += f", not to its own task's block {task} ({rt['weights'][task]:.2f})"
+    elif task is not None:
+        words += f"; its task {task} has no block in this run"
+    if weak:
+        words += (
+            f"; weak routing: weights near uniform (entropy {rt['entropy']:.2f} of at most "
+            f"{rt['max_entropy']:.2f} nats)"
+        )
+    rt["note"] = words
+    return rt
+
+
+def routing_verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """How many inputs of a known task went to their own task's block, per task and in
+    all, and how many were weakly routed; ``text`` says it in one paragraph."""
+    per_task: dict[str, list[int]] = {}
+    weak = 0
+    for r in rows:
+        rt = r["routing"]
+        weak += int(bool(rt.get("weak")))
+        if rt.get("own_block") is None:
+            continue
+        right, total = per_task.setdefault(rt["task"], [0, 0])
+        per_task[rt["task"]] = [right + int(rt["own_block"]), total + 1]
+    right = sum(v[0] for v in per_task.values())
+    total = sum(v[1] for v in per_task.values())
+    parts = [f"{len(rows)} input(s)"]
+    if total:
+        parts.append(
+            f"{right} of {total} with a known task went to their own task's block "
+            f"({100 * right / total:.1f}%)"
+        )
+        parts.append("; ".join(f"{t}: {a}/{n}" for t, (a, n) in per_task.items() if n))
+    else:
+        parts.append("none with a known task (give a task split or a 'task' field to check)")
+    parts.append(f"{weak} weakly routed (entropy >= {WEAK_ENTROPY:.0%} of the maximum)")
+    return {
+        "inputs": len(rows),
+        "known_task": total,
+        "own_block": right,
+        "own_block_rate": right / total if total else None,
+        "per_task": {t: {"own_block": a, "inputs": n} for t, (a, n) in per_task.items()},
+        "weak": weak,
+        "text": ". ".join(parts) + ".",
+    }
 
 
 def write_jsonl(rows: list[dict[str, Any]], path: str | Path | None) -> None:
@@ -474,6 +552,9 @@ def routing_report(
     if path.suffix == ".png":
         from sapt_dist.metrics import save_heatmap
 
+        verdict = routing_verdict(rows)
+        if verdict["known_task"]:
+            title += f" ({verdict['own_block']}/{verdict['known_task']} to their own task's block)"
         save_heatmap(matrix, labels, blocks, path, title, fmt=".2f", vmin=0.0, vmax=1.0)
         return path
     if path.suffix not in (".html", ".htm"):
@@ -482,19 +563,33 @@ def routing_report(
     head = "".join(
         f"<th>{html.escape(b)}{' (disabled)' if b in disabled else ''}</th>" for b in blocks
     )
+    verdict = routing_verdict(rows)
     body = []
     for r, ws, label in zip(rows, matrix, labels, strict=True):
-        cells = []
-        for w in ws:
-            bg, fg = _color(w)
-            cells.append(f'<td style="background:{bg};color:{fg}">{w:.3f}</td>')
         rt = r["routing"]
+        scores = rt.get("scores") or {}
+        cells = []
+        for b, w in zip(blocks, ws, strict=True):
+            bg, fg = _color(w)
+            z = scores.get(b)
+            zs = (
+                ""
+                if z is None
+                else f'<br><small title="key score before the softmax">z {z:+.2f}</small>'
+            )
+            own = rt.get("task") == b
+            border = ";outline:2px solid #d95f02" if own else ""
+            cells.append(f'<td style="background:{bg};color:{fg}{border}">{w:.3f}{zs}</td>')
         ent = "" if rt["entropy"] is None else f"{rt['entropy']:.3f}"
         top = rt["top"][0]["block"] if rt["top"] else ""
+        mark = {True: "&#10003;", False: "&#10007;", None: ""}[rt.get("own_block")]
+        style = ' style="color:#b00"' if rt.get("own_block") is False or rt.get("weak") else ""
         body.append(
             f'<tr><th title="{html.escape(r["input"])}">{html.escape(label)}</th>'
+            + f"<td>{html.escape(rt.get('task') or '')}</td>"
             + "".join(cells)
-            + f"<td>{html.escape(top)}</td><td>{ent}</td>"
+            + f"<td>{html.escape(top)} {mark}</td><td>{ent}</td>"
+            + f"<td{style}>{html.escape(rt.get('note', ''))}</td>"
             + f"<td>{html.escape(str(r.get('prediction', '')))}</td></tr>"
         )
     doc = f"""<!doctype html>
@@ -506,9 +601,13 @@ td, th {{ border: 1px solid #ccc; padding: 3px 6px; text-align: right; }}
 tr th:first-child {{ text-align: left; max-width: 28em; overflow: hidden; }}
 </style></head><body>
 <h2>{html.escape(title)}</h2>
+<p><b>{html.escape(verdict["text"])}</b></p>
 <p>{len(rows)} input(s) x {len(blocks)} block(s). Cell: the weight the shared attention
-gives the block for the input (no task id). Entropy in nats (max ln of the enabled blocks).</p>
-<table><tr><th>input</th>{head}<th>top block</th><th>entropy</th><th>prediction</th></tr>
+gives the block for the input (no task id is used), and below it the block's key score z
+before the softmax. An orange outline marks the block of the input's own task, where the
+task is known; the top block column says whether it is that block. Entropy in nats (at most
+ln of the enabled blocks); a row is weak when it is {WEAK_ENTROPY:.0%} of that or more.</p>
+<table><tr><th>input</th><th>task</th>{head}<th>top block</th><th>entropy</th><th>verdict</th><th>prediction</th></tr>
 {chr(10).join(body)}
 </table></body></html>
 """

@@ -85,6 +85,7 @@ def _serve(args: argparse.Namespace, prog: str, generate: bool) -> int:
         predict,
         read_inputs,
         routing_report,
+        routing_verdict,
         task_inputs,
         write_jsonl,
     )
@@ -121,6 +122,8 @@ def _serve(args: argparse.Namespace, prog: str, generate: bool) -> int:
         return 2
     if distributed.is_main_process():
         write_jsonl(rows, args.output)
+        if loaded.cfg.method == "sapt":
+            print(f"{prog}: {routing_verdict(rows)['text']}", file=sys.stderr)
         if args.report:
             routing_report(
                 args.report, rows, loaded.blocks, title=f"routing of {len(rows)} input(s)"

@@ -24,10 +24,12 @@ from sapt_dist.inference import (
     InputError,
     encode_inputs,
     explain_routing,
+    judge_routing,
     load_run,
     predict,
     read_inputs,
     reevaluate,
+    routing_verdict,
     task_inputs,
 )
 from sapt_dist.serialization import (
@@ -159,7 +161,9 @@ def test_routing_explanation_equals_engine_diagnostics(run_dir, tmp_path):
     assert len(rows) == 2 and "prediction" not in rows[0]
     recs = read_inputs(path=src, definition="Classify the sentiment.")
     again = explain_routing(loaded, encode_inputs(loaded, recs))
+    again = [judge_routing(e, None, loaded.blocks) for e in again]
     assert [r["routing"] for r in rows] == json.loads(json.dumps(again))
+    assert all(r["routing"]["own_block"] is None for r in rows)  # no task known
     page = html.read_text()
     assert page.count("<tr>") == 3 and all(t in page for t in TASKS)
     png = tmp_path / "route.png"
@@ -444,3 +448,40 @@ def test_partly_finished_run_predicts_from_state(run_copy):
     assert not loaded.finished and loaded.blocks_dir == run_copy / "state/blocks"
     rows = predict(loaded, task_inputs(loaded.cfg, TASKS[2], "test"))
     assert [r["prediction"] for r in rows] == [r["prediction"] for r in _engine_rows(run_copy, 2)]
+
+
+def _expl(weights: dict[str, float], scores: dict[str, float] | None = None) -> dict:
+    import math
+
+    top = sorted(weights, key=lambda b: -weights[b])
+    ent = -sum(w * math.log(w) for w in weights.values() if w > 0)
+    return {
+        "weights": weights,
+        "top": [{"block": b, "slot": list(weights).index(b), "weight": weights[b]} for b in top],
+        "scores": scores,
+        "entropy": ent,
+        "max_entropy": math.log(len(weights)),
+        "disabled": [],
+    }
+
+
+def test_routing_verdict_in_words() -> None:
+    """Own-task checks, weak routing and the summary, against hand-built explanations."""
+    blocks = ["cb", "wic", "boolq"]
+    right = judge_routing(_expl({"cb": 0.05, "wic": 0.9, "boolq": 0.05}), "wic", blocks)
+    assert right["own_block"] is True and not right["weak"]
+    assert right["note"] == "routes to its own task's block wic (weight 0.90)"
+    wrong = judge_routing(_expl({"cb": 0.8, "wic": 0.1, "boolq": 0.1}), "boolq", blocks)
+    assert wrong["own_block"] is False
+    assert "not to its own task's block boolq (0.10)" in wrong["note"]
+    flat = judge_routing(_expl({"cb": 0.34, "wic": 0.33, "boolq": 0.33}), None, blocks)
+    assert flat["weak"] and flat["own_block"] is None and "weak routing" in flat["note"]
+    other = judge_routing(_expl({"cb": 0.9, "wic": 0.05, "boolq": 0.05}), "rte", blocks)
+    assert other["own_block"] is None and "rte has no block" in other["note"]
+    v = routing_verdict([{"routing": x} for x in (right, wrong, flat, other)])
+    assert (v["inputs"], v["known_task"], v["own_block"], v["weak"]) == (4, 2, 1, 1)
+    assert v["per_task"] == {
+        "wic": {"own_block": 1, "inputs": 1},
+        "boolq": {"own_block": 0, "inputs": 1},
+    }
+    assert "1 of 2 with a known task went to their own task's block (50.0%)" in v["text"]
