@@ -136,6 +136,32 @@ def test_gguf_nf4(tmp_path, monkeypatch) -> None:
     assert (ref - got).abs().mean() < 0.2 * ref.abs().mean()
 
 
+def test_gguf_under_zero3_loads_a_converted_folder(gguf_model, tmp_path, monkeypatch) -> None:
+    """Under ZeRO-3 the backbone must load partitioned (transformers' zero.Init), which it
+    does not do while reading GGUF: the run loads the file's safetensors copy instead."""
+    from transformers import AutoModelForCausalLM
+
+    from sapt_dist import backbone, distributed
+
+    monkeypatch.setenv("SAPT_DIST_CACHE", str(tmp_path / "cache"))
+    model, path = gguf_model
+    seen = []
+    real = AutoModelForCausalLM.from_pretrained
+
+    def spy(p, **kw):
+        seen.append((Path(p), kw.get("gguf_file")))
+        return real(p, **kw)
+
+    monkeypatch.setattr(distributed, "zero3_enabled", lambda: True)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    loaded, _ = backbone.load_backbone(ModelConfig(path=str(path)))
+    folder, gguf_file = seen[-1]
+    assert gguf_file is None and folder.parent == tmp_path / "cache" / "models" / "converted"
+    x = torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(model(x).logits, loaded(x).logits, atol=1e-5)
+
+
 def test_gguf_bad_files_are_named(tmp_path, gguf_model) -> None:
     model, good = gguf_model
     broken = tmp_path / "broken.gguf"
