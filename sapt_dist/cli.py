@@ -5,7 +5,8 @@ same command resumes the run from its folder's last checkpoint; a finished run i
 trained again. ``--reevaluate`` scores the finished run again with its current block mask
 (``sapt-blocks disable/enable``) instead of training.
 
-Exit codes: 0 done, 2 bad config or data (nothing trained), 75
+Exit codes: 0 done, 2 bad config or data (nothing trained), 3 the loss became NaN or
+infinite (that step is not saved; the last checkpoint stands), 75
 (:data:`sapt_dist.preemption.EXIT_PREEMPTED`) stopped cleanly on SIGUSR1 / SIGTERM with a
 checkpoint at a step boundary: run the same command again to resume (the SLURM batch
 scripts requeue the job on it).
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             print(res["report"])
         return 0
     from sapt_dist.engine import run
+    from sapt_dist.trainer import TrainingDiverged
 
     t0 = time.time()
     try:
@@ -114,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, TaskDataError, CheckpointMismatchError) as e:
         log.error("%s", e)
         return 2
+    except TrainingDiverged as e:
+        log.error("%s", e)
+        return 3
     except preemption.Preempted as e:
         if distributed.is_main_process():
             print(

@@ -7,6 +7,7 @@ before any model or data loads. The resolved tree is saved beside every run's ou
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -344,12 +345,44 @@ class RunConfig:
         for ok, key, msg in checks:
             if not ok:
                 raise ConfigError(f"config key '{key}' {msg} (got {_get(self, key)!r})")
+        for key, value in _floats(self):
+            if not math.isfinite(value):
+                raise ConfigError(f"config key '{key}' must be a finite number (got {value!r})")
+        for k, task in enumerate(self.data.tasks):
+            if not _plain_name(task):
+                raise ConfigError(
+                    f"config key 'data.tasks[{k}]': {task!r} is not a task folder name (no "
+                    f"path separators, '..', leading '.' or '~'): task names become file "
+                    f"names inside the run folder"
+                )
         from sapt_dist.distributed import resolve_ds_config
 
         try:
             resolve_ds_config(self.distributed.deepspeed_config)
         except ValueError as e:
             raise ConfigError(f"config key 'distributed.deepspeed_config': {e}") from e
+
+
+def _floats(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """Every float value of the config tree, with its dotted key."""
+    out = []
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            out += _floats(v, f"{prefix}{f.name}.")
+        elif isinstance(v, float):
+            out.append((prefix + f.name, v))
+    return out
+
+
+def _plain_name(name: str) -> bool:
+    """A task name that stays one path component wherever it is joined to a folder."""
+    return (
+        bool(name)
+        and name.strip() == name
+        and not any(c in name for c in "/\\\0")
+        and not name.startswith((".", "~"))
+    )
 
 
 def _get(obj: Any, dotted: str) -> Any:

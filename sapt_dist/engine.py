@@ -191,9 +191,12 @@ class ContinualRun:
 
     def _run(self) -> dict:
         cfg = self.cfg
+        # every task file validated before the folder is bound to this config (a start
+        # that fails on its data leaves nothing that refuses the corrected command) and
+        # before any model loads
+        tasks = self._load_tasks()
         self.state.check_or_save_config(cfg, distributed.world_size())
         progress = self.state.load_progress()
-        tasks = self._load_tasks()  # every task file validated before the model loads
         names = [t.name for t in tasks]
         if progress["tasks"] and progress["tasks"] != names:
             raise ConfigError(

@@ -24,9 +24,20 @@ from tqdm.auto import tqdm
 from sapt_dist import distributed
 from sapt_dist.data import EncodedExample, collate_train
 
-__all__ = ["BlockJob", "StepState", "batch_positions", "num_steps", "train_block"]
+__all__ = [
+    "BlockJob",
+    "StepState",
+    "TrainingDiverged",
+    "batch_positions",
+    "num_steps",
+    "train_block",
+]
 
 log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; nothing of that step is saved."""
 
 
 @dataclass
@@ -208,6 +219,16 @@ def train_block(
                 acc_arm += float(out.arm_loss.detach()) / ga
         # the step's loss over the global batch (the mean of the ranks' micro-batch means)
         acc_task, acc_arm = distributed.mean_over_ranks([acc_task, acc_arm])
+        if not (math.isfinite(acc_task) and math.isfinite(acc_arm)):
+            bar.close()
+            distributed.release_engine(engine)
+            raise TrainingDiverged(
+                f"{job.name}: the loss became {acc_task if not math.isfinite(acc_task) else acc_arm}"
+                f" at optimizer step {step + 1}/{job.steps} (lr {job.lr:g}); nothing of this "
+                f"step was saved. Lower train.lr (or replay.gen_lr for the generator) or set "
+                f"train.max_grad_norm, then run the same command: it resumes from the last "
+                f"checkpoint."
+            )
         losses.append(acc_task + job.kl_ratio * acc_arm)
         postfix = {"loss": f"{acc_task:.3f}"}
         if job.replay is not None:

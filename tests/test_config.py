@@ -101,3 +101,21 @@ def test_deepspeed_config_names_and_files(tmp_path):
     bad.write_text('{"zero_optimization": {"stage": 4}}')
     with pytest.raises(ConfigError, match=r"stage must be 0-3"):
         load_config(None, [*demo, f"distributed.deepspeed_config={bad}"])
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "1e400"])
+def test_non_finite_numbers_refused(value):
+    with pytest.raises(ConfigError, match=r"'train.lr' must be (a finite number|> 0)"):
+        load_config(None, ["model.builder=demo", f"train.lr={value}"])
+    with pytest.raises(ConfigError, match=r"'replay.kl_ratio'"):
+        load_config(None, ["model.builder=demo", f"replay.kl_ratio={value}"])
+
+
+@pytest.mark.parametrize(
+    "name", ["../../elsewhere/t1", "a/b", "..", ".hidden", "~/t", "a\\b", " t", ""]
+)
+def test_task_names_cannot_leave_the_run_folder(name):
+    with pytest.raises(ConfigError, match=r"data\.tasks\[1\]"):
+        load_config(
+            None, ["model.builder=demo", "data.order=custom", f"data.tasks=[good, '{name}']"]
+        )

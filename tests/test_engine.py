@@ -296,3 +296,59 @@ def test_fwt_from_single_task_run(tmp_path):
     # a folder without single-task scores: FWT missing, and the report says why
     res2 = run(_cfg(tmp_path / "d", "method=inc_lora", f"single_task_run={tmp_path}/nowhere"))
     assert res2["metrics"]["FWT"] is None and "nowhere" in res2["fwt_source"]
+
+
+def test_failed_start_does_not_bind_the_folder(tmp_path):
+    """A start that fails on its data (exit 2) leaves no config.yaml / layout.json, so the
+    corrected command is not refused as 'another config'."""
+    from sapt_dist.data import TaskDataError
+    from sapt_dist.engine import run
+
+    bad = _cfg(tmp_path, "data.root=/nonexistent/data", "train.max_steps=1")
+    with pytest.raises(TaskDataError, match="/nonexistent/data"):
+        run(bad)
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    assert not (tmp_path / "run" / "state" / "layout.json").exists()
+    # the corrected command goes through config binding (stopped here before training)
+    from sapt_dist.run_state import RunState
+
+    good = _cfg(tmp_path, "train.max_steps=1")
+    RunState(good.output_dir).check_or_save_config(good)
+    assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path, llama):
+    """A loss that becomes NaN / inf stops training at that step, naming it; nothing of it
+    is handed to the step callback (so nothing of it is checkpointed)."""
+    from sapt_dist.config import AdapterConfig, TrainConfig
+    from sapt_dist.data import EncodedExample
+    from sapt_dist.model import SAPTModel
+    from sapt_dist.trainer import BlockJob, TrainingDiverged, train_block
+
+    model = SAPTModel(llama, AdapterConfig(rank=2, alpha=4), n_slots=1)
+    ex = EncodedExample(input_ids=[5, 6, 7, 8, 2], labels=[-100, -100, 7, 8, 2], prompt_len=2)
+    job = BlockJob(
+        name="boom",
+        examples=[ex] * 4,
+        params=model.named_adapter_params(),
+        steps=4,
+        seed=0,
+        lr=1e-3,
+    )
+    seen = []
+    train_cfg = TrainConfig(micro_batch_size=2, grad_accum=1, max_grad_norm=None)
+    calls = {"n": 0}
+    forward = model.forward
+
+    def poisoned(*a, **kw):  # the loss of the third micro-step is NaN
+        out = forward(*a, **kw)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            out.loss = out.loss * float("nan")
+            out.task_loss = out.loss
+        return out
+
+    model.forward = poisoned
+    with pytest.raises(TrainingDiverged, match=r"boom: the loss became nan at optimizer step 3/4"):
+        train_block(model, job, train_cfg, "float32", 0, on_step=lambda s, snap: seen.append(s))
+    assert seen == [1, 2]
