@@ -28,12 +28,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 #: Shipped DeepSpeed configs, selectable by name (``distributed.deepspeed_config=zero3``).
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
@@ -70,6 +73,7 @@ __all__ = [
     "mean_over_ranks",
     "peak_memory_mb",
     "rank",
+    "guard_op_build_lock",
     "rank0_first",
     "ready_for_inference",
     "release_engine",
@@ -225,9 +229,65 @@ def init() -> None:
     cpu_ranks = int(os.environ["WORLD_SIZE"]) > 1 and not torch.cuda.is_available()
     if cpu_ranks and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)
+    guard_op_build_lock()
     import deepspeed
 
     deepspeed.init_distributed(verbose=False)
+
+
+#: DeepSpeed's CPU communication op, built (once per machine) when the process group starts
+SHM_OP = "deepspeed_shm_comm"
+
+
+def guard_op_build_lock(stale_after: float | None = None, poll: float = 2.0) -> None:
+    """Never hang on a dead build's lock.
+
+    DeepSpeed builds (or checks) its CPU ``deepspeed_shm_comm`` op under torch's file lock
+    ``<torch extensions folder>/deepspeed_shm_comm/lock``, and torch waits for that file to
+    go away forever. A process killed during the build (about a minute on a first start)
+    leaves it behind, and every later start on the machine would hang. A live build holds
+    it for a minute or two: here a lock is waited for (with a message) while it is younger
+    than ``stale_after`` seconds (``SAPT_OP_LOCK_STALE_S``, default 600), then removed as a
+    dead build's, with a warning naming it. No-op on GPU machines (the op is CPU-only).
+    """
+    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu":
+        return
+    import time
+
+    from torch.utils.cpp_extension import _get_build_directory
+
+    if stale_after is None:
+        stale_after = float(os.environ.get("SAPT_OP_LOCK_STALE_S", "600"))
+    lock = Path(_get_build_directory(SHM_OP, verbose=False)) / "lock"
+    told = 0.0
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age >= stale_after:
+            log.warning(
+                "removing %s: a lock %.0f s old is left by a DeepSpeed op build that was "
+                "killed (a build takes about a minute); the op is built again",
+                lock,
+                age,
+            )
+            lock.unlink(missing_ok=True)
+            return
+        from sapt_dist import preemption
+
+        if preemption.requested_locally():  # SIGTERM / SIGUSR1 while waiting: leave now
+            raise preemption.Preempted(f"while waiting for {lock}")
+        if time.time() - told >= 30:
+            log.warning(
+                "waiting for %s (another process is building DeepSpeed's CPU op, %.0f s so "
+                "far); a lock older than %.0f s is treated as a dead build's and removed",
+                lock,
+                age,
+                stale_after,
+            )
+            told = time.time()
+        time.sleep(poll)
 
 
 def _lr_lambda(schedule: str, warmup: int, total: int):

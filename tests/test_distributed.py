@@ -379,3 +379,37 @@ def test_predict_on_a_zero3_run_equals_its_evaluation(reference_runs, tmp_path, 
     ]
     got = [json.loads(line) for line in out.read_text().splitlines()]
     assert [g["prediction"] for g in got] == [e["prediction"] for e in engine]
+
+
+def test_dead_build_lock_does_not_hang_start_up(tmp_path, monkeypatch, caplog):
+    """A DeepSpeed op build killed mid-way leaves torch's lock file; start-up waits for a
+    young lock (a live build) and removes an old one (a dead build), saying so."""
+    import logging
+    import os
+    import time
+
+    from sapt_dist import distributed
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / distributed.SHM_OP / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    with caplog.at_level(logging.WARNING, logger="sapt_dist.distributed"):
+        distributed.guard_op_build_lock(stale_after=600)
+    assert not lock.exists()
+    assert str(lock) in caplog.text and "killed" in caplog.text
+    # a young lock is waited for until it is old enough to be a dead build's
+    lock.write_text("")
+    t0 = time.time()
+    distributed.guard_op_build_lock(stale_after=1.0, poll=0.1)
+    assert not lock.exists() and 0.8 < time.time() - t0 < 10
+    # a lock its live owner removes ends the wait at once
+    lock.write_text("")
+    import threading
+
+    threading.Timer(0.3, lock.unlink).start()
+    t0 = time.time()
+    distributed.guard_op_build_lock(stale_after=60, poll=0.05)
+    assert time.time() - t0 < 5
