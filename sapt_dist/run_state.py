@@ -27,12 +27,24 @@ from safetensors.torch import load_file, save_file
 
 from sapt_dist.config import ConfigError, RunConfig, to_dict
 from sapt_dist.distributed import flatten_state, is_main_process, unflatten_state
-from sapt_dist.io_utils import atomic_dir, atomic_write_json, atomic_write_text, recover_dir
+from sapt_dist.io_utils import (
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    recover_dir,
+    sha256_file,
+)
 from sapt_dist.trainer import StepState
 
-__all__ = ["RunState"]
+__all__ = ["RunState", "StateDamagedError"]
 
 log = logging.getLogger(__name__)
+
+
+class StateDamagedError(ConfigError):
+    """A file of the run folder's ``state/`` is damaged or was edited; the message names
+    it and says how to continue (exit 2, like a bad config: nothing is trained)."""
+
 
 #: keys a restart may change: where the folder is, how the run is laid out and where it is
 #: logged (tracking: e.g. offline first, online after a restart), not what it computes
@@ -147,9 +159,33 @@ class RunState:
         in the same atomic swap as that task's blocks, so the two always agree)."""
         progress = {"completed": 0, "tasks": [], "matrix": [], "routing": [], "losses": {}}
         if self.progress_path.is_file():
-            progress = json.loads(self.progress_path.read_text())
+            self._check_progress()
+            try:
+                progress = json.loads(self.progress_path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise StateDamagedError(
+                    f"{self.progress_path}: not valid JSON ({e}); the run's progress is "
+                    f"damaged. Start a new output_dir (its blocks in {self.blocks} are intact)"
+                ) from e
         progress["finished"] = self.finished_path.is_file()
         return progress
+
+    def _check_progress(self) -> None:
+        """``progress.json`` against its sha256 in the blocks manifest written with it."""
+        manifest_path = self.blocks / "manifest.json"
+        if not manifest_path.is_file():
+            return
+        try:
+            files = json.loads(manifest_path.read_text()).get("files") or {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StateDamagedError(f"{manifest_path}: not valid JSON ({e})") from e
+        want = files.get("progress.json")
+        if want is not None and sha256_file(self.progress_path) != want:
+            raise StateDamagedError(
+                f"{self.progress_path} does not match its sha256 in {manifest_path} (edited "
+                f"or damaged): the accuracy matrix and task count it holds cannot be trusted. "
+                f"Restore it, or start a new output_dir"
+            )
 
     def progress_file(self, progress: dict[str, Any]) -> dict[str, str]:
         """``extra_files`` for ``save_blocks``: the progress that goes with those blocks."""
@@ -187,12 +223,15 @@ class RunState:
                 )
                 meta["best"] = {"score": best["score"], "step": best["step"]}
             (tmp / "meta.json").write_text(json.dumps(meta))
+            sums = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+            (tmp / "checksums.json").write_text(json.dumps(sums, indent=1))
 
     def load_step(self, task_index: int) -> tuple[StepState, dict | None] | tuple[None, None]:
         """The mid-task checkpoint of task ``task_index`` and its best-so-far, if any."""
         meta_path = self.step_dir / "meta.json"
         if not meta_path.is_file():
             return None, None
+        self._check_step()
         meta = json.loads(meta_path.read_text())
         if meta["task_index"] != task_index:
             return None, None
@@ -217,6 +256,32 @@ class RunState:
             losses=meta["losses"],
         )
         return state, best
+
+    def _check_step(self) -> None:
+        """Every file of the mid-task checkpoint against ``checksums.json`` (written last,
+        in the same atomic swap). Damage is an error naming the file and the way on."""
+        how = (
+            f"delete {self.step_dir} to restart that task from its beginning (finished "
+            f"tasks in {self.blocks} are kept)"
+        )
+        sums_path = self.step_dir / "checksums.json"
+        if not sums_path.is_file():
+            log.warning(
+                "%s has no checksums.json (written by an older version): unverified", self.step_dir
+            )
+            return
+        try:
+            sums = json.loads(sums_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StateDamagedError(f"{sums_path}: not valid JSON ({e}); {how}") from e
+        for name, digest in sums.items():
+            path = self.step_dir / name
+            if not path.is_file():
+                raise StateDamagedError(f"{path}: missing from the step checkpoint; {how}")
+            if sha256_file(path) != digest:
+                raise StateDamagedError(
+                    f"{path}: does not match its sha256 in {sums_path} (damaged); {how}"
+                )
 
     def clear_step(self) -> None:
         if is_main_process():

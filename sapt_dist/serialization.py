@@ -193,9 +193,12 @@ def save_blocks(
             "disabled": [],
             "history": [],
         }
-        (tmp / "manifest.json").write_text(_manifest_text(manifest))
         for name, text in (extra_files or {}).items():
+            # the run's progress is checksummed with the blocks: an edited matrix entry is
+            # caught on resume like an edited block
             (tmp / name).write_text(text)
+            manifest["files"][name] = sha256_file(tmp / name)
+        (tmp / "manifest.json").write_text(_manifest_text(manifest))
     return folder
 
 

@@ -56,3 +56,55 @@ def test_restart_with_another_config_is_refused(tmp_path):
         None, ["model.builder=demo", f"output_dir={tmp_path}", "train.checkpoint_every=7"]
     )
     RunState(tmp_path).check_or_save_config(ok)
+
+
+@pytest.mark.parametrize("victim", ["params.safetensors", "state.safetensors", "meta.json"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_damaged_step_checkpoint_is_named(tmp_path, victim, damage):
+    """One flipped byte, a truncated file or a missing one: exit-2 error naming the file
+    and the way on, instead of a silent resume or a traceback."""
+    from sapt_dist.run_state import StateDamagedError
+
+    rs = RunState(tmp_path)
+    rs.save_step(0, _state(3))
+    path = tmp_path / "state" / "step" / victim
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+    elif damage == "truncate":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    else:
+        path.unlink()
+    if damage == "delete" and victim == "meta.json":
+        assert rs.load_step(0) == (None, None)  # no checkpoint at all: start the task
+        return
+    with pytest.raises(StateDamagedError, match=rf"{victim}.*delete .*state/step"):
+        rs.load_step(0)
+
+
+def test_edited_progress_is_refused(tmp_path):
+    """progress.json is checksummed in the blocks manifest written with it."""
+    import json
+
+    from sapt_dist.config import AdapterConfig
+    from sapt_dist.model import SAPTModel
+    from sapt_dist.run_state import StateDamagedError
+    from sapt_dist.serialization import save_blocks
+
+    from .conftest import tiny_llama
+
+    rs = RunState(tmp_path)
+    model = SAPTModel(tiny_llama(), AdapterConfig(rank=2, alpha=4), n_slots=2)
+    progress = rs.load_progress()
+    progress.update(completed=1, tasks=["a", "b"], matrix=[[37.5, None]])
+    save_blocks(model, rs.blocks, ["a"], extra_files=rs.progress_file(progress))
+    assert rs.load_progress()["matrix"] == [[37.5, None]]
+    edited = json.loads(rs.progress_path.read_text())
+    edited["matrix"] = [[90.0, None]]
+    rs.progress_path.write_text(json.dumps(edited, indent=1) + "\n")
+    with pytest.raises(StateDamagedError, match=r"progress\.json does not match its sha256"):
+        rs.load_progress()
+    rs.progress_path.write_text('{"completed": 1, "tasks": [')
+    with pytest.raises(StateDamagedError, match=r"progress\.json"):
+        rs.load_progress()
