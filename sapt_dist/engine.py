@@ -64,7 +64,7 @@ from sapt_dist.replay import (
     save_jsonl,
 )
 from sapt_dist.report import write_report
-from sapt_dist.run_state import RunState
+from sapt_dist.run_state import RunState, lock_run_folder, unlock_run_folder
 from sapt_dist.serialization import library_versions, load_blocks, save_blocks
 from sapt_dist.tracking import Tracker, final_pending, open_tracker
 from sapt_dist.trainer import BlockJob, num_steps, train_block
@@ -747,6 +747,9 @@ def run(cfg: RunConfig) -> dict:
     """
     pkg = logging.getLogger("sapt_dist")
     handler = None
+    # one sapt-train per run folder (rank 0 holds its lock until the process ends),
+    # taken before anything reads or repairs the folder's state
+    lock = lock_run_folder(cfg.output_dir)
     if distributed.is_main_process():
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -760,6 +763,7 @@ def run(cfg: RunConfig) -> dict:
     try:
         return ContinualRun(cfg).run()
     finally:
+        unlock_run_folder(lock)
         if handler is not None:
             pkg.removeHandler(handler)
             handler.close()

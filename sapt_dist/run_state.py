@@ -36,9 +36,19 @@ from sapt_dist.io_utils import (
 )
 from sapt_dist.trainer import StepState
 
-__all__ = ["RunState", "StateDamagedError"]
+__all__ = [
+    "RunFolderBusyError",
+    "RunState",
+    "StateDamagedError",
+    "lock_run_folder",
+    "unlock_run_folder",
+]
 
 log = logging.getLogger(__name__)
+
+
+class RunFolderBusyError(ConfigError):
+    """Another live ``sapt-train`` holds the run folder (exit 2)."""
 
 
 class StateDamagedError(ConfigError):
@@ -76,6 +86,46 @@ def flat_config(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def lock_run_folder(root: str | Path) -> int | None:
+    """Hold run folder ``root`` for this process's life (rank 0; other ranks get
+    ``None``): an exclusive ``flock`` on ``<root>/run.lock``, released by the OS when the
+    process ends however it ends (no stale lock). Take it before touching ``state/``.
+
+    Raises:
+        RunFolderBusyError: another live process holds the folder (named in the message).
+    """
+    import fcntl
+    import os
+    import socket
+    import time
+
+    if not is_main_process():
+        return None
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / "run.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunFolderBusyError(
+            f"{root} is in use by another sapt-train ({holder}); wait for it to end, or "
+            f"give this run another output_dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime())
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode(), 0)
+    return fd
+
+
+def unlock_run_folder(fd: int | None) -> None:
+    import os
+
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the flock
 
 
 class RunState:

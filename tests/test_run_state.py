@@ -108,3 +108,40 @@ def test_edited_progress_is_refused(tmp_path):
     rs.progress_path.write_text('{"completed": 1, "tasks": [')
     with pytest.raises(StateDamagedError, match=r"progress\.json"):
         rs.load_progress()
+
+
+def test_one_process_per_run_folder(tmp_path):
+    """A second sapt-train on a folder in use is refused naming the holder; the lock goes
+    with its process, however it ends (no stale lock after a kill)."""
+    import subprocess
+    import sys
+    import time
+
+    from sapt_dist.run_state import RunFolderBusyError, lock_run_folder, unlock_run_folder
+
+    from .conftest import ROOT, subprocess_env
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from sapt_dist.run_state import lock_run_folder; "
+            f"lock_run_folder({str(tmp_path)!r}); print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+        cwd=ROOT,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(
+            RunFolderBusyError, match=rf"in use by another sapt-train \(pid {holder.pid} on"
+        ):
+            lock_run_folder(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    fd = lock_run_folder(tmp_path)  # the killed holder's lock is gone with it
+    unlock_run_folder(fd)
