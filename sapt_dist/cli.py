@@ -15,6 +15,7 @@ scripts requeue the job on it).
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             print(res["report"])
         return 0
     from sapt_dist.engine import run
+    from sapt_dist.io_utils import UnreadableFileError
     from sapt_dist.trainer import TrainingDiverged
 
     t0 = time.time()
@@ -119,6 +121,18 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         log.error("%s", e)
         return 3
+    except UnreadableFileError as e:
+        log.error("%s", e)
+        return 2
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        log.error(
+            "no space left on device%s: free some space and run the same command; what was "
+            "saved before (blocks, step checkpoints: written atomically) is intact",
+            f" writing {e.filename}" if e.filename else "",
+        )
+        return 1
     except preemption.Preempted as e:
         if distributed.is_main_process():
             print(

@@ -42,6 +42,7 @@ from sapt_dist.config import ConfigError, RunConfig, load_config
 from sapt_dist.data import (
     TaskData,
     TaskDataError,
+    TruncationStats,
     encode_prompt,
     format_prompt,
     load_task,
@@ -356,14 +357,28 @@ def load_run(
 def encode_inputs(loaded: LoadedRun, records: list[InputRecord]) -> list[list[int]]:
     """Prompt token ids, exactly as the engine encodes its evaluation prompts."""
     d = loaded.cfg.data
-    return [
+    stats = TruncationStats()
+    out = [
         encode_prompt(
             loaded.tokenizer,
             format_prompt(d.template, r.definition, r.input),
             d.max_source_length,
+            stats,
         )
         for r in records
     ]
+    if stats.source_truncated:
+        log.warning(
+            "%d of %d input(s) are longer than the run's data.max_source_length (%d tokens): "
+            "their prompts keep the last %d tokens, as in training, so the start (the "
+            "definition, the strongest routing cue) is cut; raise it with --set "
+            "data.max_source_length=N or shorten the inputs",
+            stats.source_truncated,
+            stats.total,
+            d.max_source_length,
+            d.max_source_length,
+        )
+    return out
 
 
 # ---------------------------------------------------------------------------- routing

@@ -12,7 +12,30 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_dir", "atomic_write_json", "atomic_write_text", "sha256_file"]
+__all__ = [
+    "UnreadableFileError",
+    "atomic_dir",
+    "atomic_write_json",
+    "atomic_write_text",
+    "read_json",
+    "recover_dir",
+    "sha256_file",
+]
+
+
+class UnreadableFileError(ValueError):
+    """A file the run wrote itself cannot be read back (truncated, not JSON / UTF-8);
+    the message names it and what to do."""
+
+
+def read_json(path: str | Path, what_to_do: str = "") -> Any:
+    """``json.loads`` of a file the run wrote, or :class:`UnreadableFileError` naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        tail = f"; {what_to_do}" if what_to_do else ""
+        raise UnreadableFileError(f"{path}: damaged, not valid JSON ({e}){tail}") from e
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -59,9 +82,14 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def recover_dir(path: str | Path) -> None:
-    """Finish or undo an interrupted :func:`atomic_dir` swap of ``path``."""
+def recover_dir(path: str | Path, clean_tmp: bool = False) -> None:
+    """Finish or undo an interrupted :func:`atomic_dir` swap of ``path``; with
+    ``clean_tmp`` also remove temporary folders a killed writer left beside it (only where
+    no writer can be running: a run folder's start, under its lock)."""
     path = Path(path)
+    if clean_tmp and path.parent.is_dir():
+        for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+            shutil.rmtree(tmp, ignore_errors=True)
     old = path.with_name(path.name + ".old")
     if old.exists():
         if path.exists():

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from sapt_dist.data import TaskData, collate_prompts, encode_prompt, encode_train, format_prompt
-from sapt_dist.io_utils import atomic_write_text
+from sapt_dist.io_utils import UnreadableFileError, atomic_write_text
 
 __all__ = [
     "GEN_PROMPT",
@@ -135,7 +135,10 @@ def load_jsonl(path: Path) -> list[dict]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i + 1}: not valid JSON ({e})") from e
+                raise UnreadableFileError(
+                    f"{path}:{i + 1}: not valid JSON ({e}); delete the file and the run's "
+                    f"state/step to make these pseudo-samples again"
+                ) from e
     return rows
 
 

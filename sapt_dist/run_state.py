@@ -28,9 +28,11 @@ from safetensors.torch import load_file, save_file
 from sapt_dist.config import ConfigError, RunConfig, to_dict
 from sapt_dist.distributed import flatten_state, is_main_process, unflatten_state
 from sapt_dist.io_utils import (
+    UnreadableFileError,
     atomic_dir,
     atomic_write_json,
     atomic_write_text,
+    read_json,
     recover_dir,
     sha256_file,
 )
@@ -137,7 +139,7 @@ class RunState:
         self.progress_path = self.blocks / "progress.json"
         self.finished_path = self.state / "finished.json"
         for d in (self.blocks, self.step_dir):
-            recover_dir(d)
+            recover_dir(d, clean_tmp=is_main_process())
 
     # ------------------------------------------------------------------ config
     def check_or_save_config(self, cfg: RunConfig, world_size: int = 1) -> None:
@@ -158,11 +160,36 @@ class RunState:
             "global_batch": t.micro_batch_size * t.grad_accum * world_size,
         }
         if path.is_file() and self.state.is_dir():
-            saved = yaml.safe_load(path.read_text()) or {}
+            try:
+                text = path.read_text(encoding="utf-8")
+                saved = yaml.safe_load(text) or {}
+                if not isinstance(saved, dict):
+                    raise ValueError("not a mapping of config keys")
+                if not text.endswith("\n"):  # yaml.safe_dump ends every file with one
+                    raise ValueError("the file is cut short")
+            except (yaml.YAMLError, UnicodeDecodeError, ValueError) as e:
+                raise StateDamagedError(
+                    f"{path}: this run folder's saved config is damaged ({e}); it is what "
+                    f"binds the folder to its run. Restore it (the blocks manifest holds a "
+                    f"copy under 'run_config'), or start a new output_dir"
+                ) from e
             a, b = flat_config(saved), flat_config(mine)
+            # a key the saved config lacks was added by a later version of this tool: the
+            # run behaved as its default
+            defaults = flat_config(to_dict(RunConfig()))
+            for k in set(b) - set(a):
+                if k in defaults:
+                    a[k] = defaults[k]
             mutable = set(_MUTABLE_KEYS)
             if layout_path.is_file():
-                before = json.loads(layout_path.read_text())
+                try:
+                    before = read_json(layout_path)
+                    before["global_batch"]
+                except (UnreadableFileError, KeyError, TypeError) as e:
+                    raise StateDamagedError(
+                        f"{layout_path}: damaged ({e}); it records the run's process count "
+                        f"and global batch. Restore it, or start a new output_dir"
+                    ) from e
                 if before["global_batch"] == layout["global_batch"]:
                     mutable |= _LAYOUT_KEYS
                     if before != layout:

@@ -52,7 +52,7 @@ from urllib.parse import urlparse
 
 from sapt_dist import distributed
 from sapt_dist.config import ConfigError, RunConfig, to_dict
-from sapt_dist.io_utils import atomic_write_json
+from sapt_dist.io_utils import UnreadableFileError, atomic_write_json, read_json
 
 __all__ = [
     "OfflineRun",
@@ -222,7 +222,15 @@ class WandbTracker(Tracker):
         self.t = t = cfg.tracking
         self.out = Path(cfg.output_dir)
         self.state_file = state_path(self.out)
-        saved = json.loads(self.state_file.read_text()) if self.state_file.is_file() else {}
+        saved = {}
+        if self.state_file.is_file():
+            try:
+                saved = read_json(self.state_file)
+            except UnreadableFileError as e:
+                raise ConfigError(
+                    f"{e}; it keeps this run's W&B run id. Delete it to start a new W&B run "
+                    f"for the rest of this run"
+                ) from None
         self.final_logged = bool(saved.get("final_logged"))
         run_id = saved.get("run_id")  # None the first time: wandb makes one, kept below
         wandb_dir = Path(t.dir) if t.dir else self.out

@@ -145,3 +145,51 @@ def test_one_process_per_run_folder(tmp_path):
     time.sleep(0.1)
     fd = lock_run_folder(tmp_path)  # the killed holder's lock is gone with it
     unlock_run_folder(fd)
+
+
+def test_damaged_state_files_are_named(tmp_path):
+    """Truncated layout.json / config.yaml, a non-UTF-8 config: errors naming the file
+    (exit 2), never a traceback or 'another config'; a killed writer's temporary folders
+    are cleaned at the next start."""
+    from sapt_dist.run_state import StateDamagedError
+
+    cfg = load_config(None, ["model.builder=demo", f"output_dir={tmp_path}"])
+    RunState(tmp_path).check_or_save_config(cfg)
+    layout = tmp_path / "state" / "layout.json"
+    good_layout = layout.read_text()
+    layout.write_text(good_layout[:7])
+    with pytest.raises(StateDamagedError, match=r"layout\.json: damaged"):
+        RunState(tmp_path).check_or_save_config(cfg)
+    layout.write_text(good_layout)
+    saved = tmp_path / "config.yaml"
+    saved.write_bytes(saved.read_bytes()[:40])
+    with pytest.raises(StateDamagedError, match=r"config\.yaml: this run folder's saved config"):
+        RunState(tmp_path).check_or_save_config(cfg)
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("method: sapt\n# caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml: not UTF-8"):
+        load_config(bad)
+    left = tmp_path / "state" / ".step.abc123.tmp"
+    left.mkdir(parents=True)
+    RunState(tmp_path)
+    assert not left.exists()
+
+
+def test_resume_of_a_run_saved_before_new_keys(tmp_path):
+    """A config.yaml written by an older version lacks keys added since; the run behaved
+    as their defaults, so it resumes (and a non-default value is still refused)."""
+    import yaml
+
+    cfg = load_config(None, ["model.builder=demo", f"output_dir={tmp_path}"])
+    rs = RunState(tmp_path)
+    rs.check_or_save_config(cfg)
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    del saved["adapter"]["router_center"], saved["eval"]["routing_every"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    RunState(tmp_path).check_or_save_config(cfg)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    other = load_config(
+        None, ["model.builder=demo", f"output_dir={tmp_path}", "adapter.router_center=tasks"]
+    )
+    with pytest.raises(ConfigError, match="adapter.router_center: run has 'none', now 'tasks'"):
+        RunState(tmp_path).check_or_save_config(other)
