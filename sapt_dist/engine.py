@@ -354,7 +354,6 @@ class ContinualRun:
 
         def on_step(step: int, snapshot) -> None:
             nonlocal best
-            trajectory(step)
             if select_every and (step % select_every == 0 or step == job.steps):
                 best = self._keep_if_best(task, step, params, best)
             every = t.checkpoint_every
@@ -367,11 +366,13 @@ class ContinualRun:
                 self._stop(f"at step {step}/{job.steps} of {label}")
 
         log_step = None
-        if self.tracker.enabled:
-
+        if self.tracker.enabled or every_r:
+            # every rank calls this at the same point after each step (the trajectory's
+            # embedding passes are collective under ZeRO-3); rank 0 alone tracks
             def log_step(step: int, stats: dict) -> None:
                 extra = trajectory(step)
-                self.tracker.log_step(offset + step, {**stats, **extra, "task": i + 1})
+                if self.tracker.enabled:
+                    self.tracker.log_step(offset + step, {**stats, **extra, "task": i + 1})
 
         losses = self._train(job, resume=resume, on_step=on_step, log_step=log_step)
         if not getattr(self, "_sharding_written", False):

@@ -81,6 +81,17 @@ def test_two_task_sapt_run_writes_every_output(tmp_path):
     routing = json.loads((out / "metrics/routing.json").read_text())
     assert routing["tasks"] == [0, 1] and len(routing["mean_weights"][0]) == 2
     assert set(routing["routing_accuracy"]) == {"0", "1"} and routing["chance"] == 0.5
+    # the routing trajectory: every eval.routing_every steps and at each task's end, the
+    # dev inputs' mean weights of every seen task; its last point of task 2 is what a*
+    # is computed from (the same routing on the same dev prompts)
+    traj = json.loads((out / "metrics/routing_trajectory.json").read_text())
+    tasks = ["task363_sst2_polarity_classification", "task875_emotion_classification"]
+    assert list(traj) == tasks and (out / "metrics/routing_trajectory.png").is_file()
+    steps = [int(k) for k in traj[tasks[1]]]
+    assert steps == sorted(steps) and steps[-1] == len(run_progress(out)["losses"][tasks[1]])
+    last = traj[tasks[1]][str(steps[-1])]["mean"]
+    assert set(last) == set(tasks) and all(len(v) == 2 for v in last.values())
+    assert traj[tasks[0]][str(max(int(k) for k in traj[tasks[0]]))]["mean"] == {tasks[0]: [1.0]}
     # the stored attention target of task 1 is exactly [1] (one active slot)
     # and a second start does not retrain
     t0 = time.time()
