@@ -28,7 +28,8 @@ gathered working set
     exact without prefetch and reuse, and 14-38 % high with them.
 block stack (replicated)
     Per adapted linear the banks ``A_bank`` (slots, r, in) and ``B_bank`` (slots, out, r)
-    (``sapt_dist.lora``), the router's ``key_bank`` (T, d) and ``targets`` (T, T): module
+    (``sapt_dist.lora``), the router's ``key_bank`` (T, d), ``targets`` (T, T),
+    ``task_means`` (T, d) and ``center`` (d) (the input center, 0 unless centered): module
     *buffers*, which ZeRO-3 does not partition: every rank holds all of them. SAPT with
     generative replay has one more layer slot (the generator's block).
 trainable + optimizer
@@ -564,8 +565,12 @@ def plan(inp: PlanInputs) -> dict[str, Any]:
         sum(inp.layer_slots * inp.rank * (dims[t][0] + dims[t][1]) * e for t in inp.targets)
         * inp.shape.layers
     )
-    # key_bank, targets; active / current (bool) and SAPTModel.layer_current (bool)
-    router_buffers = e * (inp.slots * inp.shape.hidden + inp.slots**2) + 2 * inp.slots
+    # key_bank, targets, task_means, center; active / current / has_mean (bool) and
+    # SAPTModel.layer_current (bool)
+    router_buffers = (
+        e * (2 * inp.slots * inp.shape.hidden + inp.slots**2 + inp.shape.hidden)
+        + 3 * inp.slots
+    )
     router_buffers += inp.layer_slots
     blocks = banks + router_buffers
     train_tensors = trainable_tensors(inp)
