@@ -115,6 +115,15 @@ class SharedAttention(nn.Module):
         self.register_buffer("center", torch.zeros(d))
         self.reset_key()
 
+    def _apply(self, fn, recurse: bool = True):
+        """``.to(dtype)`` / ``.bfloat16()`` keep the input center in fp32 (devices move)."""
+        super()._apply(fn, recurse)
+        for name in ("task_means", "center"):
+            t = getattr(self, name)
+            if t.dtype != torch.float32:
+                setattr(self, name, t.float())
+        return self
+
     @torch.no_grad()
     def set_task_mean(self, slot: int, mean: torch.Tensor) -> None:
         """Record task ``slot``'s mean pooled training prompt and recompute the center (the
@@ -167,7 +176,9 @@ class SharedAttention(nn.Module):
         """
         if self.mode == "sum":
             raise ValueError("routing 'sum' (inc_lora) has no key scores: every block weighs 1")
-        q = self.query((u - self.center).to(self.key.dtype))
+        # in fp32: the center removes the large shared part of u, whose rounding in bf16
+        # would be of the size of what tells tasks apart
+        q = self.query((u.float() - self.center).to(self.key.dtype))
         return (q @ self.keys().t() / self.tau).float()
 
     def log_weights(self, u: torch.Tensor) -> torch.Tensor:

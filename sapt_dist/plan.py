@@ -567,8 +567,10 @@ def plan(inp: PlanInputs) -> dict[str, Any]:
     )
     # key_bank, targets, task_means, center; active / current / has_mean (bool) and
     # SAPTModel.layer_current (bool)
+    # (task_means and center stay fp32 whatever the dtype)
     router_buffers = (
-        e * (2 * inp.slots * inp.shape.hidden + inp.slots**2 + inp.shape.hidden)
+        e * (inp.slots * inp.shape.hidden + inp.slots**2)
+        + 4 * (inp.slots * inp.shape.hidden + inp.shape.hidden)
         + 3 * inp.slots
     )
     router_buffers += inp.layer_slots

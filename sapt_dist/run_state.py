@@ -64,6 +64,7 @@ class StateDamagedError(ConfigError):
 _MUTABLE_KEYS = {
     "output_dir",
     "train.checkpoint_every",
+    "eval.routing_every",
     "distributed.deepspeed_config",
     "tracking",
 }
@@ -98,6 +99,7 @@ def lock_run_folder(root: str | Path) -> int | None:
     Raises:
         RunFolderBusyError: another live process holds the folder (named in the message).
     """
+    import errno
     import fcntl
     import os
     import socket
@@ -110,7 +112,12 @@ def lock_run_folder(root: str | Path) -> int | None:
     fd = os.open(root / "run.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            # a file system without flock (Lustre mounted noflock, some NFS): run without
+            # the guard rather than never
+            log.warning("%s: cannot lock the run folder (%s); running without its lock", root, e)
+            return fd
         holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
         raise RunFolderBusyError(
@@ -292,6 +299,7 @@ class RunState:
                 "step": state.step,
                 "losses": state.losses,
                 "state": skeleton,
+                "checksums": "checksums.json",  # this checkpoint is verified against it
             }
             if best is not None:
                 save_file(
@@ -306,10 +314,16 @@ class RunState:
     def load_step(self, task_index: int) -> tuple[StepState, dict | None] | tuple[None, None]:
         """The mid-task checkpoint of task ``task_index`` and its best-so-far, if any."""
         meta_path = self.step_dir / "meta.json"
-        if not meta_path.is_file():
+        if not self.step_dir.is_dir() or not any(self.step_dir.iterdir()):
             return None, None
         self._check_step()
-        meta = json.loads(meta_path.read_text())
+        try:
+            meta = read_json(meta_path)
+        except (UnreadableFileError, FileNotFoundError) as e:
+            raise StateDamagedError(
+                f"{meta_path}: {e}; delete {self.step_dir} to restart that task from its "
+                f"beginning (finished tasks in {self.blocks} are kept)"
+            ) from e
         if meta["task_index"] != task_index:
             return None, None
         best = None
@@ -343,6 +357,10 @@ class RunState:
         )
         sums_path = self.step_dir / "checksums.json"
         if not sums_path.is_file():
+            meta = self.step_dir / "meta.json"
+            legacy = meta.is_file() and '"checksums"' not in meta.read_text(errors="replace")
+            if not legacy:
+                raise StateDamagedError(f"{sums_path}: missing from the step checkpoint; {how}")
             log.warning(
                 "%s has no checksums.json (written by an older version): unverified", self.step_dir
             )

@@ -225,9 +225,9 @@ def train_block(
             raise TrainingDiverged(
                 f"{job.name}: the loss became {acc_task if not math.isfinite(acc_task) else acc_arm}"
                 f" at optimizer step {step + 1}/{job.steps} (lr {job.lr:g}); nothing of this "
-                f"step was saved. Lower train.lr (or replay.gen_lr for the generator) or set "
-                f"train.max_grad_norm, then run the same command: it resumes from the last "
-                f"checkpoint."
+                f"step was saved. The same config would diverge again: run it again in a new "
+                f"output_dir with a lower train.lr (replay.gen_lr for the generator) or with "
+                f"train.max_grad_norm set."
             )
         losses.append(acc_task + job.kl_ratio * acc_arm)
         postfix = {"loss": f"{acc_task:.3f}"}

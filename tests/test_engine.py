@@ -88,7 +88,8 @@ def test_two_task_sapt_run_writes_every_output(tmp_path):
     tasks = ["task363_sst2_polarity_classification", "task875_emotion_classification"]
     assert list(traj) == tasks and (out / "metrics/routing_trajectory.png").is_file()
     steps = [int(k) for k in traj[tasks[1]]]
-    assert steps == sorted(steps) and steps[-1] == len(run_progress(out)["losses"][tasks[1]])
+    n = len(run_progress(out)["losses"][tasks[1]])
+    assert steps == [s for s in range(1, n + 1) if s % 5 == 0 or s == n]  # routing_every 5
     last = traj[tasks[1]][str(steps[-1])]["mean"]
     assert set(last) == set(tasks) and all(len(v) == 2 for v in last.values())
     assert traj[tasks[0]][str(max(int(k) for k in traj[tasks[0]]))]["mean"] == {tasks[0]: [1.0]}
