@@ -266,6 +266,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[42, 1, 2])
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (cores shared out)")
+    ap.add_argument(
+        "--runs",
+        nargs="+",
+        default=None,
+        metavar="METHOD:SEED",
+        help="run exactly these (in this order) instead of methods x seeds; the table still "
+        "covers --methods x --seeds",
+    )
     ap.add_argument("--collect-only", action="store_true", help="read finished runs only")
     ap.add_argument("--no-zero-shot", action="store_true")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="preset overrides")
@@ -273,6 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     methods = list(args.methods)
     if not args.collect_only:
         jobs = [(m, s) for s in args.seeds for m in methods]
+        if args.runs:
+            jobs = [(r.split(":")[0], int(r.split(":")[1])) for r in args.runs]
+            bad = [m for m, _ in jobs if m not in METHODS]
+            if bad:
+                ap.error(f"--runs: unknown method(s) {bad}; known: {METHODS}")
         run_all(args.out, jobs, args.jobs, args.set)
     zs = None if args.no_zero_shot else zero_shot(args.out, args.set)
     text = table(args.out, methods, args.seeds, zs)

@@ -148,8 +148,10 @@ def test_arm_kl_against_reference():
 @pytest.mark.slow
 def test_sigkill_resume_equals_uninterrupted(tmp_path):
     """A run killed with SIGKILL mid-task and restarted with the same command ends with
-    the same accuracy matrix as an uninterrupted run (fp32, CPU, same seed)."""
-    args = [*TINY, "data.max_train=96", "train.checkpoint_every=2"]
+    the same accuracy matrix as an uninterrupted run (fp32, CPU, same seed). With the
+    centered router input: its center is recomputed at the resumed task's start and must
+    come out the same (router.safetensors holds it)."""
+    args = [*TINY, "data.max_train=96", "train.checkpoint_every=2", "adapter.router_center=tasks"]
     # a plain start, as a user's shell: no process-group variables from in-process tests
     env = subprocess_env()
 
@@ -186,10 +188,11 @@ def test_sigkill_resume_equals_uninterrupted(tmp_path):
     # and the trained blocks are bit-identical
     from safetensors.torch import load_file
 
-    for f in ("block_00.safetensors", "block_01.safetensors"):
+    for f in ("block_00.safetensors", "block_01.safetensors", "router.safetensors"):
         x, y = load_file(str(tmp_path / "ref/blocks" / f)), load_file(str(out / "blocks" / f))
         bad = {k: float((x[k] - y[k]).abs().max()) for k in x if not torch.equal(x[k], y[k])}
         assert not bad, (f, bad)
+    assert load_file(str(out / "blocks/router.safetensors"))["task_means"].abs().sum() > 0
 
 
 @pytest.mark.slow
