@@ -124,6 +124,9 @@ def lock_run_folder(root: str | Path) -> int | None:
             f"{root} is in use by another sapt-train ({holder}); wait for it to end, or "
             f"give this run another output_dir"
         ) from None
+    previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+    if previous:  # written by a holder that ended without removing it (killed): take over
+        log.info("%s: taking over run.lock from %s (that process has ended)", root, previous)
     os.ftruncate(fd, 0)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime())
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode(), 0)
@@ -131,9 +134,11 @@ def lock_run_folder(root: str | Path) -> int | None:
 
 
 def unlock_run_folder(fd: int | None) -> None:
+    """Release the folder (its holder line is cleared: a later start sees a clean lock)."""
     import os
 
     if fd is not None:
+        os.ftruncate(fd, 0)
         os.close(fd)  # closing the descriptor releases the flock
 
 

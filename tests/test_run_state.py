@@ -190,3 +190,23 @@ def test_resume_of_a_run_saved_before_new_keys(tmp_path):
     )
     with pytest.raises(ConfigError, match="adapter.router_center: run has 'none', now 'tasks'"):
         RunState(tmp_path).check_or_save_config(other)
+
+
+def test_damaged_tracking_and_pseudo_files_are_named(tmp_path):
+    """state/tracking.json and pseudo-sample JSONL: damage names the file (exit 2 class)."""
+    from sapt_dist.config import ConfigError
+    from sapt_dist.io_utils import UnreadableFileError
+    from sapt_dist.replay import load_jsonl
+    from sapt_dist.tracking import WandbTracker, state_path
+
+    cfg = load_config(None, ["model.builder=demo", f"output_dir={tmp_path}"])
+    path = state_path(tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"run_id": "abc')
+    with pytest.raises(ConfigError, match=r"tracking\.json: damaged.*W&B run id"):
+        WandbTracker(cfg, "offline")
+    pseudo = tmp_path / "pseudo" / "00_t.jsonl"
+    pseudo.parent.mkdir()
+    pseudo.write_text('{"definition": "d", "input": "x"}\n{"definition": "d", "inp')
+    with pytest.raises(UnreadableFileError, match=r"00_t\.jsonl:2: not valid JSON"):
+        load_jsonl(pseudo)
