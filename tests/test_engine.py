@@ -367,3 +367,82 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path, llama):
     with pytest.raises(TrainingDiverged, match=r"boom: the loss became nan at optimizer step 3/4"):
         train_block(model, job, train_cfg, "float32", 0, on_step=lambda s, snap: seen.append(s))
     assert seen == [1, 2]
+
+
+@pytest.mark.slow
+def test_chaos_kills_resume_byte_identical(tmp_path):
+    """Chaos: the same tiny run SIGKILLed at 5 moments of its life, restarted each time with
+    the same command: during start-up, mid-training of task 1 (right after a step
+    checkpoint), while task 1's pseudo-samples are sampled, mid-training of task 2, and
+    during the final evaluation. The moments are events seen in the run folder (so they
+    do not depend on the machine's speed). It must end with byte-identical blocks,
+    router, pseudo-samples, predictions and accuracy matrix."""
+    args = [*TINY, "data.max_train=64", "train.checkpoint_every=1"]
+    env = subprocess_env()
+
+    def cmd(out):
+        return [
+            sys.executable,
+            "-m",
+            "sapt_dist.cli",
+            "--config",
+            str(ROOT / "sapt_dist/presets/demo.yaml"),
+            f"output_dir={out}",
+            "tracking.backend=none",
+            *args,
+        ]
+
+    ref = subprocess.run(
+        cmd(tmp_path / "ref"), env=env, capture_output=True, text=True, timeout=600
+    )
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    out = tmp_path / "chaos"
+    log = out / "run.log"
+
+    def lines(pattern: str) -> int:
+        return log.read_text().count(pattern) if log.is_file() else 0
+
+    def step_of_task(k: int):
+        meta = out / "state" / "step" / "meta.json"
+        try:
+            return json.loads(meta.read_text())["task_index"] == k
+        except (OSError, ValueError, KeyError):
+            return False
+
+    moments = [
+        ("start-up", lambda n0: time.sleep(1.0) or True),
+        ("task 1 training", lambda n0: step_of_task(0)),
+        ("pseudo-samples of task 1", lambda n0: lines("generator task363") > n0),
+        ("task 2 training", lambda n0: step_of_task(1)),
+        ("final evaluation", lambda n0: lines("after 01_task875") > n0),
+    ]
+    landed = []
+    for name, reached in moments:
+        n0 = lines("generator task363") if "pseudo" in name else lines("after 01_task875")
+        proc = subprocess.Popen(
+            cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline and not reached(n0):
+            time.sleep(0.02)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            landed.append(name)
+        proc.wait()
+    assert len(landed) >= 4, f"kills landed only in {landed}"
+    res = subprocess.run(cmd(out), env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    root = tmp_path / "ref"
+    names = sorted(
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if p.is_file() and p.relative_to(root).parts[0] in ("blocks", "pseudo", "predictions")
+    )
+    assert any(n.startswith("pseudo/") for n in names)
+    assert any(n.startswith("predictions/") for n in names)
+    for n in names:
+        if n == "blocks/manifest.json":
+            continue  # holds each block's training time
+        assert (out / n).read_bytes() == (root / n).read_bytes(), n
+    a = json.loads((root / "metrics/accuracy_matrix.json").read_text())
+    assert json.loads((out / "metrics/accuracy_matrix.json").read_text()) == a
