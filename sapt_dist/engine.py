@@ -52,6 +52,7 @@ from sapt_dist.evaluation import (
     pooled_prompts,
     routing_weights,
 )
+from sapt_dist.io_utils import sha256_file
 from sapt_dist.metrics import routing_summary, score_predictions
 from sapt_dist.model import SAPTModel
 from sapt_dist.replay import (
@@ -65,7 +66,12 @@ from sapt_dist.replay import (
     save_jsonl,
 )
 from sapt_dist.report import write_report
-from sapt_dist.run_state import RunState, lock_run_folder, unlock_run_folder
+from sapt_dist.run_state import (
+    RunState,
+    StateDamagedError,
+    lock_run_folder,
+    unlock_run_folder,
+)
 from sapt_dist.serialization import library_versions, load_blocks, save_blocks
 from sapt_dist.tracking import Tracker, final_pending, open_tracker
 from sapt_dist.trainer import BlockJob, num_steps, train_block
@@ -300,7 +306,7 @@ class ContinualRun:
         elif method == "replay" and i > 0:
             examples += self._real_replay_examples(i)
         elif method == "sapt" and i > 0 and cfg.replay.kl_ratio > 0:
-            samples = {j: load_jsonl(self._pseudo_path(j)) for j in range(i)}
+            samples = {j: self._load_pseudo(j, progress) for j in range(i)}
             replay = ReplayBatches(
                 self.tokenizer,
                 samples,
@@ -402,6 +408,9 @@ class ContinualRun:
             )
             if i < len(self.enc) - 1:
                 self._make_pseudo(i)
+                if distributed.is_main_process():  # progress.json (checksummed) keeps it
+                    sums = progress.setdefault("pseudo_sha256", {})
+                    sums[task.data.name] = sha256_file(self._pseudo_path(i))
                 model.start_task(slot, fresh=False)  # the generator took the trainable block
 
         row, routing = self._evaluate(i)
@@ -625,6 +634,22 @@ class ContinualRun:
     # ------------------------------------------------------------------ replay
     def _pseudo_path(self, i: int) -> Path:
         return self.out / "pseudo" / f"{i:02d}_{self.enc[i].data.name}.jsonl"
+
+    def _load_pseudo(self, j: int, progress: dict) -> list[dict]:
+        """Task j's saved pseudo-samples, checked against the sha256 progress.json holds."""
+        path = self._pseudo_path(j)
+        want = (progress.get("pseudo_sha256") or {}).get(self.enc[j].data.name)
+        if not path.is_file():
+            raise StateDamagedError(
+                f"{path}: missing; task {j + 1}'s pseudo-samples are replayed by every later "
+                f"task and its generator is gone. Restore the file, or start a new output_dir"
+            )
+        if want is not None and sha256_file(path) != want:
+            raise StateDamagedError(
+                f"{path} does not match its sha256 in {self.state.progress_path} (edited or "
+                f"damaged). Restore it, or start a new output_dir"
+            )
+        return load_jsonl(path)
 
     def _real_replay_examples(self, i: int) -> list[EncodedExample]:
         cfg, d = self.cfg, self.cfg.data

@@ -446,3 +446,36 @@ def test_chaos_kills_resume_byte_identical(tmp_path):
         assert (out / n).read_bytes() == (root / n).read_bytes(), n
     a = json.loads((root / "metrics/accuracy_matrix.json").read_text())
     assert json.loads((out / "metrics/accuracy_matrix.json").read_text()) == a
+
+
+@pytest.mark.slow
+def test_edited_pseudo_samples_are_refused(tmp_path):
+    """Pseudo-samples are replayed by every later task: an edited file is refused on
+    resume (exit 2, naming it), the restored one resumes."""
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "sapt_dist.cli",
+        "--config",
+        str(ROOT / "sapt_dist/presets/demo.yaml"),
+        f"output_dir={out}",
+        "tracking.backend=none",
+        *TINY,
+        "data.max_train=96",
+    ]
+    env = subprocess_env()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_step_checkpoint(proc, out, 1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    pseudo = out / "pseudo/00_task363_sst2_polarity_classification.jsonl"
+    good = pseudo.read_bytes()
+    assert run_progress(out)["pseudo_sha256"]
+    pseudo.write_bytes(good.replace(b'"input": "', b'"input": "edited ', 1))
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "00_task363_sst2_polarity_classification.jsonl does not match its sha256" in res.stderr
+    pseudo.write_bytes(good)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
