@@ -230,9 +230,13 @@ def init() -> None:
     if cpu_ranks and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)
     guard_op_build_lock()
+    import sys
+
     import deepspeed
 
-    deepspeed.init_distributed(verbose=False)
+    # DeepSpeed print()s its op build; stdout is for results (sapt-predict writes JSONL there)
+    with contextlib.redirect_stdout(sys.stderr):
+        deepspeed.init_distributed(verbose=False)
 
 
 #: DeepSpeed's CPU communication op, built (once per machine) when the process group starts
