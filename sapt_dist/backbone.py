@@ -75,9 +75,14 @@ def _demo_texts(data_dir: Path) -> list[str]:
     return texts
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
+    """The project's cache (demo backbone, fetched models): ``$SAPT_DIST_CACHE``, else
+    ``$XDG_CACHE_HOME/sapt_dist``, else ``~/.cache/sapt_dist``."""
     env = os.environ.get("SAPT_DIST_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "sapt_dist"
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "sapt_dist"
 
 
 def demo_spec(hidden_size: int | None = None, layers: int | None = None) -> dict:
@@ -111,7 +116,7 @@ def build_demo_backbone(
     key = hashlib.sha256(
         json.dumps([spec_in, GEN_TOKENS, len(texts), texts[:50]], sort_keys=True).encode()
     ).hexdigest()[:12]
-    folder = (cache or _cache_root()) / f"demo-backbone-{key}"
+    folder = (cache or cache_root()) / f"demo-backbone-{key}"
     if (folder / "config.json").is_file():
         return folder
     log.info("building the demo backbone in %s (once)", folder)

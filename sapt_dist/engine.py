@@ -102,7 +102,6 @@ class ContinualRun:
         self.out = Path(cfg.output_dir)
         self.state = RunState(self.out)
         self.tracker = Tracker()  # the no-op one until run() opens the real one (rank 0)
-        self._trajectory: dict[tuple[int, int], dict] = {}
         self._dev_pooled: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ set-up
@@ -350,11 +349,8 @@ class ContinualRun:
             """Mean weight of each seen task's dev inputs on its own block, at ``step``."""
             if not every_r or (step % every_r and step != job.steps):
                 return {}
-            point = self._trajectory.get((i, step))
-            if point is None:
-                point = self._routing_point(i)
-                self._trajectory[(i, step)] = point
-                self._write_trajectory(i, offset + step, point, step, final=step == job.steps)
+            point = self._routing_point(i)
+            self._write_trajectory(i, offset + step, point, step, final=step == job.steps)
             return {
                 f"routing_own/{self.enc[j].data.name}": point[self.enc[j].data.name][j]
                 for j in range(i + 1)

@@ -76,12 +76,9 @@ KNOWN: dict[str, KnownModel] = {
 
 def cache_dir() -> Path:
     """Where fetched models live (see the module docstring)."""
-    env = os.environ.get("SAPT_DIST_CACHE")
-    if env:
-        return Path(env) / "models"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "sapt_dist" / "models"
+    from sapt_dist.backbone import cache_root
+
+    return cache_root() / "models"
 
 
 def _known(name: str) -> KnownModel:

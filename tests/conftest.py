@@ -30,6 +30,22 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def cli_cmd(out: Path, *overrides: str, config: Path | None = None) -> list[str]:
+    """``sapt-train`` as a user's shell runs it: the demo preset (or ``config``) into ``out``."""
+    import sys
+
+    config = config or ROOT / "sapt_dist" / "presets" / "demo.yaml"
+    return [
+        sys.executable,
+        "-m",
+        "sapt_dist.cli",
+        "--config",
+        str(config),
+        f"output_dir={out}",
+        *overrides,
+    ]
+
+
 def run_progress(out: Path) -> dict:
     """A run folder's progress as of its last finished task."""
     return json.loads((out / "state/blocks/progress.json").read_text())

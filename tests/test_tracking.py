@@ -26,7 +26,7 @@ from sapt_dist.tracking import (
     state_path,
 )
 
-from .conftest import subprocess_env, wait_for_step_checkpoint
+from .conftest import cli_cmd, subprocess_env, wait_for_step_checkpoint
 from .test_engine import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -281,18 +281,9 @@ def test_killed_run_resumes_the_same_wandb_run(tmp_path):
     starts' steps is every step once."""
     env = subprocess_env()
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "sapt_dist.cli",
-        "--config",
-        str(DEMO),
-        f"output_dir={out}",
-        *TINY,
-        "data.max_train=96",
-        "train.checkpoint_every=2",
-        "tracking.mode=offline",
-    ]
+    cmd = cli_cmd(
+        out, *TINY, "data.max_train=96", "train.checkpoint_every=2", "tracking.mode=offline"
+    )
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wandb_dir = out / "wandb"
 
