@@ -434,6 +434,8 @@ def worker(out: Path, names: list[str], tmp: Path) -> None:
     import deepspeed
     import torch
 
+    from sapt_dist import distributed
+
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     results = []
@@ -452,6 +454,7 @@ def worker(out: Path, names: list[str], tmp: Path) -> None:
                 print(f"  measured {case.name} on {world} process(es)", flush=True)
     if rank == 0:
         out.write_text(json.dumps(results, indent=1))
+    distributed.close()  # a gloo group left alive can abort the exit (SIGABRT)
 
 
 # --------------------------------------------------------------------------- peak

@@ -26,6 +26,7 @@ Under ZeRO-3 (:func:`configure` with a stage-3 config, before the backbone loads
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -60,6 +61,7 @@ __all__ = [
     "any_rank",
     "barrier",
     "build_engine",
+    "close",
     "configure",
     "engine_config",
     "finish",
@@ -237,6 +239,18 @@ def init() -> None:
     # DeepSpeed print()s its op build; stdout is for results (sapt-predict writes JSONL there)
     with contextlib.redirect_stdout(sys.stderr):
         deepspeed.init_distributed(verbose=False)
+    atexit.register(close)
+
+
+def close() -> None:
+    """Tear the process group down (registered at exit by :func:`init`).
+
+    A process that exits with its gloo group alive can abort in the group's destructor
+    ("terminate called without an active exception", SIGABRT) while its peer is still
+    exiting: the launcher then reports a finished run as failed. No barrier here: a rank
+    that exits on an error must not wait for the others."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 #: DeepSpeed's CPU communication op, built (once per machine) when the process group starts
