@@ -148,6 +148,10 @@ class TrainConfig:
     seed: int = 42
     #: Save a resumable checkpoint every N optimizer steps (0: only at task ends).
     checkpoint_every: int = 0
+    #: Optimizer steps with a NaN / infinite loss or weights that are undone and skipped
+    #: (their batch dropped) before the run stops; it stops with a checkpoint of the last
+    #: good step (exit 3). A restart may raise it to step over a bad batch.
+    nonfinite_tolerance: int = 0
     #: Evaluate on the current task's dev split every N epochs and keep the best block.
     select_best: bool = False
     eval_every_epochs: int = 5
@@ -286,6 +290,7 @@ class RunConfig:
             (self.train.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1"),
             (self.train.grad_accum >= 1, "train.grad_accum", "must be >= 1"),
             (self.train.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0"),
+            (self.train.nonfinite_tolerance >= 0, "train.nonfinite_tolerance", "must be >= 0"),
             (self.train.eval_every_epochs >= 1, "train.eval_every_epochs", "must be >= 1"),
             (0.0 < self.data.carve_fraction < 1.0, "data.carve_fraction", "must be in (0, 1)"),
             (self.data.max_source_length >= 8, "data.max_source_length", "must be >= 8"),

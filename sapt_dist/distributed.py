@@ -669,12 +669,24 @@ def load_full_optimizer_state(
             # ... then the fp32 master copies and moments DeepSpeed keeps (exact fp32)
             safe_set_full_fp32_param(p, masters[name].to(torch.float32))
             for k in ("exp_avg", "exp_avg_sq"):
-                if state[k][name] is not None:
-                    safe_set_full_optimizer_state(p, state[k][name].to(torch.float32), k)
+                m = state[k][name]
+                # None: no gradient yet, i.e. zero moments (a rollback must clear them)
+                m = (
+                    torch.zeros(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+                    if m is None
+                    else m
+                )
+                # ZeRO-1/2 link no state to a parameter never stepped
+                with contextlib.suppress(ValueError):
+                    safe_set_full_optimizer_state(p, m.to(torch.float32), k)
         else:
             st = inner.state[p]
             for k in ("exp_avg", "exp_avg_sq"):
-                if state[k][name] is not None:
+                if k not in st:
+                    continue
+                if state[k][name] is None:
+                    st[k].zero_()
+                else:
                     st[k].copy_(state[k][name].to(st[k]))
 
 

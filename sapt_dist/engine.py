@@ -378,7 +378,12 @@ class ContinualRun:
                 if self.tracker.enabled:
                     self.tracker.log_step(offset + step, {**stats, **extra, "task": i + 1})
 
-        losses = self._train(job, resume=resume, on_step=on_step, log_step=log_step)
+        def on_diverge(last_good) -> None:  # exit 3, resumable from the last good step
+            self.state.save_step(i, last_good, best)
+
+        losses = self._train(
+            job, resume=resume, on_step=on_step, log_step=log_step, on_diverge=on_diverge
+        )
         if not getattr(self, "_sharding_written", False):
             self._write_sharding()
         if best is not None and best["step"] != job.steps:
@@ -613,7 +618,9 @@ class ContinualRun:
             tensors = {n: p.detach().cpu().clone() for n, p in params.items()}
         return {"score": score, "step": step, "params": tensors}
 
-    def _train(self, job: BlockJob, resume=None, on_step=None, log_step=None) -> list[float]:
+    def _train(
+        self, job: BlockJob, resume=None, on_step=None, log_step=None, on_diverge=None
+    ) -> list[float | None]:
         cfg = self.cfg
         return train_block(
             self.model,
@@ -625,6 +632,7 @@ class ContinualRun:
             resume=resume,
             on_step=on_step,
             log_step=log_step,
+            on_diverge=on_diverge,
         )
 
     # ------------------------------------------------------------------ replay

@@ -17,6 +17,8 @@ __all__ = [
     "atomic_dir",
     "atomic_write_json",
     "atomic_write_text",
+    "atomic_write_checked_json",
+    "read_checked_json",
     "read_json",
     "recover_dir",
     "sha256_file",
@@ -56,6 +58,37 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def _json_digest(body: dict) -> str:
+    return hashlib.sha256(
+        json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    ).hexdigest()
+
+
+def atomic_write_checked_json(path: str | Path, data: dict) -> None:
+    """Write ``data`` atomically with a ``sha256`` key over the rest of it (canonical JSON),
+    so :func:`read_checked_json` can tell an edited or damaged file from the one written."""
+    body = {k: v for k, v in data.items() if k != "sha256"}
+    atomic_write_json(path, {**body, "sha256": _json_digest(body)})
+
+
+def read_checked_json(path: str | Path, what_to_do: str = "") -> dict:
+    """A file of :func:`atomic_write_checked_json` without its ``sha256`` key, verified
+    against it; :class:`UnreadableFileError` naming the file when it is damaged, not a
+    JSON object or does not match. A file without the key (written by an older version)
+    is read unverified."""
+    path = Path(path)
+    data = read_json(path, what_to_do)
+    tail = f"; {what_to_do}" if what_to_do else ""
+    if not isinstance(data, dict):
+        raise UnreadableFileError(f"{path}: damaged, not a JSON object{tail}")
+    want = data.pop("sha256", None)
+    if want is not None and _json_digest(data) != want:
+        raise UnreadableFileError(
+            f"{path}: damaged, does not match the sha256 it was written with (edited?){tail}"
+        )
+    return data
 
 
 @contextlib.contextmanager

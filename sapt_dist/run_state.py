@@ -30,8 +30,10 @@ from sapt_dist.distributed import flatten_state, is_main_process, unflatten_stat
 from sapt_dist.io_utils import (
     UnreadableFileError,
     atomic_dir,
+    atomic_write_checked_json,
     atomic_write_json,
     atomic_write_text,
+    read_checked_json,
     read_json,
     recover_dir,
     sha256_file,
@@ -64,6 +66,7 @@ class StateDamagedError(ConfigError):
 _MUTABLE_KEYS = {
     "output_dir",
     "train.checkpoint_every",
+    "train.nonfinite_tolerance",
     "eval.routing_every",
     "distributed.deepspeed_config",
     "tracking",
@@ -195,7 +198,7 @@ class RunState:
             mutable = set(_MUTABLE_KEYS)
             if layout_path.is_file():
                 try:
-                    before = read_json(layout_path)
+                    before = read_checked_json(layout_path)
                     before["global_batch"]
                 except (UnreadableFileError, KeyError, TypeError) as e:
                     raise StateDamagedError(
@@ -240,7 +243,7 @@ class RunState:
         if is_main_process():
             atomic_write_text(path, yaml.safe_dump(mine, sort_keys=False))
             self.state.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(layout_path, json.dumps(layout) + "\n")
+            atomic_write_checked_json(layout_path, layout)
 
     # ------------------------------------------------------------------ progress
     def load_progress(self) -> dict[str, Any]:

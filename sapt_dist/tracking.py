@@ -52,7 +52,11 @@ from urllib.parse import urlparse
 
 from sapt_dist import distributed
 from sapt_dist.config import ConfigError, RunConfig, to_dict
-from sapt_dist.io_utils import UnreadableFileError, atomic_write_json, read_json
+from sapt_dist.io_utils import (
+    UnreadableFileError,
+    atomic_write_checked_json,
+    read_checked_json,
+)
 
 __all__ = [
     "OfflineRun",
@@ -225,7 +229,7 @@ class WandbTracker(Tracker):
         saved = {}
         if self.state_file.is_file():
             try:
-                saved = read_json(self.state_file)
+                saved = read_checked_json(self.state_file)
             except UnreadableFileError as e:
                 raise ConfigError(
                     f"{e}; it keeps this run's W&B run id. Delete it to start a new W&B run "
@@ -278,7 +282,9 @@ class WandbTracker(Tracker):
             log.info("W&B run %s (%s): %s", self.run_id, mode, getattr(self.run, "url", ""))
 
     def _write_state(self) -> None:
-        atomic_write_json(self.state_file, {**self._state, "final_logged": self.final_logged})
+        atomic_write_checked_json(
+            self.state_file, {**self._state, "final_logged": self.final_logged}
+        )
 
     def _guard(self, what: str, fn, *args, **kwargs) -> bool:
         """Run a W&B call; tracking never takes training down. The first failure (e.g. the
@@ -451,7 +457,13 @@ def final_pending(cfg: RunConfig) -> bool:
     path = state_path(cfg.output_dir)
     if cfg.tracking.backend == "none" or not path.is_file():
         return False
-    return not json.loads(path.read_text()).get("final_logged")
+    try:
+        return not read_checked_json(path).get("final_logged")
+    except UnreadableFileError as e:
+        raise ConfigError(
+            f"{e}; it keeps this run's W&B run id. Delete it to start a new W&B run for the "
+            f"rest of this run"
+        ) from None
 
 
 # ---------------------------------------------------------------------------- reading back

@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -37,7 +37,17 @@ log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; nothing of that step is saved."""
+    """More optimizer steps than ``train.nonfinite_tolerance`` gave a NaN / infinite loss or
+    weights; the last good step was handed to ``on_diverge`` (the engine saves it)."""
+
+
+def _finite(loss: float, arm: float, state: StepState) -> bool:
+    """Whether a step's losses and the weights and moments it produced are all finite."""
+    if not (math.isfinite(loss) and math.isfinite(arm)):
+        return False
+    tensors = list(state.params.values())
+    tensors += [t for k in ("exp_avg", "exp_avg_sq") for t in state.optimizer[k].values()]
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)
 
 
 @dataclass
@@ -123,13 +133,22 @@ def train_block(
     resume: StepState | None = None,
     on_step: Callable[[int, Callable[[], StepState]], None] | None = None,
     log_step: Callable[[int, dict[str, float]], None] | None = None,
-) -> list[float]:
-    """Train ``job`` for ``job.steps`` optimizer steps; return the per-step mean losses.
+    on_diverge: Callable[[StepState], None] | None = None,
+) -> list[float | None]:
+    """Train ``job`` for ``job.steps`` optimizer steps; return the per-step mean losses
+    (``None`` for a step skipped as non-finite).
 
-    ``on_step(step, snapshot)`` is called after every optimizer step; ``snapshot()`` builds
-    the :class:`StepState` to save (only when the caller decides to checkpoint).
+    ``on_step(step, snapshot)`` is called after every good optimizer step; ``snapshot()``
+    gives the :class:`StepState` to save (when the caller decides to checkpoint).
     ``log_step(step, stats)`` (experiment tracking) gets the step's losses, learning rate,
     throughput and memory (:func:`_step_stats`), before ``on_step``.
+
+    Non-finite steps: after every step the state is snapshotted (full fp32 weights and
+    AdamW moments of the trainable parameters, on the CPU; collective under ZeRO-3) and
+    checked. A step whose loss, weights or moments are NaN / infinite is undone (the last
+    good snapshot is put back; its batch is dropped, the schedule moves on) up to
+    ``train_cfg.nonfinite_tolerance`` times; one more and ``on_diverge(last good state)``
+    is called and :class:`TrainingDiverged` raised.
     """
     if not job.examples:
         raise ValueError(f"{job.name}: no training examples")
@@ -181,6 +200,9 @@ def train_block(
 
         return snap
 
+    good = snapshot_at(start)()  # the state to go back to if the next step goes bad
+    tolerance = getattr(train_cfg, "nonfinite_tolerance", 0)
+    skipped = 0
     device = next(iter(params)).device
     model.train()
     bar = tqdm(
@@ -219,17 +241,60 @@ def train_block(
                 acc_arm += float(out.arm_loss.detach()) / ga
         # the step's loss over the global batch (the mean of the ranks' micro-batch means)
         acc_task, acc_arm = distributed.mean_over_ranks([acc_task, acc_arm])
-        if not (math.isfinite(acc_task) and math.isfinite(acc_arm)):
-            bar.close()
-            distributed.release_engine(engine)
-            raise TrainingDiverged(
-                f"{job.name}: the loss became {acc_task if not math.isfinite(acc_task) else acc_arm}"
-                f" at optimizer step {step + 1}/{job.steps} (lr {job.lr:g}); nothing of this "
-                f"step was saved. The same config would diverge again: run it again in a new "
-                f"output_dir with a lower train.lr (replay.gen_lr for the generator) or with "
-                f"train.max_grad_norm set."
+        state = snapshot_at(step + 1)()  # collective under ZeRO-3: every rank, every step
+        if not _finite(acc_task, acc_arm, state):
+            bad = acc_task if not math.isfinite(acc_task) else acc_arm
+            what = (
+                "the weights or optimizer moments became non-finite"
+                if math.isfinite(bad)
+                else f"the loss became {bad}"
             )
+            skipped += 1
+            if skipped > tolerance:
+                bar.close()
+                distributed.release_engine(engine)
+                if on_diverge is not None:
+                    on_diverge(good)
+                kept = (
+                    f"The state of step {good.step} (the last good one) is checkpointed. To go "
+                    f"on, run the same command with train.nonfinite_tolerance={skipped} (the "
+                    f"bad batch is then skipped); if"
+                    if on_diverge is not None
+                    else "Nothing of this block is saved. If"
+                )
+                raise TrainingDiverged(
+                    f"{job.name}: {what} at optimizer step {step + 1}/{job.steps} (lr "
+                    f"{job.lr:g}; {skipped} non-finite step(s), train.nonfinite_tolerance="
+                    f"{tolerance}). {kept} every step diverges, start a new output_dir with a "
+                    f"lower train.lr (replay.gen_lr for the generator) or train.max_grad_norm set."
+                )
+            log.warning(
+                "%s: %s at optimizer step %d/%d: step undone, its batch skipped (%d of %d "
+                "tolerated)",
+                job.name,
+                what,
+                step + 1,
+                job.steps,
+                skipped,
+                tolerance,
+            )
+            distributed.load_full_optimizer_state(
+                optimizer, job.params, good.params, good.optimizer
+            )
+            losses.append(None)
+            good = StepState(
+                step=step + 1,
+                params=good.params,
+                optimizer=good.optimizer,
+                scheduler=copy.deepcopy(scheduler.state_dict()),
+                rng=torch.get_rng_state(),
+                losses=list(losses),
+            )
+            bar.update(1)
+            continue
         losses.append(acc_task + job.kl_ratio * acc_arm)
+        state.losses = list(losses)
+        good = state
         postfix = {"loss": f"{acc_task:.3f}"}
         if job.replay is not None:
             postfix["arm"] = f"{acc_arm:.4f}"
@@ -242,18 +307,23 @@ def train_block(
                 step + 1, _step_stats(losses[-1], acc_task, arm, scheduler, tokens * world, seconds)
             )
         if on_step is not None:
-            on_step(step + 1, snapshot_at(step + 1))
+            # the RNG as it is when the caller saves (after any evaluation it ran)
+            on_step(step + 1, lambda state=state: replace(state, rng=torch.get_rng_state()))
             model.train()  # the callback may have evaluated
     bar.close()
     distributed.release_engine(engine)
     model.eval()
-    if losses:
+    kept = [v for v in losses if v is not None]
+    if kept:
         log.info(
-            "%s: %d steps, first loss %.4f, last loss %.4f",
+            "%s: %d steps, first loss %.4f, last loss %.4f%s",
             job.name,
             job.steps,
-            losses[0],
-            losses[-1],
+            kept[0],
+            kept[-1],
+            f" ({len(losses) - len(kept)} non-finite step(s) skipped)"
+            if len(kept) < len(losses)
+            else "",
         )
     return losses
 

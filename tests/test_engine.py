@@ -18,7 +18,7 @@ import torch
 from sapt_dist.attention import SharedAttention, arm_kl
 from sapt_dist.config import load_config
 
-from .conftest import cli_cmd, run_progress, subprocess_env, wait_for_step_checkpoint
+from .conftest import cli_cmd, run_progress, subprocess_env, tiny_llama, wait_for_step_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -327,41 +327,101 @@ def test_failed_start_does_not_bind_the_folder(tmp_path):
     assert (tmp_path / "run" / "config.yaml").is_file()
 
 
-def test_non_finite_loss_stops_with_a_clear_error(tmp_path, llama):
-    """A loss that becomes NaN / inf stops training at that step, naming it; nothing of it
-    is handed to the step callback (so nothing of it is checkpointed)."""
-    from sapt_dist.config import AdapterConfig, TrainConfig
+def _poisoned_job(steps: int, poison: set[int]):
+    """A tiny LoRA job whose every batch is the same example, and whose loss is NaN at the
+    forward calls numbered in ``poison`` (1-based; one micro-batch per step)."""
+    from sapt_dist.config import AdapterConfig
     from sapt_dist.data import EncodedExample
     from sapt_dist.model import SAPTModel
-    from sapt_dist.trainer import BlockJob, TrainingDiverged, train_block
+    from sapt_dist.trainer import BlockJob
 
-    model = SAPTModel(llama, AdapterConfig(rank=2, alpha=4), n_slots=1)
+    model = SAPTModel(tiny_llama(), AdapterConfig(rank=2, alpha=4), n_slots=1)
     ex = EncodedExample(input_ids=[5, 6, 7, 8, 2], labels=[-100, -100, 7, 8, 2], prompt_len=2)
     job = BlockJob(
         name="boom",
         examples=[ex] * 4,
         params=model.named_adapter_params(),
-        steps=4,
+        steps=steps,
         seed=0,
-        lr=1e-3,
+        lr=1e-2,
     )
-    seen = []
-    train_cfg = TrainConfig(micro_batch_size=2, grad_accum=1, max_grad_norm=None)
     calls = {"n": 0}
     forward = model.forward
 
-    def poisoned(*a, **kw):  # the loss of the third micro-step is NaN
+    def poisoned(*a, **kw):
         out = forward(*a, **kw)
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] in poison:
             out.loss = out.loss * float("nan")
             out.task_loss = out.loss
         return out
 
     model.forward = poisoned
+    return model, job
+
+
+def test_non_finite_loss_stops_with_the_last_good_step():
+    """A loss that becomes NaN stops training at that step, naming it (tolerance 0); the
+    step callback never sees it and the divergence callback gets the state of the step
+    before, the same the step callback was offered there."""
+    from sapt_dist.config import TrainConfig
+    from sapt_dist.trainer import TrainingDiverged, train_block
+
+    model, job = _poisoned_job(steps=4, poison={3})
+    seen, offered, last_good = [], {}, []
+    train_cfg = TrainConfig(micro_batch_size=2, grad_accum=1, max_grad_norm=None)
+
+    def on_step(step, snap):
+        seen.append(step)
+        offered[step] = snap()
+
     with pytest.raises(TrainingDiverged, match=r"boom: the loss became nan at optimizer step 3/4"):
-        train_block(model, job, train_cfg, "float32", 0, on_step=lambda s, snap: seen.append(s))
+        train_block(
+            model, job, train_cfg, "float32", 0, on_step=on_step, on_diverge=last_good.append
+        )
     assert seen == [1, 2]
+    (good,) = last_good
+    assert good.step == 2 and len(good.losses) == 2
+    for name, t in offered[2].params.items():
+        assert torch.equal(good.params[name], t) and torch.isfinite(t).all()
+    # the NaN step's update reached the live weights: the checkpoint is not a copy of them
+    assert not all(torch.isfinite(p).all() for p in job.params.values())
+
+
+def test_tolerated_non_finite_step_is_undone_and_skipped():
+    """With train.nonfinite_tolerance=1 a NaN step is undone: every batch being the same,
+    4 steps with the third skipped end where 3 clean steps end (weights and moments), and
+    its loss is recorded as None; a second bad step then stops the run."""
+    from sapt_dist import distributed
+    from sapt_dist.config import TrainConfig
+    from sapt_dist.trainer import TrainingDiverged, train_block
+
+    cfg = TrainConfig(micro_batch_size=2, grad_accum=1, max_grad_norm=None, nonfinite_tolerance=1)
+    model, job = _poisoned_job(steps=4, poison={3})
+    states = []
+    losses = train_block(
+        model, job, cfg, "float32", 0, on_step=lambda s, snap: states.append(snap())
+    )
+    assert losses[2] is None and all(v is not None for v in losses[:2] + losses[3:])
+    ref_model, ref_job = _poisoned_job(steps=3, poison=set())
+    ref_states = []
+    ref = train_block(
+        ref_model, ref_job, cfg, "float32", 0, on_step=lambda s, snap: ref_states.append(snap())
+    )
+    assert losses[:2] + losses[3:] == ref
+    got, want = states[-1], ref_states[-1]
+    for name in want.params:
+        assert torch.equal(got.params[name], want.params[name]), name
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(got.optimizer[k][name], want.optimizer[k][name]), (name, k)
+    assert got.optimizer["step"] == want.optimizer["step"] == 3
+    distributed.finish()
+
+    model, job = _poisoned_job(steps=5, poison={2, 4})
+    last_good = []
+    with pytest.raises(TrainingDiverged, match=r"step 4/5 .*2 non-finite step\(s\), train\.nonf"):
+        train_block(model, job, cfg, "float32", 0, on_diverge=last_good.append)
+    assert last_good[0].step == 3 and last_good[0].losses[1] is None
 
 
 @pytest.mark.slow

@@ -157,6 +157,11 @@ def test_damaged_state_files_are_named(tmp_path):
     layout.write_text(good_layout[:7])
     with pytest.raises(StateDamagedError, match=r"layout\.json: damaged"):
         RunState(tmp_path).check_or_save_config(cfg)
+    # an edit that keeps it valid JSON (the global batch a resume is checked against)
+    layout.write_text(good_layout.replace('"global_batch": 8', '"global_batch": 16'))
+    assert layout.read_text() != good_layout
+    with pytest.raises(StateDamagedError, match=r"layout\.json: damaged .*sha256"):
+        RunState(tmp_path).check_or_save_config(cfg)
     layout.write_text(good_layout)
     saved = tmp_path / "config.yaml"
     saved.write_bytes(saved.read_bytes()[:40])
@@ -195,9 +200,9 @@ def test_resume_of_a_run_saved_before_new_keys(tmp_path):
 def test_damaged_tracking_and_pseudo_files_are_named(tmp_path):
     """state/tracking.json and pseudo-sample JSONL: damage names the file (exit 2 class)."""
     from sapt_dist.config import ConfigError
-    from sapt_dist.io_utils import UnreadableFileError
+    from sapt_dist.io_utils import UnreadableFileError, atomic_write_checked_json, read_checked_json
     from sapt_dist.replay import load_jsonl
-    from sapt_dist.tracking import WandbTracker, state_path
+    from sapt_dist.tracking import WandbTracker, final_pending, state_path
 
     cfg = load_config(None, ["model.builder=demo", f"output_dir={tmp_path}"])
     path = state_path(tmp_path)
@@ -205,6 +210,17 @@ def test_damaged_tracking_and_pseudo_files_are_named(tmp_path):
     path.write_text('{"run_id": "abc')
     with pytest.raises(ConfigError, match=r"tracking\.json: damaged.*W&B run id"):
         WandbTracker(cfg, "offline")
+    # valid JSON, edited: another run's id would send this run's charts into it
+    atomic_write_checked_json(path, {"run_id": "abc123", "final_logged": False})
+    assert read_checked_json(path) == {"run_id": "abc123", "final_logged": False}
+    path.write_text(path.read_text().replace("abc123", "zzz999"))
+    with pytest.raises(ConfigError, match=r"tracking\.json: damaged, does not match the sha256"):
+        WandbTracker(cfg, "offline")
+    tracked = load_config(
+        None, ["model.builder=demo", f"output_dir={tmp_path}", "tracking.backend=wandb"]
+    )
+    with pytest.raises(ConfigError, match=r"tracking\.json: damaged, does not match"):
+        final_pending(tracked)
     pseudo = tmp_path / "pseudo" / "00_t.jsonl"
     pseudo.parent.mkdir()
     pseudo.write_text('{"definition": "d", "input": "x"}\n{"definition": "d", "inp')
