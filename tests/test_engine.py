@@ -424,6 +424,48 @@ def test_tolerated_non_finite_step_is_undone_and_skipped():
     assert last_good[0].step == 3 and last_good[0].losses[1] is None
 
 
+def test_diverged_run_keeps_its_last_good_step_and_resumes_past_it(tmp_path, monkeypatch):
+    """End to end: a NaN at step 3 stops the run (tolerance 0) with a step checkpoint of
+    step 2 although no periodic checkpoint was due; the same command with
+    train.nonfinite_tolerance=1 resumes there, skips the bad step and finishes."""
+    import math
+
+    from sapt_dist.engine import run
+    from sapt_dist.model import SAPTModel
+    from sapt_dist.trainer import TrainingDiverged
+
+    forward = SAPTModel.forward
+    calls = {"n": 0, "poison": 3}
+
+    def poisoned(self, *a, **kw):
+        out = forward(self, *a, **kw)
+        if self.training and kw.get("labels") is not None:
+            calls["n"] += 1
+            if calls["n"] == calls["poison"]:
+                out.loss = out.loss * math.nan
+                out.task_loss = out.loss
+        return out
+
+    monkeypatch.setattr(SAPTModel, "forward", poisoned)
+    extra = [
+        "method=seq_lora",
+        "data.tasks=[task363_sst2_polarity_classification]",
+        "train.grad_accum=1",
+        "train.checkpoint_every=0",
+    ]
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at optimizer step 3/6"):
+        run(_cfg(tmp_path, *extra))
+    meta = json.loads((tmp_path / "run" / "state" / "step" / "meta.json").read_text())
+    assert meta["step"] == 2 and len(meta["losses"]) == 2
+    calls.update(n=0, poison=1)  # the resumed run's first training step is step 3 again
+    results = run(_cfg(tmp_path, *extra, "train.nonfinite_tolerance=1"))
+    losses = json.loads((tmp_path / "run" / "state" / "blocks" / "progress.json").read_text())[
+        "losses"
+    ]["task363_sst2_polarity_classification"]
+    assert len(losses) == 6 and losses[2] is None and losses[:2] == meta["losses"]
+    assert results["matrix"][0][0] is not None
+
+
 @pytest.mark.slow
 def test_chaos_kills_resume_byte_identical(tmp_path):
     """Chaos: the same tiny run SIGKILLed at 5 moments of its life, restarted each time with
