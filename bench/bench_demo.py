@@ -33,9 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def part_cl(out: Path, overrides: list[str]) -> None:
-    from sapt_dist.cli import preset_path, setup_logging
+    from sapt_dist.cli.train import preset_path, setup_logging
     from sapt_dist.config import load_config
-    from sapt_dist.engine import run
+    from sapt_dist.train.run import run
 
     res = {}
     for method in ("sapt", "seq_lora"):
@@ -76,9 +76,9 @@ def part_cl(out: Path, overrides: list[str]) -> None:
 def part_gen(
     reps: int, new_tokens: int, batch: int, slots: int, targets: list[str], rank: int
 ) -> None:
-    from sapt_dist.backbone import load_backbone
+    from sapt_dist.backbone.load import load_backbone
     from sapt_dist.config import AdapterConfig, ModelConfig, load_config
-    from sapt_dist.data import (
+    from sapt_dist.data.tasks import (
         ORDERS,
         collate_prompts,
         encode_prompt,
@@ -86,7 +86,7 @@ def part_gen(
         load_task,
         resolve_data_root,
     )
-    from sapt_dist.model import SAPTModel
+    from sapt_dist.method.model import SAPTModel
 
     cfg = load_config(ROOT / "sapt_dist/presets/demo.yaml")
     backbone, tok = load_backbone(ModelConfig(builder="demo"))

@@ -1,6 +1,6 @@
 """CPU benchmark of SAPT's fused mixture of LoRA blocks, every ratio measured side by side.
 
-(a) ``MixtureLoRALinear`` (``sapt_dist.ops.mixture_lora``) against a per-slot loop in the style of the paper's
+(a) ``MixtureLoRALinear`` (``sapt_dist.method.ops.mixture_lora``) against a per-slot loop in the style of the paper's
     released code (one ``nn.Linear`` pair per slot, earlier slots under ``torch.no_grad``),
     on a LLaMA-7B-shaped projection, forward + backward and forward only.
 (b) One training step (forward + backward) of a small random LLaMA with SAPT at 15 slots,
@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from sapt_dist.config import AdapterConfig
-from sapt_dist.lora import MixtureLoRALinear, RoutingContext
-from sapt_dist.model import SAPTModel
+from sapt_dist.method.lora import MixtureLoRALinear, RoutingContext
+from sapt_dist.method.model import SAPTModel
 
 TARGET_FUSED_VS_LOOP = 5.0  # fused >= 5x faster than the loop at 15 slots (fwd + bwd)
 TARGET_SAPT_VS_LORA = 1.10  # SAPT-15 step <= 1.10x one plain LoRA's step

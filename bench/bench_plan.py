@@ -43,7 +43,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sapt_dist.plan import (  # noqa: E402 (after the path set-up above)
+from sapt_dist.cluster.plan import (  # noqa: E402 (after the path set-up above)
     DeepSpeedKnobs,
     PlanInputs,
     activation_bytes,
@@ -195,7 +195,7 @@ def _build(case: Case, tmp: Path):
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     from sapt_dist.config import AdapterConfig
-    from sapt_dist.model import SAPTModel
+    from sapt_dist.method.model import SAPTModel
 
     dt = torch.bfloat16 if case.dtype == "bf16" else torch.float32
     if case.quant == "none":
@@ -538,7 +538,7 @@ COMPONENTS = [
 
 
 def predicted(case: Case, shape_dict: dict, world: int) -> dict:
-    from sapt_dist.plan import ModelShape
+    from sapt_dist.cluster.plan import ModelShape
 
     shape = ModelShape(**shape_dict)
     p = plan(plan_inputs(case, shape, world, grad_ckpt=False))

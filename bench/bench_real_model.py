@@ -47,7 +47,7 @@ def command(out: Path, method: str, seed: int, extra: list[str]) -> list[str]:
     args = [
         sys.executable,
         "-m",
-        "sapt_dist.cli",
+        "sapt_dist.cli.train",
         "--preset",
         PRESET,
         f"output_dir={folder}",
@@ -101,19 +101,19 @@ def zero_shot(out: Path, extra: list[str]) -> dict[str, float]:
         return json.loads(path.read_text())
     import torch
 
-    from sapt_dist.backbone import load_backbone
-    from sapt_dist.cli import preset_path
+    from sapt_dist.backbone.load import load_backbone
+    from sapt_dist.cli.train import preset_path
     from sapt_dist.config import load_config
-    from sapt_dist.data import (
+    from sapt_dist.data.tasks import (
         encode_prompt,
         format_prompt,
         load_task,
         resolve_data_root,
         resolve_order,
     )
-    from sapt_dist.evaluation import generate_texts
-    from sapt_dist.metrics import score_predictions
-    from sapt_dist.model import SAPTModel
+    from sapt_dist.method.model import SAPTModel
+    from sapt_dist.outputs.metrics import score_predictions
+    from sapt_dist.train.evaluation import generate_texts
 
     cfg = load_config(preset_path(PRESET), extra)
     backbone, tok = load_backbone(cfg.model)
@@ -142,7 +142,7 @@ def zero_shot(out: Path, extra: list[str]) -> dict[str, float]:
 
 
 def read_run(folder: Path, single: list[float] | None) -> dict | None:
-    from sapt_dist.metrics import cl_metrics
+    from sapt_dist.outputs.metrics import cl_metrics
 
     if not finished(folder):
         return None

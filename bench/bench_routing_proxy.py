@@ -27,10 +27,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def pooled_prompts(pool: str, n_train: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    from sapt_dist.backbone import load_backbone
-    from sapt_dist.cli import preset_path
+    from sapt_dist.backbone.load import load_backbone
+    from sapt_dist.cli.train import preset_path
     from sapt_dist.config import load_config
-    from sapt_dist.data import (
+    from sapt_dist.data.tasks import (
         encode_prompt,
         format_prompt,
         load_task,
@@ -70,7 +70,7 @@ def geometry(train: list[torch.Tensor]) -> tuple[float, float, float]:
 
 
 def route(train, test, center: bool, lr: float, steps: int, beta: float, seed: int, init=None):
-    from sapt_dist.attention import SharedAttention
+    from sapt_dist.method.attention import SharedAttention
 
     n, d = len(train), train[0].shape[1]
     torch.manual_seed(seed)

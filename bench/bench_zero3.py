@@ -64,7 +64,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from sapt_dist import distributed
     from sapt_dist.config import AdapterConfig
-    from sapt_dist.model import SAPTModel
+    from sapt_dist.method.model import SAPTModel
 
     shape = SHAPES[args.shape]
     distributed.init()
@@ -108,9 +108,6 @@ def worker(args: argparse.Namespace) -> None:
         micro_batch_size=shape["micro"],
         grad_accum=ga,
         max_grad_norm=1.0,
-        schedule="constant",
-        warmup_steps=0,
-        total_steps=shape["steps"] + 2,
         dtype="float32",
     )
     g = torch.Generator().manual_seed(1)

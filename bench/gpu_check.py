@@ -46,11 +46,11 @@ class Row:
 
 def import_sapt() -> list[str]:
     """Import the SAPT modules; return the forbidden packages they pulled in."""
-    import sapt_dist.attention  # noqa: F401
     import sapt_dist.config  # noqa: F401
-    import sapt_dist.lora  # noqa: F401
-    import sapt_dist.model  # noqa: F401
-    import sapt_dist.ops  # noqa: F401
+    import sapt_dist.method.attention  # noqa: F401
+    import sapt_dist.method.lora  # noqa: F401
+    import sapt_dist.method.model  # noqa: F401
+    import sapt_dist.method.ops  # noqa: F401
 
     return sorted({m.split(".")[0] for m in sys.modules if m.split(".")[0] in FORBIDDEN})
 
@@ -103,7 +103,7 @@ def build(args: argparse.Namespace, dtype: torch.dtype, device: torch.device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from sapt_dist.config import AdapterConfig
-    from sapt_dist.model import SAPTModel
+    from sapt_dist.method.model import SAPTModel
 
     torch.manual_seed(0)
     cfg = LlamaConfig(

@@ -28,7 +28,7 @@ def build(args: argparse.Namespace, device: torch.device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from sapt_dist.config import AdapterConfig
-    from sapt_dist.model import SAPTModel
+    from sapt_dist.method.model import SAPTModel
 
     cfg = LlamaConfig(
         vocab_size=args.vocab,
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("CUDA is not available (use --device cpu --dry-run for the CPU smoke run)")
         return 2
-    from sapt_dist.plan import DeepSpeedKnobs, PlanInputs, activation_bytes, shape_from_dict
+    from sapt_dist.cluster.plan import DeepSpeedKnobs, PlanInputs, activation_bytes, shape_from_dict
 
     model, cfg = build(args, device)
     model.train()

@@ -14,7 +14,7 @@ job's first node and a port derived from the job id.
 
 import sys
 
-from sapt_dist.cli import main
+from sapt_dist.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

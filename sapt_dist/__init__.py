@@ -1,8 +1,8 @@
 """sapt-dist: continual learning of LLMs with SAPT on DeepSpeed.
 
-Import what you need from the submodules: ``sapt_dist.ops.mixture_lora`` (the fused
-mixture), ``sapt_dist.model.SAPTModel`` (SAPT around a HF causal LM),
-``sapt_dist.serialization`` (save / load / peft export), ``sapt_dist.engine`` (the
+Import what you need from the submodules: ``sapt_dist.method.ops.mixture_lora`` (the fused
+mixture), ``sapt_dist.method.model.SAPTModel`` (SAPT around a HF causal LM),
+``sapt_dist.checkpoint.blocks`` (save / load / peft export), ``sapt_dist.train.run`` (the
 continual-learning run). Importing the package itself does no work.
 """
 

@@ -7,10 +7,12 @@ before any model or data loads. The resolved tree is saved beside every run's ou
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -202,7 +204,7 @@ class DistributedConfig:
 
 @dataclass
 class TrackingConfig:
-    """Experiment tracking (``sapt_dist.tracking``): one W&B run per continual-learning run,
+    """Experiment tracking (``sapt_dist.outputs.tracking``): one W&B run per continual-learning run,
     logged by rank 0 only. Never holds a secret: the API key comes from ``WANDB_API_KEY``
     or ``wandb login``, never from a config."""
 
@@ -360,8 +362,6 @@ class RunConfig:
                     f"path separators, '..', leading '.' or '~'): task names become file "
                     f"names inside the run folder"
                 )
-        from sapt_dist.distributed import resolve_ds_config
-
         try:
             resolve_ds_config(self.distributed.deepspeed_config)
         except ValueError as e:
@@ -523,4 +523,45 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         cfg.validate()
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+    return cfg
+
+
+# --------------------------------------------------------------------------- DeepSpeed configs
+def shipped_ds_configs() -> dict[str, str]:
+    """Name -> JSON text of the DeepSpeed configs shipped in the package
+    (``sapt_dist/ds_configs``, also at the repository's top level as ``ds_configs/``)."""
+    folder = resources.files("sapt_dist") / "ds_configs"
+    return {
+        f.name.removesuffix(".json"): f.read_text(encoding="utf-8")
+        for f in folder.iterdir()
+        if f.name.endswith(".json")
+    }
+
+
+def resolve_ds_config(spec: str | None) -> dict:
+    """The DeepSpeed config a run names: a JSON file path, or the name of one shipped in
+    the package (``zero0``, ``zero2``, ``zero3``, ``zero3_offload``). ``None``: stage 0.
+
+    Raises:
+        ValueError: naming the file, when it is missing, not JSON or not a JSON object.
+    """
+    if not spec:
+        return {"zero_optimization": {"stage": 0}}
+    path = Path(spec).expanduser()
+    if path.is_file():
+        where, text = str(path), path.read_text(encoding="utf-8")
+    else:
+        shipped = shipped_ds_configs()
+        if spec not in shipped:
+            raise ValueError(f"no DeepSpeed config {spec!r} (a path, or one of {sorted(shipped)})")
+        where, text = f"{spec} (shipped: sapt_dist/ds_configs/{spec}.json)", shipped[spec]
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where}: expected a JSON object")
+    stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"{where}: zero_optimization.stage must be 0-3, not {stage!r}")
     return cfg

@@ -1,7 +1,7 @@
-"""Write the demo subsets shipped in ``sapt_dist/demo_data`` from a SuperNI copy.
+"""Write the demo subsets shipped in ``sapt_dist/data/demo`` from a SuperNI copy.
 
     python scripts/make_demo_data.py \\
-        --source ../shared/data/CL_Benchmark/SuperNI --out sapt_dist/demo_data
+        --source ../shared/data/CL_Benchmark/SuperNI --out sapt_dist/data/demo
 
 Deterministic: the first N instances of each split in file order (no sampling), the
 ``Definition`` and at most 2 ``Positive Examples``; every other key is dropped.
@@ -15,11 +15,11 @@ import logging
 import sys
 from pathlib import Path
 
-from sapt_dist.io_utils import atomic_write_text
+from sapt_dist.checkpoint.atomic import atomic_write_text
 
 log = logging.getLogger("make_demo_data")
 
-#: The demo tasks, in the demo order (``sapt_dist.data.ORDERS["demo"]``).
+#: The demo tasks, in the demo order (``sapt_dist.data.tasks.ORDERS["demo"]``).
 TASKS = [
     "task363_sst2_polarity_classification",
     "task875_emotion_classification",
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--source", required=True, type=Path, help="a SuperNI folder holding one folder per task"
     )
-    ap.add_argument("--out", required=True, type=Path, help="output folder (sapt_dist/demo_data)")
+    ap.add_argument("--out", required=True, type=Path, help="output folder (sapt_dist/data/demo)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 

@@ -26,7 +26,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment of a run a test starts as a user's shell would: no launcher or
     SLURM variables, this checkout importable, one thread per process, CPU DeepSpeed."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER and not k.startswith("SLURM")}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", **extra)
+    env.update({"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", **extra})
     return env
 
 
@@ -38,7 +38,7 @@ def cli_cmd(out: Path, *overrides: str, config: Path | None = None) -> list[str]
     return [
         sys.executable,
         "-m",
-        "sapt_dist.cli",
+        "sapt_dist.cli.train",
         "--config",
         str(config),
         f"output_dir={out}",

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sapt_dist.config import DataConfig
-from sapt_dist.data import (
+from sapt_dist.data.tasks import (
     DEMO_DATA_DIR,
     IGNORE_INDEX,
     ORDERS,
@@ -363,7 +363,7 @@ def test_truncation(tokenizer) -> None:
 
 
 def test_log_truncation(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="sapt_dist.data"):
+    with caplog.at_level(logging.INFO, logger="sapt_dist.data.tasks"):
         log_truncation(
             "t", "train", TruncationStats(source_truncated=2, target_truncated=1, total=9)
         )
@@ -371,7 +371,7 @@ def test_log_truncation(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_collate_train_right_pads() -> None:
-    from sapt_dist.data import EncodedExample
+    from sapt_dist.data.tasks import EncodedExample
 
     a = EncodedExample([5, 6, 7, 2], [IGNORE_INDEX, IGNORE_INDEX, 7, 2], 2)
     b = EncodedExample([5, 2], [IGNORE_INDEX, 2], 1)

@@ -32,6 +32,49 @@ def test_slurm_hostnames_expands_ranges_and_keeps_padding():
         "a10",
     ]
     assert slurm_hostnames("solo") == ["solo"]
+    # forms real clusters write: several bracket groups, lists inside groups, suffixes
+    assert slurm_hostnames("rack[1-2]-node[01-02]") == [
+        "rack1-node01",
+        "rack1-node02",
+        "rack2-node01",
+        "rack2-node02",
+    ]
+    assert slurm_hostnames("a[1,3]b[2-3],c9") == ["a1b2", "a1b3", "a3b2", "a3b3", "c9"]
+    assert slurm_hostnames("gpu-[098-101],login-[1-2]") == [
+        "gpu-098",
+        "gpu-099",
+        "gpu-100",
+        "gpu-101",
+        "login-1",
+        "login-2",
+    ]
+    for bad in ("node[1-2", "node]1[", "node[a-b]", "n[[1]]"):
+        with pytest.raises(ValueError, match="SLURM node list"):
+            slurm_hostnames(bad)
+
+
+def test_srun_environment_of_a_two_node_job_maps_ranks_and_master():
+    """What srun gives each task of a 2-node x 2-task job on a cluster whose node names
+    carry two bracket groups: every task gets its rank, world size, local rank, and the
+    same master (the first node) and port."""
+    seen = []
+    for procid in range(4):
+        env = launch_env(
+            {
+                "SLURM_PROCID": str(procid),
+                "SLURM_STEP_NUM_TASKS": "4",
+                "SLURM_LOCALID": str(procid % 2),
+                "SLURM_STEP_NODELIST": "rack[3-4]-node[07]",
+                "SLURM_JOB_NODELIST": "rack[3-4]-node[07]",
+                "SLURM_JOB_ID": "777",
+            }
+        )
+        seen.append(env)
+    assert [e["RANK"] for e in seen] == ["0", "1", "2", "3"]
+    assert [e["LOCAL_RANK"] for e in seen] == ["0", "1", "0", "1"]
+    assert {e["WORLD_SIZE"] for e in seen} == {"4"}
+    assert {e["MASTER_ADDR"] for e in seen} == {"rack3-node07"}
+    assert {e["MASTER_PORT"] for e in seen} == {str(20000 + 777)}
 
 
 def test_launch_env_from_srun_variables():
@@ -308,9 +351,6 @@ def test_bf16_training_equals_fp32_master_adamw(stage):
         micro_batch_size=8,
         grad_accum=1,
         max_grad_norm=None,
-        schedule="constant",
-        warmup_steps=0,
-        total_steps=4,
         dtype="bfloat16",
         ds_config={"zero_optimization": {"stage": stage}},
     )
@@ -364,7 +404,7 @@ def test_predict_on_a_zero3_run_equals_its_evaluation(reference_runs, tmp_path, 
     run = reference_runs / "two"
     task = "task875_emotion_classification"
     out = tmp_path / "pred.jsonl"
-    entry = ["-m", "sapt_dist.tools_cli", "predict", str(run), "--task", task, "--split", "test"]
+    entry = ["-m", "sapt_dist.cli.tools", "predict", str(run), "--task", task, "--split", "test"]
     cmd = [sys.executable, *entry, "--output", str(out)]
     if procs == 2:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]

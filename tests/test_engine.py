@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sapt_dist.attention import SharedAttention, arm_kl
 from sapt_dist.config import load_config
+from sapt_dist.method.attention import SharedAttention, arm_kl
 
 from .conftest import cli_cmd, run_progress, subprocess_env, tiny_llama, wait_for_step_checkpoint
 
@@ -46,7 +46,7 @@ def _cfg(tmp_path, *extra):
 
 @pytest.mark.slow
 def test_two_task_sapt_run_writes_every_output(tmp_path):
-    from sapt_dist.engine import run
+    from sapt_dist.train.run import run
 
     results = run(_cfg(tmp_path))
     out = tmp_path / "run"
@@ -106,7 +106,7 @@ def test_two_task_sapt_run_writes_every_output(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["seq_lora", "inc_lora", "replay", "mtl", "single_task"])
 def test_baselines_run(tmp_path, method):
-    from sapt_dist.engine import run
+    from sapt_dist.train.run import run
 
     res = run(_cfg(tmp_path, f"method={method}", "train.checkpoint_every=0"))
     m = res["matrix"]
@@ -193,7 +193,7 @@ def test_sigkill_resume_equals_uninterrupted(tmp_path):
 @pytest.mark.slow
 def test_superni_run_on_shared_data(tmp_path):
     """A SuperNI order-1 run on ../shared/data (tiny model, small caps), end to end."""
-    from sapt_dist.engine import run
+    from sapt_dist.train.run import run
 
     from .conftest import shared_data_or_skip
 
@@ -225,7 +225,7 @@ def test_superni_run_on_shared_data(tmp_path):
 def test_long_sequence_carves_missing_splits(tmp_path):
     """imdb has only train.json in the shared copy: dev/test are carved (seeded, recorded)
     and scored with exact match."""
-    from sapt_dist.engine import run
+    from sapt_dist.train.run import run
 
     from .conftest import shared_data_or_skip
 
@@ -242,7 +242,7 @@ def test_long_sequence_carves_missing_splits(tmp_path):
         "eval.max_new_tokens=3",
         "method=seq_lora",
     ]
-    from sapt_dist.data import TaskDataError
+    from sapt_dist.data.tasks import TaskDataError
 
     with pytest.raises(TaskDataError, match=r"imdb: missing split file .*imdb/dev.json"):
         run(load_config(ROOT / "sapt_dist/presets/demo.yaml", [f"output_dir={tmp_path}/a", *base]))
@@ -261,7 +261,7 @@ def test_long_sequence_carves_missing_splits(tmp_path):
 @pytest.mark.slow
 def test_select_best_keeps_best_dev_block(tmp_path, caplog):
     """Model selection: the dev split is scored every epoch and the best block is kept."""
-    from sapt_dist.engine import run
+    from sapt_dist.train.run import run
 
     cfg = _cfg(
         tmp_path,
@@ -282,7 +282,7 @@ def test_select_best_keeps_best_dev_block(tmp_path, caplog):
 def test_bf16_run_with_step_checkpoints(tmp_path):
     """The presets' dtype: DeepSpeed bf16 training, step checkpoints of its optimizer
     state (safetensors + JSON), evaluation, all in bf16."""
-    from sapt_dist.engine import run
+    from sapt_dist.train.run import run
 
     res = run(_cfg(tmp_path, "model.dtype=bfloat16"))
     assert len(res["matrix"]) == 2
@@ -295,7 +295,7 @@ def test_bf16_run_with_step_checkpoints(tmp_path):
 @pytest.mark.slow
 def test_fwt_from_single_task_run(tmp_path):
     """FWT = mean_j (a[j][j] - b_j) with b_j read from a single_task run folder."""
-    from sapt_dist.engine import run
+    from sapt_dist.train.run import run
 
     single = run(_cfg(tmp_path / "s", "method=single_task", "train.checkpoint_every=0"))
     res = run(_cfg(tmp_path / "c", "method=inc_lora", f"single_task_run={tmp_path}/s/run"))
@@ -311,8 +311,8 @@ def test_fwt_from_single_task_run(tmp_path):
 def test_failed_start_does_not_bind_the_folder(tmp_path):
     """A start that fails on its data (exit 2) leaves no config.yaml / layout.json, so the
     corrected command is not refused as 'another config'."""
-    from sapt_dist.data import TaskDataError
-    from sapt_dist.engine import run
+    from sapt_dist.data.tasks import TaskDataError
+    from sapt_dist.train.run import run
 
     bad = _cfg(tmp_path, "data.root=/nonexistent/data", "train.max_steps=1")
     with pytest.raises(TaskDataError, match="/nonexistent/data"):
@@ -320,7 +320,7 @@ def test_failed_start_does_not_bind_the_folder(tmp_path):
     assert not (tmp_path / "run" / "config.yaml").exists()
     assert not (tmp_path / "run" / "state" / "layout.json").exists()
     # the corrected command goes through config binding (stopped here before training)
-    from sapt_dist.run_state import RunState
+    from sapt_dist.checkpoint.run_state import RunState
 
     good = _cfg(tmp_path, "train.max_steps=1")
     RunState(good.output_dir).check_or_save_config(good)
@@ -331,9 +331,9 @@ def _poisoned_job(steps: int, poison: set[int]):
     """A tiny LoRA job whose every batch is the same example, and whose loss is NaN at the
     forward calls numbered in ``poison`` (1-based; one micro-batch per step)."""
     from sapt_dist.config import AdapterConfig
-    from sapt_dist.data import EncodedExample
-    from sapt_dist.model import SAPTModel
-    from sapt_dist.trainer import BlockJob
+    from sapt_dist.data.tasks import EncodedExample
+    from sapt_dist.method.model import SAPTModel
+    from sapt_dist.train.block import BlockJob
 
     model = SAPTModel(tiny_llama(), AdapterConfig(rank=2, alpha=4), n_slots=1)
     ex = EncodedExample(input_ids=[5, 6, 7, 8, 2], labels=[-100, -100, 7, 8, 2], prompt_len=2)
@@ -365,7 +365,7 @@ def test_non_finite_loss_stops_with_the_last_good_step():
     step callback never sees it and the divergence callback gets the state of the step
     before, the same the step callback was offered there."""
     from sapt_dist.config import TrainConfig
-    from sapt_dist.trainer import TrainingDiverged, train_block
+    from sapt_dist.train.block import TrainingDiverged, train_block
 
     model, job = _poisoned_job(steps=4, poison={3})
     seen, offered, last_good = [], {}, []
@@ -394,7 +394,7 @@ def test_tolerated_non_finite_step_is_undone_and_skipped():
     its loss is recorded as None; a second bad step then stops the run."""
     from sapt_dist import distributed
     from sapt_dist.config import TrainConfig
-    from sapt_dist.trainer import TrainingDiverged, train_block
+    from sapt_dist.train.block import TrainingDiverged, train_block
 
     cfg = TrainConfig(micro_batch_size=2, grad_accum=1, max_grad_norm=None, nonfinite_tolerance=1)
     model, job = _poisoned_job(steps=4, poison={3})
@@ -430,9 +430,9 @@ def test_diverged_run_keeps_its_last_good_step_and_resumes_past_it(tmp_path, mon
     train.nonfinite_tolerance=1 resumes there, skips the bad step and finishes."""
     import math
 
-    from sapt_dist.engine import run
-    from sapt_dist.model import SAPTModel
-    from sapt_dist.trainer import TrainingDiverged
+    from sapt_dist.method.model import SAPTModel
+    from sapt_dist.train.block import TrainingDiverged
+    from sapt_dist.train.run import run
 
     forward = SAPTModel.forward
     calls = {"n": 0, "poison": 3}

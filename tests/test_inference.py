@@ -17,10 +17,15 @@ import pytest
 import torch
 import yaml
 
+from sapt_dist.checkpoint.blocks import (
+    BlockStateError,
+    CheckpointMismatchError,
+    read_manifest,
+    set_block_enabled,
+)
 from sapt_dist.config import load_config
-from sapt_dist.data import collate_prompts
-from sapt_dist.evaluation import generate_texts, routing_weights
-from sapt_dist.inference import (
+from sapt_dist.data.tasks import collate_prompts
+from sapt_dist.outputs.inference import (
     InputError,
     encode_inputs,
     explain_routing,
@@ -32,12 +37,7 @@ from sapt_dist.inference import (
     routing_verdict,
     task_inputs,
 )
-from sapt_dist.serialization import (
-    BlockStateError,
-    CheckpointMismatchError,
-    read_manifest,
-    set_block_enabled,
-)
+from sapt_dist.train.evaluation import generate_texts, routing_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = [
@@ -61,7 +61,7 @@ SMALL = [
 
 
 def _train(out: Path, *extra: str) -> Path:
-    from sapt_dist.engine import run
+    from sapt_dist.train.run import run
 
     run(load_config(ROOT / "sapt_dist/presets/demo.yaml", [f"output_dir={out}", *SMALL, *extra]))
     return out
@@ -114,7 +114,7 @@ def test_predictions_equal_the_engines_evaluation(run_dir, tmp_path, capsys):
             for r in task
         )
     )
-    from sapt_dist.tools_cli import predict_main
+    from sapt_dist.cli.tools import predict_main
 
     out = tmp_path / "out.jsonl"
     assert predict_main([str(run_dir), "--input", str(src), "--output", str(out)]) == 0
@@ -150,7 +150,7 @@ def test_routing_explanation_equals_engine_diagnostics(run_dir, tmp_path):
         assert e["disabled"] == []
 
     # sapt-route: the same weights, no generation, and a report for people who look
-    from sapt_dist.tools_cli import route_main
+    from sapt_dist.cli.tools import route_main
 
     src = tmp_path / "inputs.txt"
     src.write_text("the film was a joy\n\nsad and slow\n")
@@ -176,8 +176,8 @@ def _model_without(loaded, drop: int):
     loaded into a fresh model with one slot fewer."""
     from safetensors.torch import load_file
 
-    from sapt_dist.backbone import load_backbone, torch_dtype
-    from sapt_dist.model import SAPTModel
+    from sapt_dist.backbone.load import load_backbone, torch_dtype
+    from sapt_dist.method.model import SAPTModel
 
     cfg, folder = loaded.cfg, loaded.blocks_dir
     backbone, _ = load_backbone(cfg.model)
@@ -281,7 +281,7 @@ def test_mask_edits_are_validated(run_copy, capsys):
     with pytest.raises(BlockStateError, match="already disabled"):
         set_block_enabled(blocks, 2, False, "c")
 
-    from sapt_dist.tools_cli import blocks_main
+    from sapt_dist.cli.tools import blocks_main
 
     assert blocks_main(["enable", str(run_copy), "2", "--reason", "back"]) == 0
     assert blocks_main(["history", str(run_copy)]) == 0
@@ -306,13 +306,13 @@ def test_hand_edited_or_foreign_manifest_is_refused(run_copy, tmp_path, capsys):
     path.write_text(json.dumps(m, indent=2))
     with pytest.raises(CheckpointMismatchError, match="changed after sapt-dist wrote it"):
         load_run(run_copy)
-    from sapt_dist.tools_cli import blocks_main, predict_main
+    from sapt_dist.cli.tools import blocks_main, predict_main
 
     assert predict_main([str(run_copy), "--text", "hi", "--definition", "d"]) == 2
     assert "edited by hand" in capsys.readouterr().err
     assert blocks_main(["enable", str(run_copy), "1", "--reason", "x"]) == 2
     # a mask with a valid digest but no history behind it (edited and re-hashed)
-    from sapt_dist.serialization import manifest_digest
+    from sapt_dist.checkpoint.blocks import manifest_digest
 
     m["digest"] = manifest_digest(m)
     path.write_text(json.dumps(m))
@@ -359,7 +359,7 @@ def test_bad_input_files_get_clear_errors(tmp_path, capsys):
     assert [(r.id, r.input, r.definition) for r in ok] == [("5", "a", "d")]
 
     # the console script: status 2 and the message, before any run or model is touched
-    from sapt_dist.tools_cli import predict_main
+    from sapt_dist.cli.tools import predict_main
 
     run = tmp_path / "run"
     run.mkdir()
@@ -403,7 +403,7 @@ def test_provenance_recorded_per_block(run_dir, capsys):
         assert p["trained_at"].endswith("+00:00")
     assert m["run_config"] == config
 
-    from sapt_dist.tools_cli import blocks_main
+    from sapt_dist.cli.tools import blocks_main
 
     assert blocks_main(["list", str(run_dir)]) == 0
     table = capsys.readouterr().out
@@ -423,7 +423,7 @@ def test_reevaluate_with_the_mask(run_copy):
     assert res["row"] == training[-1] and res["difference"] == [0.0, 0.0, 0.0]
     # a block off: the new row is written beside the training matrix, which is untouched
     set_block_enabled(run_copy / "blocks", 0, False, "try without it")
-    from sapt_dist.cli import main
+    from sapt_dist.cli.train import main
 
     assert (
         main(["--config", str(run_copy / "config.yaml"), f"output_dir={run_copy}", "--reevaluate"])

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sapt_dist.metrics import (
+from sapt_dist.outputs.metrics import (
     cl_metrics,
     exact_match,
     matrix_markdown,

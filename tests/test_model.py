@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sapt_dist.config import AdapterConfig
-from sapt_dist.model import SAPTModel
+from sapt_dist.method.model import SAPTModel
 
 from .conftest import tiny_llama
 
@@ -47,7 +47,7 @@ def test_zero_B_is_backbone(llama):
 def test_one_hot_weights_equal_single_lora_and_peft_export(llama, tmp_path):
     from peft import PeftModel
 
-    from sapt_dist.serialization import export_peft
+    from sapt_dist.checkpoint.blocks import export_peft
 
     plain = copy.deepcopy(llama)
     model = SAPTModel(llama, AdapterConfig(rank=4, alpha=8.0), n_slots=3)

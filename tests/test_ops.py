@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sapt_dist.ops import mixture_lora, mixture_lora_reference
+from sapt_dist.method.ops import mixture_lora, mixture_lora_reference
 
 
 def _inputs(slots, rank, dtype, batch=3, seq=7, d_in=24, d_out=20, seed=0):
@@ -100,7 +100,7 @@ def test_bad_shapes(bad, match):
 def test_slot_training_op_matches_general_op(dtype, cut):
     """The training form (banks + one trainable block, gradients for that block only)
     against mixture_lora on the composed stacks: value and every gradient."""
-    from sapt_dist.ops import mixture_lora_slot
+    from sapt_dist.method.ops import mixture_lora_slot
 
     x, A, B, w = _inputs(15, 4, dtype)
     cur = torch.zeros(15, dtype=torch.bool)

@@ -16,9 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sapt_dist.config import AdapterConfig
-from sapt_dist.model import SAPTModel
-from sapt_dist.plan import (
+from sapt_dist.cluster.plan import (
     PRESETS,
     DeepSpeedKnobs,
     PlanError,
@@ -30,6 +28,8 @@ from sapt_dist.plan import (
     shape_from_config,
     shape_from_dict,
 )
+from sapt_dist.config import AdapterConfig
+from sapt_dist.method.model import SAPTModel
 from tests.conftest import tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]

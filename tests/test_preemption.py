@@ -14,7 +14,8 @@ import time
 import pytest
 import torch
 
-from sapt_dist import distributed, preemption
+from sapt_dist import distributed
+from sapt_dist.distributed import preemption
 
 from .conftest import run_progress, subprocess_env
 from .test_engine import ROOT, TINY
@@ -32,7 +33,15 @@ def _env() -> dict[str, str]:
 
 def _cmd(out) -> list[str]:
     cfg = str(ROOT / "sapt_dist/presets/demo.yaml")
-    return [sys.executable, "-m", "sapt_dist.cli", "--config", cfg, f"output_dir={out}", *ARGS]
+    return [
+        sys.executable,
+        "-m",
+        "sapt_dist.cli.train",
+        "--config",
+        cfg,
+        f"output_dir={out}",
+        *ARGS,
+    ]
 
 
 def test_any_rank_single_process_is_the_flag():

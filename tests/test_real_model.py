@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from sapt_dist.attention import SharedAttention
-from sapt_dist.backbone import load_backbone
+from sapt_dist.backbone.load import load_backbone
+from sapt_dist.backbone.registry import KNOWN, FetchError, fetch
 from sapt_dist.config import AdapterConfig, ConfigError, ModelConfig
-from sapt_dist.models import KNOWN, FetchError, fetch
+from sapt_dist.method.attention import SharedAttention
 from tests.conftest import tiny_llama
 
 VOCAB = 64
@@ -141,7 +141,8 @@ def test_gguf_under_zero3_loads_a_converted_folder(gguf_model, tmp_path, monkeyp
     does not do while reading GGUF: the run loads the file's safetensors copy instead."""
     from transformers import AutoModelForCausalLM
 
-    from sapt_dist import backbone, distributed
+    from sapt_dist import distributed
+    from sapt_dist.backbone import load as backbone
 
     monkeypatch.setenv("SAPT_DIST_CACHE", str(tmp_path / "cache"))
     model, path = gguf_model
@@ -239,7 +240,7 @@ def test_fetch_offline_says_what_to_do(tmp_path, monkeypatch) -> None:
 
 
 def test_models_cli_list_and_unknown(capsys) -> None:
-    from sapt_dist.models import main
+    from sapt_dist.backbone.registry import main
 
     assert main(["list"]) == 0
     assert "smollm2-135m-instruct" in capsys.readouterr().out
@@ -322,8 +323,8 @@ def test_centering_fixes_the_routing_collapse() -> None:
 
 
 def test_center_saved_and_loaded(tmp_path) -> None:
-    from sapt_dist.model import SAPTModel
-    from sapt_dist.serialization import CheckpointMismatchError, load_blocks, save_blocks
+    from sapt_dist.checkpoint.blocks import CheckpointMismatchError, load_blocks, save_blocks
+    from sapt_dist.method.model import SAPTModel
 
     cfg = AdapterConfig(rank=2, alpha=4, query_hidden=8, router_center="tasks")
     a = SAPTModel(tiny_llama(), cfg, n_slots=2)
@@ -357,8 +358,8 @@ def smollm2():
 
 @pytest.mark.slow
 def test_real_model_zero_blocks_equal_plain_and_loss_falls(smollm2) -> None:
-    from sapt_dist.data import collate_train, encode_train
-    from sapt_dist.model import SAPTModel
+    from sapt_dist.data.tasks import collate_train, encode_train
+    from sapt_dist.method.model import SAPTModel
 
     backbone, tok = smollm2
     x = tok(

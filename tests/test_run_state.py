@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sapt_dist.checkpoint.run_state import RunState
 from sapt_dist.config import ConfigError, load_config
-from sapt_dist.run_state import RunState
-from sapt_dist.trainer import StepState
+from sapt_dist.train.block import StepState
 
 
 def _state(step: int) -> StepState:
@@ -63,7 +63,7 @@ def test_restart_with_another_config_is_refused(tmp_path):
 def test_damaged_step_checkpoint_is_named(tmp_path, victim, damage):
     """One flipped byte, a truncated file or a missing one: exit-2 error naming the file
     and the way on, instead of a silent resume or a traceback."""
-    from sapt_dist.run_state import StateDamagedError
+    from sapt_dist.checkpoint.run_state import StateDamagedError
 
     rs = RunState(tmp_path)
     rs.save_step(0, _state(3))
@@ -84,10 +84,10 @@ def test_edited_progress_is_refused(tmp_path):
     """progress.json is checksummed in the blocks manifest written with it."""
     import json
 
+    from sapt_dist.checkpoint.blocks import save_blocks
+    from sapt_dist.checkpoint.run_state import StateDamagedError
     from sapt_dist.config import AdapterConfig
-    from sapt_dist.model import SAPTModel
-    from sapt_dist.run_state import StateDamagedError
-    from sapt_dist.serialization import save_blocks
+    from sapt_dist.method.model import SAPTModel
 
     from .conftest import tiny_llama
 
@@ -114,7 +114,11 @@ def test_one_process_per_run_folder(tmp_path):
     import sys
     import time
 
-    from sapt_dist.run_state import RunFolderBusyError, lock_run_folder, unlock_run_folder
+    from sapt_dist.checkpoint.run_state import (
+        RunFolderBusyError,
+        lock_run_folder,
+        unlock_run_folder,
+    )
 
     from .conftest import ROOT, subprocess_env
 
@@ -122,7 +126,7 @@ def test_one_process_per_run_folder(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from sapt_dist.run_state import lock_run_folder; "
+            "import sys, time; from sapt_dist.checkpoint.run_state import lock_run_folder; "
             f"lock_run_folder({str(tmp_path)!r}); print('held', flush=True); time.sleep(60)",
         ],
         stdout=subprocess.PIPE,
@@ -148,7 +152,7 @@ def test_damaged_state_files_are_named(tmp_path):
     """Truncated layout.json / config.yaml, a non-UTF-8 config: errors naming the file
     (exit 2), never a traceback or 'another config'; a killed writer's temporary folders
     are cleaned at the next start."""
-    from sapt_dist.run_state import StateDamagedError
+    from sapt_dist.checkpoint.run_state import StateDamagedError
 
     cfg = load_config(None, ["model.builder=demo", f"output_dir={tmp_path}"])
     RunState(tmp_path).check_or_save_config(cfg)
@@ -199,10 +203,14 @@ def test_resume_of_a_run_saved_before_new_keys(tmp_path):
 
 def test_damaged_tracking_and_pseudo_files_are_named(tmp_path):
     """state/tracking.json and pseudo-sample JSONL: damage names the file (exit 2 class)."""
+    from sapt_dist.checkpoint.atomic import (
+        UnreadableFileError,
+        atomic_write_checked_json,
+        read_checked_json,
+    )
     from sapt_dist.config import ConfigError
-    from sapt_dist.io_utils import UnreadableFileError, atomic_write_checked_json, read_checked_json
-    from sapt_dist.replay import load_jsonl
-    from sapt_dist.tracking import WandbTracker, final_pending, state_path
+    from sapt_dist.outputs.tracking import WandbTracker, final_pending, state_path
+    from sapt_dist.train.replay import load_jsonl
 
     cfg = load_config(None, ["model.builder=demo", f"output_dir={tmp_path}"])
     path = state_path(tmp_path)

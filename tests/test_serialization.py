@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
+from sapt_dist.checkpoint.blocks import CheckpointMismatchError, load_blocks, save_blocks
 from sapt_dist.config import AdapterConfig
-from sapt_dist.model import SAPTModel
-from sapt_dist.serialization import CheckpointMismatchError, load_blocks, save_blocks
+from sapt_dist.method.model import SAPTModel
 
 from .conftest import tiny_llama
 from .test_model import _batch, _random_blocks
@@ -70,7 +70,7 @@ def test_not_a_blocks_folder(tmp_path):
 
 
 def test_disabled_slot_is_masked_at_load_and_v1_manifests_still_load(tmp_path):
-    from sapt_dist.serialization import set_block_enabled
+    from sapt_dist.checkpoint.blocks import set_block_enabled
 
     model = SAPTModel(tiny_llama(), AdapterConfig(), n_slots=4)
     _random_blocks(model, 3)

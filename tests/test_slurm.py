@@ -212,9 +212,10 @@ def test_sweep_through_the_cluster_and_report(slurm_env, tmp_path):
     """sapt-sweep: 2 tiny model sizes x 2 methods -> one job array on the cluster;
     sapt-report: the table and plots, checked against each run's own results and the
     backbones' parameter counts."""
-    from sapt_dist import study, sweep
-    from sapt_dist.backbone import load_backbone
+    from sapt_dist.backbone.load import load_backbone
+    from sapt_dist.cluster import sweep
     from sapt_dist.config import load_config
+    from sapt_dist.outputs import study
 
     spec = yaml.safe_load((ROOT / "slurm/examples/tiny_scaling.yaml").read_text())
     spec["output_root"] = str(tmp_path / "sweeps")
@@ -259,3 +260,28 @@ def test_sweep_through_the_cluster_and_report(slurm_env, tmp_path):
     assert len(sizes) == 2
     for f in ("summary.md", "metrics_vs_size.png", "accuracy_matrices.png"):
         assert (report / f).stat().st_size > 0, f
+
+
+NODE_LISTS = [
+    "node[01-03,07],gpu5,a[8-10]",
+    "rack[1-2]-node[01-02]",
+    "a[1,3]b[2-3],c9",
+    "gpu-[098-101],login-[1-2]",
+    "solo",
+]
+
+
+def test_node_list_expansion_equals_scontrol(slurm_env):
+    """slurm_hostnames (used by every srun-started rank to find the master) against
+    SLURM's own ``scontrol show hostnames`` on the forms real clusters write."""
+    from sapt_dist.distributed import slurm_hostnames
+
+    for nodelist in NODE_LISTS:
+        res = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist],
+            env=slurm_env,
+            capture_output=True,
+            text=True,
+        )
+        assert res.returncode == 0, res.stderr
+        assert slurm_hostnames(nodelist) == res.stdout.split(), nodelist

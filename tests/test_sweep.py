@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sapt_dist import study, sweep
+from sapt_dist.cluster import sweep
 from sapt_dist.config import ConfigError, load_config
+from sapt_dist.outputs import study
 
 from .conftest import tiny_llama
 

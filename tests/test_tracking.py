@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from sapt_dist.config import ConfigError, load_config
-from sapt_dist.tracking import (
+from sapt_dist.outputs.tracking import (
     STEP_KEY,
     Tracker,
     open_tracker,
@@ -89,14 +89,15 @@ def test_redact_drops_secret_looking_keys_only():
 
 
 def test_no_tracker_off_rank0_or_when_off(monkeypatch, tmp_path):
-    from sapt_dist import distributed
+    from sapt_dist.distributed import launch
 
     cfg = load_config(DEMO, [f"output_dir={tmp_path}/run"])
     # an earlier in-process run may have a process group of one: rank() says 0 then
-    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    # (patched where is_main_process looks it up)
+    monkeypatch.setattr(launch, "rank", lambda: 1)
     tr = open_tracker(cfg)
     assert type(tr) is Tracker and not tr.enabled
-    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    monkeypatch.setattr(launch, "rank", lambda: 0)
     for ov in ("tracking.backend=none", "tracking.mode=disabled"):
         tr = open_tracker(load_config(DEMO, [f"output_dir={tmp_path}/run", ov]))
         assert type(tr) is Tracker
@@ -175,7 +176,7 @@ def test_tracked_run_reads_back_complete(tmp_path, monkeypatch):
     """A 2-task SAPT run tracked offline: per-step metrics equal the engine's losses,
     per-task rows equal the accuracy matrix, images / tables exist, the summary (FWT
     included) equals results.json; a W&B key in the environment is written nowhere."""
-    from sapt_dist.engine import run
+    from sapt_dist.train.run import run
 
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
     out = tmp_path / "run"
@@ -338,7 +339,7 @@ def test_two_ranks_one_wandb_run(tmp_path):
         "--nproc_per_node",
         "2",
         "-m",
-        "sapt_dist.cli",
+        "sapt_dist.cli.train",
         "--config",
         str(DEMO),
         f"output_dir={out}",
@@ -366,7 +367,7 @@ def test_a_dead_wandb_service_never_stops_training(caplog):
     The tracker warns once and goes quiet instead of raising into the training loop."""
     from types import SimpleNamespace
 
-    from sapt_dist.tracking import WandbTracker
+    from sapt_dist.outputs.tracking import WandbTracker
 
     calls = []
 
@@ -383,7 +384,7 @@ def test_a_dead_wandb_service_never_stops_training(caplog):
 
     tracker = object.__new__(WandbTracker)
     tracker.run, tracker.t, tracker._finished = DeadRun(), SimpleNamespace(log_every=1), False
-    with caplog.at_level("WARNING", logger="sapt_dist.tracking"):
+    with caplog.at_level("WARNING", logger="sapt_dist.outputs.tracking"):
         tracker.log_step(1, {"loss": 1.0})
         tracker.log_step(2, {"loss": 0.5})
         tracker.finish(exit_code=1)

@@ -1,0 +1,1 @@
+"""The frozen backbone: loading (HF folders, GGUF, 4-bit) and the fetchable model registry."""

@@ -1,0 +1,299 @@
+"""Loading the frozen backbone and its tokenizer.
+
+``pretrained``: any Hugging Face causal LM folder (LLaMA-2 7B/13B/70B, Mistral, Qwen2,
+...), optionally quantized to 4-bit NF4 with bitsandbytes. Nothing is fetched from a
+hub: the folder must hold the weights.
+
+``demo``: a tiny LLaMA-family model and a byte-level BPE tokenizer built locally,
+deterministically, from the demo data shipped in the package (no network). It is saved as
+an ordinary HF folder and then loaded by the same ``pretrained`` code path. Its weights
+are random: it is never pre-trained on the tasks' labelled text (that would leak the
+tasks into the frozen backbone), so what it can learn in a CPU budget is each task's
+answer format and vocabulary, and whatever a LoRA on a random network picks up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from sapt_dist import distributed
+from sapt_dist.backbone.registry import cache_root
+from sapt_dist.config import ConfigError, ModelConfig
+
+__all__ = [
+    "DEMO_SPEC",
+    "GGUF_ARCHITECTURES",
+    "build_demo_backbone",
+    "check_gguf",
+    "demo_spec",
+    "gguf_as_folder",
+    "load_backbone",
+    "resolve_model_path",
+    "torch_dtype",
+]
+
+log = logging.getLogger(__name__)
+
+#: The demo backbone's recipe; changing it changes the cache key.
+DEMO_SPEC = {
+    "vocab_size": 2048,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 512,
+    # HF's default init (std 0.02) caps a d=128 model's logits near +-2.6 over 2k tokens:
+    # nothing a LoRA does can make it confident. std 1/sqrt(d) gives it the range to.
+    "initializer_range": 0.09,
+    "seed": 1234,
+}
+#: Markers of the pseudo-sample generator's format (kept whole by the demo tokenizer).
+GEN_TOKENS = ["__gen__", "__inp__"]
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _demo_texts(data_dir: Path) -> list[str]:
+    texts = []
+    for f in sorted(data_dir.glob("*/*.json")):
+        d = json.loads(f.read_text())
+        texts.extend(d.get("Definition", []))
+        for inst in d.get("Instances", []):
+            texts.append(inst["input"])
+            out = inst["output"]
+            texts.extend(out if isinstance(out, list) else [out])
+    return texts
+
+
+def demo_spec(hidden_size: int | None = None, layers: int | None = None) -> dict:
+    """:data:`DEMO_SPEC` with another width / depth (``model.demo_hidden_size`` /
+    ``model.demo_layers``); the MLP stays twice the width, the heads stay 4."""
+    spec = dict(DEMO_SPEC)
+    if hidden_size is not None and hidden_size != DEMO_SPEC["hidden_size"]:
+        spec.update(
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            initializer_range=round(hidden_size**-0.5, 4),
+        )
+    if layers is not None:
+        spec["num_hidden_layers"] = layers
+    return spec
+
+
+def build_demo_backbone(
+    data_dir: Path | None = None, cache: Path | None = None, spec: dict | None = None
+) -> Path:
+    """Build (once; cached) the demo backbone folder and return its path (``spec``: a
+    :func:`demo_spec`; default the demo's)."""
+    spec_in = DEMO_SPEC if spec is None else spec
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from sapt_dist.data.tasks import DEMO_DATA_DIR
+
+    data_dir = Path(data_dir or DEMO_DATA_DIR)
+    texts = _demo_texts(data_dir)
+    key = hashlib.sha256(
+        json.dumps([spec_in, GEN_TOKENS, len(texts), texts[:50]], sort_keys=True).encode()
+    ).hexdigest()[:12]
+    folder = (cache or cache_root()) / f"demo-backbone-{key}"
+    if (folder / "config.json").is_file():
+        return folder
+    log.info("building the demo backbone in %s (once)", folder)
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<pad>", "<s>", "</s>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=DEMO_SPEC["vocab_size"] - len(GEN_TOKENS),
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_tokens(GEN_TOKENS)
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    torch.manual_seed(spec_in["seed"])
+    spec = {k: v for k, v in spec_in.items() if k != "seed"}
+    spec["vocab_size"] = len(hf_tok)
+    cfg = LlamaConfig(
+        **spec,
+        pad_token_id=hf_tok.pad_token_id,
+        bos_token_id=hf_tok.bos_token_id,
+        eos_token_id=hf_tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(cfg)
+    # several ranks (or jobs) may build it at once: each writes its own temporary folder
+    # and renames it into place; a rename onto a finished folder fails and that copy is
+    # dropped (the build is deterministic). A finished folder is never moved, so a rank
+    # already loading it is never disturbed (atomic_dir's swap would move it).
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    try:
+        model.save_pretrained(tmp)
+        hf_tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not (folder / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_backbone(cfg: ModelConfig, data_root: Path | None = None):
+    """Return ``(model, tokenizer)``: the frozen HF causal LM and its tokenizer.
+
+    Raises:
+        ConfigError: naming ``model.path`` when the folder is missing or not a model.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if cfg.builder == "demo":
+        with distributed.rank0_first():  # one rank builds the cache, the others read it
+            path = build_demo_backbone(spec=demo_spec(cfg.demo_hidden_size, cfg.demo_layers))
+    else:
+        path = resolve_model_path(cfg.path or "")
+    gguf = path.suffix == ".gguf"
+    if gguf:
+        check_gguf(path)
+        if cfg.quantization != "none" or distributed.zero3_enabled():
+            # transformers reads a GGUF file whole (no 4-bit quantization, no ZeRO-3
+            # partitioning while loading): such runs load a safetensors copy, converted
+            # once per file into the model cache
+            with distributed.rank0_first():
+                path = gguf_as_folder(path)
+            gguf = False
+    tok_kwargs: dict = {}
+    if cfg.tokenizer:
+        tok_path = Path(cfg.tokenizer)
+    elif gguf:  # the GGUF file carries its tokenizer
+        tok_path, tok_kwargs = path.parent, {"gguf_file": path.name}
+    else:
+        tok_path = path
+    tokenizer = AutoTokenizer.from_pretrained(tok_path, **tok_kwargs)
+    if tokenizer.pad_token_id is None:
+        # LLaMA ships without a pad token; padding is masked everywhere, so EOS serves
+        tokenizer.pad_token = tokenizer.eos_token
+    kwargs: dict = {"dtype": torch_dtype(cfg.dtype)}
+    if cfg.quantization != "none":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=cfg.quantization,
+            bnb_4bit_compute_dtype=torch_dtype(cfg.dtype),
+            # equal to the training dtype, so ZeRO-3 can partition the quantized weights
+            bnb_4bit_quant_storage=torch_dtype(cfg.dtype),
+        )
+    # Under ZeRO-3 (distributed.configure) this loads each rank's partition only; a 4-bit
+    # model loads whole (4-bit) on each rank and is partitioned by deepspeed.initialize.
+    if gguf:
+        # transformers dequantizes every GGUF tensor to ``dtype`` on the host, then loads
+        # the result like any checkpoint (partitioned under ZeRO-3, quantized to 4 bits
+        # again under model.quantization)
+        kwargs["gguf_file"] = path.name
+        path = path.parent
+        log.info("loading GGUF %s (dequantized to %s)", Path(path) / kwargs["gguf_file"], cfg.dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        if not gguf:
+            raise
+        raise ConfigError(
+            f"config key 'model.path': {Path(path) / kwargs['gguf_file']} could not be loaded "
+            f"as a GGUF checkpoint ({type(e).__name__}: {e})"
+        ) from e
+    model.eval()
+    return model, tokenizer
+
+
+def resolve_model_path(spec: str) -> Path:
+    """``model.path`` as a local path: a Hugging Face model folder, a ``.gguf`` file, or
+    the name of a model ``sapt-models`` knows (fetched into the cache on first use).
+
+    Raises:
+        ConfigError: naming ``model.path`` when it is none of these.
+    """
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if (path / "config.json").is_file():
+        return path
+    from sapt_dist.backbone import registry
+
+    if spec in registry.KNOWN:
+        with distributed.rank0_first():  # one rank downloads, the others find it cached
+            return registry.ensure(spec)
+    if path.is_dir():
+        why = "a folder without config.json (not a Hugging Face model folder)"
+    elif path.exists():
+        why = "a file that is not a .gguf checkpoint"
+    else:
+        why = "no such file or folder"
+    raise ConfigError(
+        f"config key 'model.path': {spec!r} is {why}; give a Hugging Face model folder, a "
+        f".gguf file, or a model name sapt-models knows ({', '.join(sorted(registry.KNOWN))})"
+    )
+
+
+def gguf_as_folder(path: Path) -> Path:
+    """The GGUF file dequantized (fp32) into a safetensors model folder, made once and kept
+    in the model cache, keyed by the file's name, size and modification time."""
+    from sapt_dist.backbone.registry import cache_dir, convert
+
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
+    out = cache_dir() / "converted" / f"{path.stem}-{key[:12]}"
+    if not (out / "config.json").is_file():
+        log.info("converting %s once to a safetensors folder %s", path, out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        convert(path, out)
+    return out
+
+
+#: GGUF architectures this loader accepts: LLaMA-family decoders transformers dequantizes
+GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def check_gguf(path: Path) -> str:
+    """Read a GGUF file's header (no tensors) and return its architecture.
+
+    Raises:
+        ConfigError: naming the file when it is not a readable GGUF file or holds an
+            architecture other than :data:`GGUF_ARCHITECTURES`.
+    """
+    try:
+        from gguf import GGUFReader
+    except ImportError as e:  # pragma: no cover - gguf is a dependency
+        raise ConfigError(f"{path}: reading GGUF files needs the 'gguf' package") from e
+    try:
+        reader = GGUFReader(str(path))
+        field = reader.fields["general.architecture"]
+        arch = bytes(field.parts[field.data[0]]).decode()
+    except Exception as e:  # the reader raises many kinds on a damaged file
+        raise ConfigError(
+            f"config key 'model.path': {path} is not a readable GGUF file "
+            f"({type(e).__name__}: {e}); fetch it again"
+        ) from e
+    if arch not in GGUF_ARCHITECTURES:
+        raise ConfigError(
+            f"config key 'model.path': {path} holds a {arch!r} model; GGUF loading supports "
+            f"the LLaMA-family decoders {list(GGUF_ARCHITECTURES)}"
+        )
+    return arch

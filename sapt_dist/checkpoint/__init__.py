@@ -1,0 +1,1 @@
+"""What a run folder keeps: atomic writes, block files, resumable run state."""

@@ -1,0 +1,475 @@
+"""Saving, loading and exporting SAPT blocks.
+
+A blocks folder holds::
+
+    manifest.json              config, task names in slot order, model signature,
+                               library versions, sha256 of every file, per-block
+                               provenance, the block mask (disabled slots + history)
+                               and a digest of the manifest itself
+    router.safetensors         query network g, the stored attention targets a_j*
+    block_00.safetensors ...   one per task: A and B of every adapted layer, and its key
+
+Loading checks the manifest against the model (class, widths, adapted layers and their
+shapes, rank, slot count, routing) and every checksum, and refuses a mismatch with a
+message naming the field, before touching the model. Only safetensors are read.
+
+The manifest carries its own ``digest`` (sha256 of its canonical JSON without that
+field): an edit by hand is refused, and the mask is only changed through
+:func:`set_block_enabled`, which validates the edit (known block, slot in range, one block
+left), appends it to ``history`` and rewrites the manifest atomically. This is an
+integrity check against mistakes and stray edits, not a signature: anyone can recompute
+a sha256. Disabled slots stay on disk; :func:`load_blocks` masks them out of the
+attention's ``active`` slots, so their weight is exactly 0.
+
+``export_peft`` writes any task's block as a standard peft LoRA adapter folder that
+``PeftModel.from_pretrained`` loads on the plain backbone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sapt_dist import distributed
+from sapt_dist.checkpoint.atomic import atomic_dir, atomic_write_text, sha256_file
+from sapt_dist.method.model import SAPTModel
+
+__all__ = [
+    "BlockStateError",
+    "CheckpointMismatchError",
+    "check_files",
+    "export_peft",
+    "library_versions",
+    "load_blocks",
+    "manifest_digest",
+    "model_signature",
+    "read_manifest",
+    "resolve_block",
+    "save_blocks",
+    "set_block_enabled",
+]
+
+FORMAT = "sapt-dist-blocks"
+#: 2 added ``digest``, ``disabled``, ``history``, ``provenance``, ``run_config``;
+#: version-1 folders still load (no digest to check, nothing disabled).
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+
+
+class CheckpointMismatchError(ValueError):
+    """A saved checkpoint does not fit the model or config it is loaded into."""
+
+
+class BlockStateError(ValueError):
+    """A block mask edit that cannot be made (unknown block, no block left, no change)."""
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape a block (recorded with it)."""
+    return _versions()
+
+
+def _versions() -> dict[str, str]:
+    import safetensors
+    import transformers
+
+    from sapt_dist import __version__
+
+    out = {
+        "sapt_dist": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+    }
+    try:
+        import peft
+
+        out["peft"] = peft.__version__
+    except ImportError:  # peft is a dependency; tolerate a stripped install when saving
+        pass
+    return out
+
+
+def model_signature(model: SAPTModel) -> dict[str, Any]:
+    """What a blocks folder must agree with to be loaded into ``model``."""
+    cfg = getattr(model.backbone, "config", None)
+    return {
+        "backbone_class": type(model.backbone).__name__,
+        "model_type": getattr(cfg, "model_type", None),
+        "hidden_size": model.router.d,
+        "vocab_size": getattr(cfg, "vocab_size", None),
+        "num_hidden_layers": getattr(cfg, "num_hidden_layers", None),
+        "n_slots": model.n_slots,
+        "generator_slot": model.has_generator_slot,
+        "rank": model.adapter_config.rank,
+        "alpha": model.adapter_config.alpha,
+        "routing": model.router.mode,
+        "query_hidden": model.adapter_config.query_hidden,
+        "tau": model.router.tau,
+        **(
+            {"router_center": model.router.center_mode}
+            if model.router.center_mode != "none"
+            else {}
+        ),
+        "target_layers": {
+            name: [layer.in_features, layer.out_features] for name, layer in model.layers.items()
+        },
+    }
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu").contiguous().clone()
+
+
+def _block_tensors(model: SAPTModel, slot: int) -> dict[str, torch.Tensor]:
+    """Slot ``slot``'s A and B of every layer and its key (trainable copy if current)."""
+    params = [p for layer in model.layers.values() for p in layer.adapter_params()]
+    params.append(model.router.key)
+    out: dict[str, torch.Tensor] = {}
+    with distributed.gathered(params):
+        for name, layer in model.layers.items():
+            A, B = layer.stacked()
+            out[f"{name}.A"] = _cpu(A[slot])
+            out[f"{name}.B"] = _cpu(B[slot])
+        out["key"] = _cpu(model.router.keys()[slot])
+    return out
+
+
+def save_blocks(
+    model: SAPTModel,
+    folder: str | Path,
+    task_names: list[str],
+    extra: dict | None = None,
+    extra_files: dict[str, str] | None = None,
+    provenance: list[dict] | None = None,
+    run_config: dict | None = None,
+) -> Path:
+    """Write the blocks of slots ``0..len(task_names)-1`` atomically to ``folder``.
+
+    ``extra_files`` (name -> text) are written in the same atomic swap (the run's progress).
+    ``provenance``: one record per block (task, data, config, versions, time, scores);
+    ``run_config``: the run's resolved config, which binds the folder to its run.
+    Every block starts enabled. Only rank 0 writes; every rank must call it (ZeRO-3
+    gathers are collective).
+    """
+    folder = Path(folder)
+    if len(task_names) > model.n_slots:
+        raise ValueError(f"{len(task_names)} task names for {model.n_slots} slots")
+    blocks = [_block_tensors(model, j) for j in range(len(task_names))]
+    router_params = list(model.router.query.parameters())
+    with distributed.gathered(router_params):
+        router = {f"query.{k}": _cpu(v) for k, v in model.router.query.state_dict().items()}
+    router["targets"] = _cpu(model.router.targets)
+    if model.router.center_mode != "none":
+        router["task_means"] = _cpu(model.router.task_means)
+        router["has_mean"] = _cpu(model.router.has_mean.to(torch.uint8))
+    if not distributed.is_main_process():
+        return folder
+    with atomic_dir(folder) as tmp:
+        files = {"router.safetensors": router}
+        for j, block in enumerate(blocks):
+            files[f"block_{j:02d}.safetensors"] = block
+        checksums = {}
+        for fname, tensors in files.items():
+            save_file(tensors, str(tmp / fname))
+            checksums[fname] = sha256_file(tmp / fname)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "tasks": list(task_names),
+            "adapter": dataclasses.asdict(model.adapter_config),
+            "model": model_signature(model),
+            "versions": _versions(),
+            "files": checksums,
+            "extra": extra or {},
+            "run_config": run_config,
+            "provenance": list(provenance or []),
+            "disabled": [],
+            "history": [],
+        }
+        for name, text in (extra_files or {}).items():
+            # the run's progress is checksummed with the blocks: an edited matrix entry is
+            # caught on resume like an edited block
+            (tmp / name).write_text(text)
+            manifest["files"][name] = sha256_file(tmp / name)
+        (tmp / "manifest.json").write_text(_manifest_text(manifest))
+    return folder
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON, its ``digest`` field left out."""
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _manifest_text(manifest: dict[str, Any]) -> str:
+    manifest = {k: v for k, v in manifest.items() if k != "digest"}
+    manifest["format_version"] = FORMAT_VERSION
+    manifest["digest"] = manifest_digest(manifest)
+    return json.dumps(manifest, indent=2) + "\n"
+
+
+def _check_mask(manifest: dict[str, Any], path: Path) -> None:
+    """The mask must be what its history says, over known slots, with a block left."""
+    tasks = manifest.get("tasks")
+    if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+        raise CheckpointMismatchError(f"{path}: 'tasks' must be a list of block names")
+    disabled = manifest.get("disabled", [])
+    history = manifest.get("history", [])
+    if not isinstance(disabled, list) or not isinstance(history, list):
+        raise CheckpointMismatchError(f"{path}: 'disabled' and 'history' must be lists")
+    replay: set[int] = set()
+    for k, h in enumerate(history):
+        ok = (
+            isinstance(h, dict)
+            and h.get("action") in ("disable", "enable")
+            and isinstance(h.get("slot"), int)
+            and 0 <= h["slot"] < len(tasks)
+            and h.get("task") == tasks[h["slot"]]
+        )
+        if not ok:
+            raise CheckpointMismatchError(
+                f"{path}: history[{k}] is not a valid mask edit of a known block: {h!r}"
+            )
+        (replay.add if h["action"] == "disable" else replay.discard)(h["slot"])
+    bad = [j for j in disabled if not isinstance(j, int) or not 0 <= j < len(tasks)]
+    if bad or sorted(set(disabled)) != sorted(replay) or len(disabled) != len(set(disabled)):
+        raise CheckpointMismatchError(
+            f"{path}: 'disabled' {disabled} is not what its history gives ({sorted(replay)})"
+        )
+    if tasks and len(disabled) >= len(tasks):
+        raise CheckpointMismatchError(f"{path}: every block is disabled")
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """The manifest of a blocks folder, checked: format, version, digest, mask.
+
+    Raises:
+        CheckpointMismatchError: naming the file and what is wrong.
+    """
+    folder = Path(folder)
+    path = folder / "manifest.json"
+    if not path.is_file():
+        raise CheckpointMismatchError(f"{folder}: no manifest.json (not a sapt-dist blocks folder)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointMismatchError(f"{path}: not valid JSON ({e})") from e
+    if manifest.get("format") != FORMAT:
+        raise CheckpointMismatchError(
+            f"{path}: format is {manifest.get('format')!r}, not {FORMAT!r}"
+        )
+    version = manifest.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise CheckpointMismatchError(
+            f"{path}: format_version {version} is not one of {list(READABLE_VERSIONS)}"
+        )
+    if version >= 2:
+        if manifest.get("digest") != manifest_digest(manifest):
+            raise CheckpointMismatchError(
+                f"{path} was changed after sapt-dist wrote it (its digest does not match its "
+                f"content): edited by hand or copied from elsewhere. Restore the original; "
+                f"change the block mask only with `sapt-blocks disable/enable`."
+            )
+        _check_mask(manifest, path)
+    return manifest
+
+
+def resolve_block(manifest: dict[str, Any], block: str | int, where: str = "") -> int:
+    """The slot of ``block``: a task (block) name of the manifest or a slot number."""
+    tasks = manifest["tasks"]
+    if isinstance(block, str) and block in tasks:
+        return tasks.index(block)
+    text = str(block).strip()
+    if text.lstrip("-").isdigit():
+        slot = int(text)
+        if 0 <= slot < len(tasks):
+            return slot
+        raise BlockStateError(
+            f"{where}slot {slot} out of range: blocks are slots 0..{len(tasks) - 1}"
+        )
+    listed = ", ".join(f"{j}: {t}" for j, t in enumerate(tasks))
+    raise BlockStateError(f"{where}no block named {block!r}; the blocks are {listed}")
+
+
+def set_block_enabled(
+    folder: str | Path, block: str | int, enabled: bool, reason: str, now: str | None = None
+) -> dict[str, Any]:
+    """Disable or re-enable one block of a blocks folder; return the new manifest.
+
+    The block's files are kept; its slot goes into (or out of) ``disabled`` and the edit
+    (UTC time, action, slot, task, reason) is appended to ``history``. The manifest is
+    checked first (digest, checksums) and rewritten atomically with a new digest.
+
+    Raises:
+        BlockStateError: unknown block, empty reason, no change, or the last enabled block.
+        CheckpointMismatchError: the folder does not check out.
+    """
+    import datetime
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    where = f"{folder}: "
+    check_files(manifest, folder)
+    if not reason or not reason.strip():
+        raise BlockStateError(f"{where}give a reason for the change (it goes into the history)")
+    slot = resolve_block(manifest, block, where)
+    name = manifest["tasks"][slot]
+    disabled = set(manifest.get("disabled", []))
+    if enabled and slot not in disabled:
+        raise BlockStateError(f"{where}block {slot} ({name}) is already enabled")
+    if not enabled and slot in disabled:
+        raise BlockStateError(f"{where}block {slot} ({name}) is already disabled")
+    if not enabled and len(disabled) + 1 >= len(manifest["tasks"]):
+        raise BlockStateError(
+            f"{where}cannot disable block {slot} ({name}): it is the last enabled block "
+            f"(the attention needs at least one)"
+        )
+    (disabled.discard if enabled else disabled.add)(slot)
+    manifest["disabled"] = sorted(disabled)
+    manifest.setdefault("history", []).append(
+        {
+            "time": now
+            or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "action": "enable" if enabled else "disable",
+            "slot": slot,
+            "task": name,
+            "reason": reason.strip(),
+        }
+    )
+    atomic_write_text(folder / "manifest.json", _manifest_text(manifest))
+    return read_manifest(folder)
+
+
+def check_manifest(manifest: dict[str, Any], model: SAPTModel, where: str) -> None:
+    """Raise naming every field where ``manifest`` disagrees with ``model``."""
+    saved, mine = manifest.get("model", {}), model_signature(model)
+    problems = []
+    # keys written only when set (so older manifests still load) are compared both ways
+    optional = [k for k in ("router_center",) if k in saved and k not in mine]
+    for key in list(mine) + optional:
+        if saved.get(key) != mine.get(key):
+            if key == "target_layers":
+                a, b = set(saved.get(key, {})), set(mine[key])
+                diff = (
+                    sorted(a ^ b)[:4]
+                    or [n for n in mine[key] if saved[key].get(n) != mine[key][n]][:4]
+                )
+                problems.append(f"target_layers differ (e.g. {diff})")
+            else:
+                problems.append(f"{key}: saved {saved.get(key)!r}, model has {mine.get(key)!r}")
+    if problems:
+        raise CheckpointMismatchError(
+            f"{where}: saved blocks do not fit this model/config: " + "; ".join(problems)
+        )
+
+
+def load_blocks(model: SAPTModel, folder: str | Path) -> list[str]:
+    """Load a blocks folder into ``model``'s banks; return the task names in slot order.
+
+    Slots ``0..n-1`` become filed; the model is left with slot ``n-1`` current (and its
+    block as the trainable starting point) and ``0..n-1`` active, i.e. ready to evaluate
+    the sequence or to ``start_task(n)``.
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    check_manifest(manifest, model, str(folder))
+    tasks = manifest["tasks"]
+    check_files(manifest, folder)
+    router = load_file(str(folder / "router.safetensors"))
+    blocks = [load_file(str(folder / f"block_{j:02d}.safetensors")) for j in range(len(tasks))]
+    r = model.router
+    with torch.no_grad():
+        with distributed.gathered(list(r.query.parameters()), modify=True):
+            r.query.load_state_dict(
+                {k.removeprefix("query."): v for k, v in router.items() if k.startswith("query.")}
+            )
+        r.targets.copy_(router["targets"].to(r.targets))
+        if r.center_mode != "none":
+            if "task_means" not in router:
+                raise CheckpointMismatchError(
+                    f"{folder / 'router.safetensors'}: has no task means, but the model "
+                    f"centers the router's input (adapter.router_center={r.center_mode!r})"
+                )
+            r.task_means.copy_(router["task_means"].to(r.task_means))
+            r.has_mean.copy_(router["has_mean"].to(torch.bool))
+            r.recompute_center()
+        for j, block in enumerate(blocks):
+            for name, layer in model.layers.items():
+                layer.A_bank[j].copy_(block[f"{name}.A"].to(layer.A_bank))
+                layer.B_bank[j].copy_(block[f"{name}.B"].to(layer.B_bank))
+            r.key_bank[j].copy_(block["key"].to(r.key_bank))
+    if tasks:
+        model.start_task(len(tasks) - 1, fresh=False)
+        with torch.no_grad():
+            for j in manifest.get("disabled", []):
+                r.active[j] = False
+    return tasks
+
+
+def check_files(manifest: dict[str, Any], folder: str | Path) -> None:
+    """Every file the manifest lists exists with its sha256 (one clear message when none
+    does: the manifest belongs to other block files)."""
+    folder = Path(folder)
+    files = manifest.get("files") or {}
+    wrong = []
+    for fname, digest in files.items():
+        path = folder / fname
+        if not path.is_file():
+            raise CheckpointMismatchError(f"{folder}: missing file {fname}")
+        if sha256_file(path) != digest:
+            wrong.append(path)
+    if wrong and len(wrong) == len(files) > 1:
+        raise CheckpointMismatchError(
+            f"{folder / 'manifest.json'} does not belong to the block files beside it: none "
+            f"of its {len(files)} checksums match (a manifest from another run?)"
+        )
+    if wrong:
+        raise CheckpointMismatchError(f"{wrong[0]}: checksum mismatch (file changed or corrupt)")
+
+
+def export_peft(
+    model: SAPTModel, slot: int, folder: str | Path, base_model_name_or_path: str | None = None
+) -> Path:
+    """Write slot ``slot``'s block as a peft LoRA adapter folder (atomically).
+
+    ``PeftModel.from_pretrained(plain_backbone, folder)`` then gives exactly the backbone
+    with that one block (SAPT with one-hot weights on ``slot``).
+    """
+    folder = Path(folder)
+    if not 0 <= slot < model.n_slots:
+        raise ValueError(f"slot {slot} out of range 0..{model.n_slots - 1}")
+    block = _block_tensors(model, slot)
+    ac = model.adapter_config
+    tensors = {}
+    for name in model.layers:
+        tensors[f"base_model.model.{name}.lora_A.weight"] = block[f"{name}.A"]
+        tensors[f"base_model.model.{name}.lora_B.weight"] = block[f"{name}.B"]
+    alpha = int(ac.alpha) if float(ac.alpha).is_integer() else ac.alpha
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": ac.rank,
+        "lora_alpha": alpha,
+        "lora_dropout": ac.dropout,
+        "target_modules": sorted(ac.target_modules),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+    }
+    if not distributed.is_main_process():
+        return folder
+    with atomic_dir(folder) as tmp:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return folder

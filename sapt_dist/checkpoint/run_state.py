@@ -1,0 +1,437 @@
+"""A run folder's resumable state, written atomically.
+
+::
+
+    <output_dir>/config.yaml          the resolved config (a restart must match it)
+    <output_dir>/state/blocks/        every finished task's block (sapt_dist.checkpoint.blocks)
+                                      and progress.json: tasks done, matrix rows, routing
+    <output_dir>/state/finished.json  the whole run is done
+    <output_dir>/state/step/          mid-task checkpoint: trainable tensors, optimizer,
+                                      schedule, RNG, step (safetensors + JSON, no pickle)
+
+A task's end is one atomic swap of ``state/blocks`` (blocks + progress together), then the
+step checkpoint is removed (a stale one names an earlier task and is ignored). A crash
+anywhere leaves a state the next start reads correctly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from sapt_dist.checkpoint.atomic import (
+    UnreadableFileError,
+    atomic_dir,
+    atomic_write_checked_json,
+    atomic_write_json,
+    atomic_write_text,
+    read_checked_json,
+    read_json,
+    recover_dir,
+    sha256_file,
+)
+from sapt_dist.config import ConfigError, RunConfig, to_dict
+from sapt_dist.distributed import is_main_process
+from sapt_dist.train.block import StepState
+
+__all__ = [
+    "RunFolderBusyError",
+    "RunState",
+    "StateDamagedError",
+    "lock_run_folder",
+    "unlock_run_folder",
+]
+
+log = logging.getLogger(__name__)
+
+
+class RunFolderBusyError(ConfigError):
+    """Another live ``sapt-train`` holds the run folder (exit 2)."""
+
+
+class StateDamagedError(ConfigError):
+    """A file of the run folder's ``state/`` is damaged or was edited; the message names
+    it and says how to continue (exit 2, like a bad config: nothing is trained)."""
+
+
+#: keys a restart may change: where the folder is, how the run is laid out and where it is
+#: logged (tracking: e.g. offline first, online after a restart), not what it computes
+#: (eval.batch_size is not: it batches the sampling of pseudo-samples, which uses the RNG)
+_MUTABLE_KEYS = {
+    "output_dir",
+    "train.checkpoint_every",
+    "train.nonfinite_tolerance",
+    "eval.routing_every",
+    "distributed.deepspeed_config",
+    "tracking",
+}
+#: keys a restart may change as long as the global batch (micro x accumulation x ranks) stays
+_LAYOUT_KEYS = {"train.micro_batch_size", "train.grad_accum"}
+#: every key (or section) that may differ between two configs of the same run
+RESTART_KEYS = frozenset(_MUTABLE_KEYS | _LAYOUT_KEYS)
+
+
+def restart_may_change(key: str, keys: frozenset[str] | set[str] = RESTART_KEYS) -> bool:
+    """Whether dotted ``key`` is one of ``keys`` or inside one of their sections."""
+    return any(key == m or key.startswith(m + ".") for m in keys)
+
+
+def flat_config(d: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{dotted.key: value}``."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_config(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def lock_run_folder(root: str | Path) -> int | None:
+    """Hold run folder ``root`` for this process's life (rank 0; other ranks get
+    ``None``): an exclusive ``flock`` on ``<root>/run.lock``, released by the OS when the
+    process ends however it ends (no stale lock). Take it before touching ``state/``.
+
+    Raises:
+        RunFolderBusyError: another live process holds the folder (named in the message).
+    """
+    import errno
+    import fcntl
+    import os
+    import socket
+    import time
+
+    if not is_main_process():
+        return None
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / "run.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            # a file system without flock (Lustre mounted noflock, some NFS): run without
+            # the guard rather than never
+            log.warning("%s: cannot lock the run folder (%s); running without its lock", root, e)
+            return fd
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise RunFolderBusyError(
+            f"{root} is in use by another sapt-train ({holder}); wait for it to end, or "
+            f"give this run another output_dir"
+        ) from None
+    previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+    if previous:  # written by a holder that ended without removing it (killed): take over
+        log.info("%s: taking over run.lock from %s (that process has ended)", root, previous)
+    os.ftruncate(fd, 0)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime())
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {stamp}\n".encode(), 0)
+    return fd
+
+
+def unlock_run_folder(fd: int | None) -> None:
+    """Release the folder (its holder line is cleared: a later start sees a clean lock)."""
+    import os
+
+    if fd is not None:
+        os.ftruncate(fd, 0)
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+class RunState:
+    def __init__(self, output_dir: str | Path) -> None:
+        self.root = Path(output_dir)
+        self.state = self.root / "state"
+        self.blocks = self.state / "blocks"
+        self.step_dir = self.state / "step"
+        self.progress_path = self.blocks / "progress.json"
+        self.finished_path = self.state / "finished.json"
+        for d in (self.blocks, self.step_dir):
+            recover_dir(d, clean_tmp=is_main_process())
+
+    # ------------------------------------------------------------------ config
+    def check_or_save_config(self, cfg: RunConfig, world_size: int = 1) -> None:
+        """Save the resolved config; on a restart, refuse a config that differs.
+
+        A restart may run on another number of processes (saved by 8 GPUs, resumed on 4):
+        micro-batch and accumulation may change as long as the global batch stays the same,
+        since the batch stream is a function of the global batch (see ``trainer``).
+        """
+        path = self.root / "config.yaml"
+        layout_path = self.state / "layout.json"
+        mine = to_dict(cfg)
+        t = cfg.train
+        layout = {
+            "world_size": world_size,
+            "micro_batch_size": t.micro_batch_size,
+            "grad_accum": t.grad_accum,
+            "global_batch": t.micro_batch_size * t.grad_accum * world_size,
+        }
+        if path.is_file() and self.state.is_dir():
+            try:
+                text = path.read_text(encoding="utf-8")
+                saved = yaml.safe_load(text) or {}
+                if not isinstance(saved, dict):
+                    raise ValueError("not a mapping of config keys")
+                if not text.endswith("\n"):  # yaml.safe_dump ends every file with one
+                    raise ValueError("the file is cut short")
+            except (yaml.YAMLError, UnicodeDecodeError, ValueError) as e:
+                raise StateDamagedError(
+                    f"{path}: this run folder's saved config is damaged ({e}); it is what "
+                    f"binds the folder to its run. Restore it (the blocks manifest holds a "
+                    f"copy under 'run_config'), or start a new output_dir"
+                ) from e
+            a, b = flat_config(saved), flat_config(mine)
+            # a key the saved config lacks was added by a later version of this tool: the
+            # run behaved as its default
+            defaults = flat_config(to_dict(RunConfig()))
+            for k in set(b) - set(a):
+                if k in defaults:
+                    a[k] = defaults[k]
+            mutable = set(_MUTABLE_KEYS)
+            if layout_path.is_file():
+                try:
+                    before = read_checked_json(layout_path)
+                    before["global_batch"]
+                except (UnreadableFileError, KeyError, TypeError) as e:
+                    raise StateDamagedError(
+                        f"{layout_path}: damaged ({e}); it records the run's process count "
+                        f"and global batch. Restore it, or start a new output_dir"
+                    ) from e
+                if before["global_batch"] == layout["global_batch"]:
+                    mutable |= _LAYOUT_KEYS
+                    if before != layout:
+                        log.info(
+                            "%s: resuming on %d process(es) x micro-batch %d x accumulation %d "
+                            "(the run started on %d x %d x %d; same global batch %d)",
+                            self.root,
+                            world_size,
+                            t.micro_batch_size,
+                            t.grad_accum,
+                            before["world_size"],
+                            before["micro_batch_size"],
+                            before["grad_accum"],
+                            layout["global_batch"],
+                        )
+                else:
+                    raise ConfigError(
+                        f"{self.root}: the run's global batch was {before['global_batch']} "
+                        f"({before['world_size']} process(es) x train.micro_batch_size "
+                        f"{before['micro_batch_size']} x train.grad_accum {before['grad_accum']}); "
+                        f"on {world_size} process(es) this config gives {layout['global_batch']}. "
+                        f"Set train.grad_accum (or train.micro_batch_size) so the global batch "
+                        f"stays {before['global_batch']}."
+                    )
+            diff = [
+                k
+                for k in sorted(set(a) | set(b))
+                if a.get(k) != b.get(k) and not restart_may_change(k, mutable)
+            ]
+            if diff:
+                shown = "; ".join(f"{k}: run has {a.get(k)!r}, now {b.get(k)!r}" for k in diff[:5])
+                raise ConfigError(
+                    f"{self.root} holds a run started with another config ({shown}). "
+                    f"Resume with the same config, or choose a new output_dir."
+                )
+        if is_main_process():
+            atomic_write_text(path, yaml.safe_dump(mine, sort_keys=False))
+            self.state.mkdir(parents=True, exist_ok=True)
+            atomic_write_checked_json(layout_path, layout)
+
+    # ------------------------------------------------------------------ progress
+    def load_progress(self) -> dict[str, Any]:
+        """Progress as of the last finished task (``state/blocks/progress.json``, written
+        in the same atomic swap as that task's blocks, so the two always agree)."""
+        progress = {"completed": 0, "tasks": [], "matrix": [], "routing": [], "losses": {}}
+        if self.progress_path.is_file():
+            self._check_progress()
+            try:
+                progress = json.loads(self.progress_path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise StateDamagedError(
+                    f"{self.progress_path}: not valid JSON ({e}); the run's progress is "
+                    f"damaged. Start a new output_dir (its blocks in {self.blocks} are intact)"
+                ) from e
+        progress["finished"] = self.finished_path.is_file()
+        return progress
+
+    def _check_progress(self) -> None:
+        """``progress.json`` against its sha256 in the blocks manifest written with it."""
+        manifest_path = self.blocks / "manifest.json"
+        if not manifest_path.is_file():
+            return
+        try:
+            files = json.loads(manifest_path.read_text()).get("files") or {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StateDamagedError(f"{manifest_path}: not valid JSON ({e})") from e
+        want = files.get("progress.json")
+        if want is not None and sha256_file(self.progress_path) != want:
+            raise StateDamagedError(
+                f"{self.progress_path} does not match its sha256 in {manifest_path} (edited "
+                f"or damaged): the accuracy matrix and task count it holds cannot be trusted. "
+                f"Restore it, or start a new output_dir"
+            )
+
+    def progress_file(self, progress: dict[str, Any]) -> dict[str, str]:
+        """``extra_files`` for ``save_blocks``: the progress that goes with those blocks."""
+        body = {k: v for k, v in progress.items() if k != "finished"}
+        return {"progress.json": json.dumps(body, indent=1) + "\n"}
+
+    def mark_finished(self) -> None:
+        if is_main_process():
+            atomic_write_json(self.finished_path, {"finished": True})
+
+    # ------------------------------------------------------------------ mid-task
+    def save_step(self, task_index: int, state: StepState, best: dict | None = None) -> None:
+        """Write the mid-task checkpoint; ``best`` = {"score", "step", "params"} of the
+        best block so far when the task keeps its best dev checkpoint."""
+        if not is_main_process():
+            return
+        skeleton, tensors = flatten_state(
+            {"optimizer": state.optimizer, "scheduler": state.scheduler, "rng": state.rng}
+        )
+        with atomic_dir(self.step_dir) as tmp:
+            save_file(
+                {f"param.{k}": v for k, v in state.params.items()}, str(tmp / "params.safetensors")
+            )
+            save_file(tensors, str(tmp / "state.safetensors"))
+            meta = {
+                "task_index": task_index,
+                "step": state.step,
+                "losses": state.losses,
+                "state": skeleton,
+                "checksums": "checksums.json",  # this checkpoint is verified against it
+            }
+            if best is not None:
+                save_file(
+                    {f"param.{k}": v for k, v in best["params"].items()},
+                    str(tmp / "best.safetensors"),
+                )
+                meta["best"] = {"score": best["score"], "step": best["step"]}
+            (tmp / "meta.json").write_text(json.dumps(meta))
+            sums = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+            (tmp / "checksums.json").write_text(json.dumps(sums, indent=1))
+
+    def load_step(self, task_index: int) -> tuple[StepState, dict | None] | tuple[None, None]:
+        """The mid-task checkpoint of task ``task_index`` and its best-so-far, if any."""
+        meta_path = self.step_dir / "meta.json"
+        if not self.step_dir.is_dir() or not any(self.step_dir.iterdir()):
+            return None, None
+        self._check_step()
+        try:
+            meta = read_json(meta_path)
+        except (UnreadableFileError, FileNotFoundError) as e:
+            raise StateDamagedError(
+                f"{meta_path}: {e}; delete {self.step_dir} to restart that task from its "
+                f"beginning (finished tasks in {self.blocks} are kept)"
+            ) from e
+        if meta["task_index"] != task_index:
+            return None, None
+        best = None
+        if "best" in meta:
+            best_params = load_file(str(self.step_dir / "best.safetensors"))
+            best = {
+                **meta["best"],
+                "params": {k.removeprefix("param."): v for k, v in best_params.items()},
+            }
+        params = {
+            k.removeprefix("param."): v
+            for k, v in load_file(str(self.step_dir / "params.safetensors")).items()
+        }
+        rest = unflatten_state(meta["state"], load_file(str(self.step_dir / "state.safetensors")))
+        state = StepState(
+            step=meta["step"],
+            params=params,
+            optimizer=rest["optimizer"],
+            scheduler=rest["scheduler"],
+            rng=rest["rng"],
+            losses=meta["losses"],
+        )
+        return state, best
+
+    def _check_step(self) -> None:
+        """Every file of the mid-task checkpoint against ``checksums.json`` (written last,
+        in the same atomic swap). Damage is an error naming the file and the way on."""
+        how = (
+            f"delete {self.step_dir} to restart that task from its beginning (finished "
+            f"tasks in {self.blocks} are kept)"
+        )
+        sums_path = self.step_dir / "checksums.json"
+        if not sums_path.is_file():
+            meta = self.step_dir / "meta.json"
+            legacy = meta.is_file() and '"checksums"' not in meta.read_text(errors="replace")
+            if not legacy:
+                raise StateDamagedError(f"{sums_path}: missing from the step checkpoint; {how}")
+            log.warning(
+                "%s has no checksums.json (written by an older version): unverified", self.step_dir
+            )
+            return
+        try:
+            sums = json.loads(sums_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise StateDamagedError(f"{sums_path}: not valid JSON ({e}); {how}") from e
+        for name, digest in sums.items():
+            path = self.step_dir / name
+            if not path.is_file():
+                raise StateDamagedError(f"{path}: missing from the step checkpoint; {how}")
+            if sha256_file(path) != digest:
+                raise StateDamagedError(
+                    f"{path}: does not match its sha256 in {sums_path} (damaged); {how}"
+                )
+
+    def clear_step(self) -> None:
+        if is_main_process():
+            shutil.rmtree(self.step_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- state files
+def flatten_state(obj, prefix: str = "s") -> tuple[object, dict[str, torch.Tensor]]:
+    """Split a nested state (dicts, lists, tensors, JSON scalars) into a JSON skeleton and
+    a flat dict of tensors, so optimizer / RNG state is stored with safetensors + JSON and
+    read back without unpickling anything."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(o, key):
+        if isinstance(o, torch.Tensor):
+            tensors[key] = o.detach().cpu().contiguous()
+            return {"__tensor__": key}
+        if isinstance(o, dict):
+            return {
+                "__dict__": [
+                    [walk(k, f"{key}.k{i}"), walk(v, f"{key}.{i}")]
+                    for i, (k, v) in enumerate(o.items())
+                ]
+            }
+        if isinstance(o, (list, tuple)):
+            return {
+                "__list__": [walk(v, f"{key}.{i}") for i, v in enumerate(o)],
+                "tuple": isinstance(o, tuple),
+            }
+        if o is None or isinstance(o, (bool, int, float, str)):
+            return o
+        raise TypeError(f"cannot store {type(o).__name__} at {key} in a checkpoint")
+
+    return walk(obj, prefix), tensors
+
+
+def unflatten_state(skeleton, tensors: dict[str, torch.Tensor]):
+    def walk(o):
+        if isinstance(o, dict):
+            if "__tensor__" in o:
+                return tensors[o["__tensor__"]]
+            if "__dict__" in o:
+                return {walk(k): walk(v) for k, v in o["__dict__"]}
+            if "__list__" in o:
+                items = [walk(v) for v in o["__list__"]]
+                return tuple(items) if o.get("tuple") else items
+        return o
+
+    return walk(skeleton)

@@ -1,0 +1,1 @@
+"""Entry points: sapt-train and the block tools (predict, route, blocks)."""

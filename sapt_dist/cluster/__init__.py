@@ -1,0 +1,1 @@
+"""Planning for clusters: memory plans and scaling-study sweeps."""

@@ -1,0 +1,1 @@
+"""Task data: SuperNI / Long Sequence files, prompt templates, encoding, the demo data."""

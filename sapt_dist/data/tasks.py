@@ -1,0 +1,653 @@
+"""Task data in the SuperNI / Long Sequence JSON format, prompts and tokenisation.
+
+A task folder holds ``train.json``, ``dev.json`` and ``test.json``, each one JSON object::
+
+    {"Definition": ["<instruction>"],
+     "Instances": [{"id": ..., "input": "<text>", "output": "<text>" | ["<text>", ...]}],
+     ... other keys (Positive Examples, URL, ...) that are ignored}
+
+``id`` is absent in Long Sequence, whose folders may also hold ``labels.json`` (the label
+words). Every problem is a :class:`TaskDataError` naming the task and the file, raised
+when the task loads, i.e. before any model does.
+
+Tokenisation never adds special tokens: a training sequence is
+``prompt tokens + target tokens + [EOS]`` with labels ``-100`` on the prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from sapt_dist.config import DataConfig
+
+if TYPE_CHECKING:
+    import datasets
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = [
+    "DEMO_DATA_DIR",
+    "IGNORE_INDEX",
+    "ORDERS",
+    "SPLITS",
+    "EncodedExample",
+    "Example",
+    "TaskData",
+    "TaskDataError",
+    "TruncationStats",
+    "collate_prompts",
+    "collate_train",
+    "encode_prompt",
+    "encode_train",
+    "find_task_dir",
+    "format_prompt",
+    "load_task",
+    "log_truncation",
+    "resolve_data_root",
+    "resolve_order",
+    "split_sha256",
+]
+
+log = logging.getLogger(__name__)
+
+#: The small data shipped inside the package (``data.root: demo``).
+DEMO_DATA_DIR = Path(__file__).parent / "demo"
+SPLITS = ("train", "dev", "test")
+#: Label value ignored by the loss (PyTorch's cross-entropy default).
+IGNORE_INDEX = -100
+
+#: The published task orders (``../shared/data/README.md``) and the demo order.
+ORDERS: dict[str, list[str]] = {
+    "superni_1": [
+        "task1572_samsum_summary",
+        "task363_sst2_polarity_classification",
+        "task1290_xsum_summarization",
+        "task181_outcome_extraction",
+        "task002_quoref_answer_generation",
+        "task1510_evalution_relation_extraction",
+        "task639_multi_woz_user_utterance_generation",
+        "task1729_personachat_generate_next",
+        "task073_commonsenseqa_answer_generation",
+        "task1590_diplomacy_text_generation",
+        "task748_glucose_reverse_cause_event_detection",
+        "task511_reddit_tifu_long_text_summarization",
+        "task591_sciq_answer_generation",
+        "task1687_sentiment140_classification",
+        "task875_emotion_classification",
+    ],
+    "superni_2": [
+        "task748_glucose_reverse_cause_event_detection",
+        "task073_commonsenseqa_answer_generation",
+        "task1590_diplomacy_text_generation",
+        "task639_multi_woz_user_utterance_generation",
+        "task1572_samsum_summary",
+        "task1687_sentiment140_classification",
+        "task591_sciq_answer_generation",
+        "task363_sst2_polarity_classification",
+        "task1510_evalution_relation_extraction",
+        "task1729_personachat_generate_next",
+        "task181_outcome_extraction",
+        "task511_reddit_tifu_long_text_summarization",
+        "task002_quoref_answer_generation",
+        "task1290_xsum_summarization",
+        "task875_emotion_classification",
+    ],
+    "long_3": [
+        "mnli",
+        "cb",
+        "wic",
+        "copa",
+        "qqp",
+        "boolq",
+        "rte",
+        "imdb",
+        "yelp",
+        "amazon",
+        "sst2",
+        "dbpedia",
+        "agnews",
+        "multirc",
+        "yahoo",
+    ],
+    "long_4": [
+        "yelp",
+        "amazon",
+        "mnli",
+        "cb",
+        "copa",
+        "qqp",
+        "rte",
+        "imdb",
+        "sst2",
+        "dbpedia",
+        "agnews",
+        "yahoo",
+        "multirc",
+        "boolq",
+        "wic",
+    ],
+    # relation extraction first: sst2 and emotion both answer with one sentiment word, so
+    # learned back to back the second mostly reuses the first's block (see BENCHMARKS.md)
+    "demo": [
+        "task1510_evalution_relation_extraction",
+        "task363_sst2_polarity_classification",
+        "task875_emotion_classification",
+    ],
+}
+
+
+class TaskDataError(ValueError):
+    """Bad or missing task data; the message names the task and the file (or the key)."""
+
+
+# ---------------------------------------------------------------------------- locating
+def resolve_data_root(root: str) -> Path:
+    """The data folder of ``data.root``: ``"demo"`` -> :data:`DEMO_DATA_DIR`, else the path.
+
+    Raises:
+        TaskDataError: the folder does not exist.
+    """
+    if root == "demo":
+        return DEMO_DATA_DIR
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise TaskDataError(f"config key 'data.root': data folder {str(path)!r} does not exist")
+    return path
+
+
+def _has_splits(path: Path) -> bool:
+    return path.is_dir() and any((path / f"{s}.json").is_file() for s in SPLITS)
+
+
+def find_task_dir(root: Path, task: str) -> Path | None:
+    """The folder of ``task``: ``root/task``, else ``root/<Benchmark>/task``.
+
+    A folder counts only if it holds at least one split file, so a task folder with only
+    ``labels.json`` (e.g. ``yahoo`` in the shared data) is "missing". The two levels let
+    ``data.root`` be a ``CL_Benchmark`` root, one benchmark folder, or the demo folder.
+    """
+    if _has_splits(root / task):
+        return root / task
+    if not root.is_dir():
+        return None
+    # sorted: the same benchmark wins on every machine if two hold the same task name
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        if _has_splits(sub / task):
+            return sub / task
+    return None
+
+
+def resolve_order(cfg: DataConfig, root: Path) -> tuple[list[str], list[str]]:
+    """The tasks to run, in order, and the tasks of a named order that ``root`` lacks.
+
+    ``cfg.order == "custom"`` runs ``cfg.tasks`` (each must exist). With a named order,
+    a non-empty ``cfg.tasks`` keeps only those tasks, in the order's sequence.
+
+    Returns:
+        (present task names in order, missing task names). The missing list is non-empty
+        only with ``cfg.skip_missing_tasks``; the caller logs it.
+
+    Raises:
+        TaskDataError: unknown order, a listed task outside the order, an unknown task in
+            a custom list, missing tasks without ``skip_missing_tasks``, or no task left.
+    """
+    if cfg.order == "custom":
+        names = list(cfg.tasks)
+        if not names:
+            raise TaskDataError("config key 'data.tasks' must list the tasks of a custom order")
+        dup = sorted({t for t in names if names.count(t) > 1})
+        if dup:
+            raise TaskDataError(f"config key 'data.tasks' lists {dup} more than once")
+        for t in names:
+            if find_task_dir(root, t) is None:
+                raise TaskDataError(
+                    f"data.tasks: no task folder for {t!r} under {root} (expected "
+                    f"<root>/{t}/train.json or <root>/<Benchmark>/{t}/train.json)"
+                )
+        return names, []
+    if cfg.order not in ORDERS:
+        raise TaskDataError(
+            f"config key 'data.order': unknown order {cfg.order!r}; "
+            f"known: {sorted(ORDERS)} or 'custom' (with data.tasks)"
+        )
+    names = list(ORDERS[cfg.order])
+    if cfg.tasks:
+        outside = [t for t in cfg.tasks if t not in names]
+        if outside:
+            raise TaskDataError(
+                f"data.tasks: {outside} not in order {cfg.order!r} ({', '.join(names)}); "
+                f"use data.order=custom for another sequence"
+            )
+        names = [t for t in names if t in cfg.tasks]
+    missing = [t for t in names if find_task_dir(root, t) is None]
+    if missing and not cfg.skip_missing_tasks:
+        raise TaskDataError(
+            f"data folder {root} lacks task(s) {missing} of order {cfg.order!r} "
+            f"(set data.skip_missing_tasks=true to run without them)"
+        )
+    present = [t for t in names if t not in missing]
+    if not present:
+        raise TaskDataError(
+            f"data folder {root} holds none of the tasks of order {cfg.order!r} "
+            f"(looked for {', '.join(names)})"
+        )
+    return present, missing
+
+
+# ---------------------------------------------------------------------------- loading
+@dataclass
+class Example:
+    """One instance. ``outputs``: the acceptable answers; ``outputs[0]`` is the training target."""
+
+    id: str
+    input: str
+    outputs: list[str]
+
+
+@dataclass
+class TaskData:
+    """One task, validated.
+
+    ``splits`` maps ``"train"``, ``"dev"``, ``"test"`` to a ``datasets.Dataset`` with the
+    columns ``id`` (str), ``input`` (str) and ``outputs`` (list of str).
+    """
+
+    name: str
+    #: Parent folder name: ``SuperNI``, ``Long_Sequence``, ... or ``demo``.
+    benchmark: str
+    definition: str
+    splits: dict[str, datasets.Dataset]
+    metric: Literal["rouge", "exact"]
+    #: The label words of ``labels.json`` (classification tasks), else ``None``.
+    labels: list[str] | None = None
+    #: Carved split -> {source, fraction, seed, size, source_size_before, source_size_after}.
+    carved: dict[str, dict[str, Any]] = field(default_factory=dict)
+    source_dir: Path | None = None
+
+    def examples(self, split: str) -> list[Example]:
+        """The rows of ``split`` as :class:`Example` objects."""
+        ds = self.splits[split]
+        return [Example(r["id"], r["input"], list(r["outputs"])) for r in ds]
+
+
+def _read_json(task: str, path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise TaskDataError(f"task {task}: cannot read {path} ({e})") from e
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise TaskDataError(
+            f"task {task}: {path} is not valid JSON: {e.msg} at line {e.lineno} "
+            f"column {e.colno} (char {e.pos})"
+        ) from e
+
+
+def _read_split(task: str, split: str, path: Path) -> tuple[str, list[Example]]:
+    """(definition, examples) of one split file, validated."""
+    raw = _read_json(task, path)
+    if not isinstance(raw, dict):
+        raise TaskDataError(
+            f"task {task}: {path} must hold one JSON object (with 'Definition' and "
+            f"'Instances'), not a {type(raw).__name__}"
+        )
+    definition = raw.get("Definition")
+    # the format stores a one-element list; a bare string is accepted too
+    if isinstance(definition, list):
+        definition = definition[0] if definition else None
+    if not isinstance(definition, str) or not definition.strip():
+        raise TaskDataError(
+            f"task {task}: {path} has a missing or empty 'Definition' (the task instruction)"
+        )
+    if "Instances" not in raw:
+        raise TaskDataError(f"task {task}: {path} has no 'Instances' key")
+    instances = raw["Instances"]
+    if not isinstance(instances, list):
+        raise TaskDataError(
+            f"task {task}: {path}: 'Instances' must be a list, not a {type(instances).__name__}"
+        )
+    if not instances:
+        raise TaskDataError(f"task {task}: {path}: 'Instances' is empty (an empty task)")
+    out = []
+    for i, x in enumerate(instances):
+        where = f"task {task}: {path}: Instances[{i}]"
+        if not isinstance(x, dict):
+            raise TaskDataError(f"{where} must be an object with 'input' and 'output'")
+        for key in ("input", "output"):
+            if key not in x:
+                raise TaskDataError(f"{where} has no '{key}'")
+        if not isinstance(x["input"], str):
+            raise TaskDataError(f"{where}: 'input' must be a string")
+        o = x["output"]
+        outputs = [o] if isinstance(o, str) else o
+        if not isinstance(outputs, list) or not all(isinstance(s, str) for s in outputs):
+            raise TaskDataError(f"{where}: 'output' must be a string or a list of strings")
+        if not outputs:
+            raise TaskDataError(f"{where}: 'output' is an empty list (no answer to learn)")
+        # Long Sequence has no ids: make stable ones from the position in the file
+        ex_id = str(x["id"]) if x.get("id") is not None else f"{task}-{split}-{i}"
+        out.append(Example(ex_id, x["input"], list(outputs)))
+    return definition.strip(), out
+
+
+def _carve(
+    name: str,
+    folder: Path,
+    splits: dict[str, list[Example]],
+    cfg: DataConfig,
+    seed: int,
+) -> dict[str, dict[str, Any]]:
+    """Fill missing splits from ``cfg.carve_missing_from`` in place; return the record.
+
+    Each missing split takes ``max(1, round(fraction * n))`` examples of the source's
+    ``n``, drawn with one seeded permutation so that carved splits never overlap each
+    other or what stays in the source. Kept examples stay in file order.
+    """
+    missing = [s for s in SPLITS if s not in splits]
+    if not missing:
+        return {}
+    src = cfg.carve_missing_from
+    if src is None or src not in splits:
+        first = folder / f"{missing[0]}.json"
+        hint = (
+            "set data.carve_missing_from (e.g. 'train') to carve it from another split"
+            if src is None
+            else f"data.carve_missing_from is {src!r} but {folder / (src + '.json')} is missing too"
+        )
+        raise TaskDataError(f"task {name}: missing split file {first}; {hint}")
+    pool = splits[src]
+    sizes = {s: max(1, round(cfg.carve_fraction * len(pool))) for s in missing}
+    if sum(sizes.values()) >= len(pool):
+        raise TaskDataError(
+            f"task {name}: {folder / (src + '.json')} has {len(pool)} examples, too few to "
+            f"carve {', '.join(missing)} (fraction {cfg.carve_fraction}) and keep any"
+        )
+    # a string seed is hashed with SHA-512 by `random`: stable across runs and machines
+    perm = list(range(len(pool)))
+    random.Random(f"carve:{seed}:{name}:{src}").shuffle(perm)
+    record: dict[str, dict[str, Any]] = {}
+    start = 0
+    taken: set[int] = set()
+    for s in missing:
+        idx = sorted(perm[start : start + sizes[s]])
+        start += sizes[s]
+        taken.update(idx)
+        splits[s] = [pool[i] for i in idx]
+        record[s] = {
+            "source": src,
+            "fraction": cfg.carve_fraction,
+            "seed": seed,
+            "size": len(idx),
+            "source_size_before": len(pool),
+        }
+    splits[src] = [x for i, x in enumerate(pool) if i not in taken]
+    for s in missing:
+        record[s]["source_size_after"] = len(splits[src])
+        log.info(
+            "task %s: carved %s (%d examples) from %s (%d -> %d, seed %d)",
+            name,
+            s,
+            record[s]["size"],
+            src,
+            len(pool),
+            len(splits[src]),
+            seed,
+        )
+    return record
+
+
+def load_task(root: Path, name: str, cfg: DataConfig, seed: int) -> TaskData:
+    """Load and validate one task; carve missing splits when ``cfg`` asks for it.
+
+    Args:
+        root: the data folder (see :func:`find_task_dir`).
+        name: the task folder name.
+        cfg: ``data`` section of the config (caps, carving, metric).
+        seed: seeds the carving (the run's ``train.seed``).
+
+    Caps (``max_train`` ...) keep the first N examples in file order, after carving.
+
+    Raises:
+        TaskDataError: naming the task and the file, for any bad or missing data.
+    """
+    import datasets
+
+    folder = find_task_dir(root, name)
+    if folder is None:
+        raise TaskDataError(f"task {name}: no task folder with split files under {root}")
+    definition: str | None = None
+    splits: dict[str, list[Example]] = {}
+    for s in SPLITS:
+        p = folder / f"{s}.json"
+        if p.is_file():
+            d, splits[s] = _read_split(name, s, p)
+            definition = definition or d  # the train file's, where it exists
+    carved = _carve(name, folder, splits, cfg, seed)
+
+    caps = {"train": cfg.max_train, "dev": cfg.max_dev, "test": cfg.max_test}
+    for s, cap in caps.items():
+        if cap is None:
+            continue
+        if cap < 1:
+            raise TaskDataError(f"config key 'data.max_{s}' must be >= 1 or null (got {cap})")
+        splits[s] = splits[s][:cap]
+
+    same_as_demo = folder.parent.resolve() == DEMO_DATA_DIR.resolve()
+    benchmark = "demo" if same_as_demo else folder.parent.name
+    if cfg.metric != "auto":
+        metric = cfg.metric
+    else:
+        metric = "exact" if benchmark == "Long_Sequence" else "rouge"
+
+    labels = None
+    lp = folder / "labels.json"
+    if lp.is_file():
+        labels = _read_json(name, lp)
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise TaskDataError(f"task {name}: {lp} must hold a JSON list of label strings")
+
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "input": datasets.Value("string"),
+            "outputs": datasets.Sequence(datasets.Value("string")),
+        }
+    )
+    ds = {
+        s: datasets.Dataset.from_list(
+            [{"id": x.id, "input": x.input, "outputs": x.outputs} for x in splits[s]],
+            features=features,
+        )
+        for s in SPLITS
+    }
+    assert definition is not None  # at least one split file exists (find_task_dir)
+    return TaskData(
+        name=name,
+        benchmark=benchmark,
+        definition=definition,
+        splits=ds,
+        metric=metric,
+        labels=labels,
+        carved=carved,
+        source_dir=folder,
+    )
+
+
+def split_sha256(task: TaskData, split: str = "train") -> str:
+    """sha256 of what a block learned from: the definition and the split's examples as
+    used (after carving and caps), in order, as canonical JSON. Equal data, equal hash,
+    on any machine; it does not depend on the file's formatting or unused keys."""
+    import hashlib
+
+    ds = task.splits[split]
+    body = {
+        "definition": task.definition,
+        "examples": [
+            [i, x, list(o)] for i, x, o in zip(ds["id"], ds["input"], ds["outputs"], strict=True)
+        ],
+    }
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def format_prompt(template: str, definition: str, input: str) -> str:
+    """``template`` with ``{definition}`` and ``{input}`` filled in (``str.format``).
+
+    Raises:
+        TaskDataError: naming ``data.template`` for an unknown or malformed placeholder.
+    """
+    try:
+        return template.format(definition=definition, input=input)
+    except (KeyError, IndexError, ValueError) as e:
+        raise TaskDataError(
+            f"config key 'data.template': bad placeholder ({type(e).__name__}: {e}); "
+            f"only {{definition}} and {{input}} are filled (write literal braces as {{{{ }}}})"
+        ) from e
+
+
+# ---------------------------------------------------------------------------- tokenising
+@dataclass
+class EncodedExample:
+    """One training sequence: ``input_ids`` = prompt + target + EOS, ``labels`` -100 on the prompt."""
+
+    input_ids: list[int]
+    labels: list[int]
+    prompt_len: int
+
+
+@dataclass
+class TruncationStats:
+    """How many encoded examples had their prompt / target cut (out of ``total``)."""
+
+    source_truncated: int = 0
+    target_truncated: int = 0
+    total: int = 0
+
+
+def _prompt_ids(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, max_len: int
+) -> tuple[list[int], bool]:
+    if max_len < 1:
+        # ids[-0:] would silently keep everything
+        raise ValueError(f"max_source_length must be >= 1 (got {max_len})")
+    ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if len(ids) > max_len:
+        # keep the end: the "Output:" cue the model answers after is there
+        return ids[-max_len:], True
+    return ids, False
+
+
+def encode_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    max_source_length: int,
+    stats: TruncationStats | None = None,
+) -> list[int]:
+    """Prompt token ids (no special tokens), cut from the left to ``max_source_length``."""
+    ids, cut = _prompt_ids(tokenizer, prompt, max_source_length)
+    if stats is not None:
+        stats.total += 1
+        stats.source_truncated += int(cut)
+    return ids
+
+
+def encode_train(
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    target: str,
+    max_source_length: int,
+    max_target_length: int,
+    stats: TruncationStats | None = None,
+) -> EncodedExample:
+    """One training sequence: prompt (left-cut) + target (right-cut) + EOS.
+
+    The target is stripped and, when the prompt does not end in whitespace, tokenised
+    with one leading space, so that it is tokenised as the continuation of the prompt it
+    is generated after (BPE vocabularies fold the space into the next word). At most
+    ``max_target_length`` target tokens are kept; EOS is appended after them, outside
+    the limit, so a cut target still teaches the model to stop.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token_id; training targets need one")
+    if max_target_length < 1:
+        raise ValueError(f"max_target_length must be >= 1 (got {max_target_length})")
+    p, p_cut = _prompt_ids(tokenizer, prompt, max_source_length)
+    text = target.strip()
+    if prompt and not prompt[-1].isspace():
+        text = " " + text
+    t = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    t_cut = len(t) > max_target_length
+    t = t[:max_target_length] + [tokenizer.eos_token_id]
+    if stats is not None:
+        stats.total += 1
+        stats.source_truncated += int(p_cut)
+        stats.target_truncated += int(t_cut)
+    return EncodedExample(input_ids=p + t, labels=[IGNORE_INDEX] * len(p) + t, prompt_len=len(p))
+
+
+def collate_train(examples: list[EncodedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch.
+
+    Returns:
+        ``input_ids`` (B, T) long, ``attention_mask`` (B, T) long (1 on real tokens),
+        ``labels`` (B, T) long (-100 on prompt and padding); T = longest sequence.
+    """
+    if not examples:
+        raise ValueError("collate_train: empty batch")
+    n = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), n), dtype=torch.long)
+    labels = torch.full((len(examples), n), IGNORE_INDEX, dtype=torch.long)
+    for i, e in enumerate(examples):
+        k = len(e.input_ids)
+        if len(e.labels) != k:
+            raise ValueError(f"collate_train: example {i} has {k} ids but {len(e.labels)} labels")
+        ids[i, :k] = torch.tensor(e.input_ids, dtype=torch.long)
+        mask[i, :k] = 1
+        labels[i, :k] = torch.tensor(e.labels, dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def collate_prompts(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded batch of prompts, so every row's last token is at position T-1.
+
+    Generation appends at the right end and routing reads the prompt's tokens; both need
+    the real tokens right-aligned.
+
+    Returns:
+        ``input_ids`` (B, T) long and ``attention_mask`` (B, T) long (0 on the padding).
+    """
+    if not prompts:
+        raise ValueError("collate_prompts: empty batch")
+    n = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), n), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if not p:
+            # an all-padding row would attend to nothing (NaN attention)
+            raise ValueError(f"collate_prompts: prompt {i} is empty")
+        ids[i, n - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, n - len(p) :] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def log_truncation(task: str, split: str, stats: TruncationStats) -> None:
+    """Log how many examples of ``task``/``split`` were truncated (INFO when any, else DEBUG)."""
+    level = logging.INFO if stats.source_truncated or stats.target_truncated else logging.DEBUG
+    log.log(
+        level,
+        "task %s/%s: %d of %d prompts cut to max_source_length, %d targets cut to "
+        "max_target_length",
+        task,
+        split,
+        stats.source_truncated,
+        stats.total,
+        stats.target_truncated,
+    )

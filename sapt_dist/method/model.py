@@ -1,0 +1,364 @@
+"""SAPT around an unmodified Hugging Face causal LM.
+
+``SAPTModel`` replaces the target linear layers of the backbone in place with
+:class:`~sapt_dist.method.lora.MixtureLoRALinear` (the backbone's code is neither copied nor
+patched), owns the :class:`~sapt_dist.method.attention.SharedAttention`, and on every forward:
+
+1. embeds the tokens once with the backbone's own embedding table,
+2. max-pools the prompt's embeddings and computes the mixture weights ``w`` (batch, T),
+3. puts ``w`` in the routing context every adapted layer reads,
+4. runs the backbone on the embeddings (``inputs_embeds``), so the table is read once.
+
+The task life cycle is ``start_task(slot)`` -> train -> ``file_current()`` ->
+``set_target(slot, a*)``; see ``sapt_dist.train.run`` for the loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from sapt_dist.config import AdapterConfig
+from sapt_dist.method.attention import RoutingMode, SharedAttention, max_pool_prompt
+from sapt_dist.method.lora import (
+    MixtureLoRALinear,
+    RoutingContext,
+    disable_bnb_cpu_packing,
+    is_adaptable_linear,
+)
+
+__all__ = ["SAPTModel", "SAPTOutput", "find_target_layers"]
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class SAPTOutput:
+    """What ``SAPTModel.forward`` returns.
+
+    ``loss`` is what the optimizer minimises: ``task_loss + kl_ratio * arm_loss``.
+    """
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+    weights: torch.Tensor
+    task_loss: torch.Tensor | None = None
+    arm_loss: torch.Tensor | None = None
+
+
+def find_target_layers(model: nn.Module, targets: list[str]) -> dict[str, nn.Module]:
+    """Linear layers of ``model`` whose last name component is in ``targets``.
+
+    Raises:
+        ValueError: naming the linear layers the model has, when a target is not found.
+    """
+    found: dict[str, nn.Module] = {}
+    linear_names: set[str] = set()
+    seen_targets: set[str] = set()
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if is_adaptable_linear(module):
+            linear_names.add(leaf)
+            if leaf in targets:
+                found[name] = module
+                seen_targets.add(leaf)
+    missing = [t for t in targets if t not in seen_targets]
+    if missing:
+        raise ValueError(
+            f"{type(model).__name__} has no linear layer named {missing} "
+            f"(adapter.target_modules = {targets}); its linear layers are named: "
+            f"{sorted(linear_names)}"
+        )
+    return found
+
+
+class SAPTModel(nn.Module):
+    """A frozen HF causal LM with ``n_slots`` per-task LoRA blocks and SAPT's routing.
+
+    Args:
+        backbone: a Hugging Face ``*ForCausalLM`` (its parameters are frozen here).
+        adapter: rank, alpha, dropout, targets, query width, temperature, gradient mode.
+        n_slots: number of task slots, fixed for the model's life.
+        routing: ``attention`` (SAPT) or ``sum`` (IncLoRA: every active block, weight 1).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        adapter: AdapterConfig,
+        n_slots: int,
+        routing: RoutingMode = "attention",
+        dtype: torch.dtype | None = None,
+        generator_slot: bool = False,
+    ) -> None:
+        super().__init__()
+        if n_slots < 1:
+            raise ValueError(f"n_slots must be >= 1, got {n_slots}")
+        self.backbone = backbone
+        self.adapter_config = adapter
+        self.n_slots = n_slots
+        # The generator of pseudo-samples is one more block on the same backbone: an extra
+        # slot after the task slots that routing never selects (its weight is given).
+        self.has_generator_slot = generator_slot
+        self.n_layer_slots = n_slots + int(generator_slot)
+        self.register_buffer("layer_current", torch.zeros(self.n_layer_slots, dtype=torch.bool))
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        for m in backbone.modules():
+            disable_bnb_cpu_packing(m)
+        self.context = RoutingContext()
+        self.target_names = sorted(find_target_layers(backbone, list(adapter.target_modules)))
+        self.layers: dict[str, MixtureLoRALinear] = {}
+        for name in self.target_names:
+            parent_name, _, leaf = name.rpartition(".")
+            parent = backbone.get_submodule(parent_name) if parent_name else backbone
+            wrapped = MixtureLoRALinear(
+                getattr(parent, leaf),
+                n_slots=self.n_layer_slots,
+                rank=adapter.rank,
+                alpha=adapter.alpha,
+                dropout=adapter.dropout,
+                context=self.context,
+                dtype=dtype,
+            )
+            setattr(parent, leaf, wrapped)
+            self.layers[name] = wrapped
+        emb = backbone.get_input_embeddings()
+        d = emb.embedding_dim
+        self.router = SharedAttention(
+            d,
+            n_slots,
+            hidden=adapter.query_hidden,
+            tau=adapter.tau,
+            mode=routing,
+            center=adapter.router_center if routing == "attention" else "none",
+        )
+        if dtype is not None:
+            self.router.to(dtype)
+        device = emb.weight.device if emb.weight.device.type != "meta" else "cpu"
+        self.router.to(device)
+        self.layer_current.data = self.layer_current.to(device)
+        self._set_requires_grad()
+        self.start_task(0)
+
+    # ------------------------------------------------------------------ parameters
+    def adapter_params(self) -> list[nn.Parameter]:
+        """Every trainable parameter: the current block of each layer, its key, ``g``."""
+        return self.block_params() + self.router.adapter_params()
+
+    def block_params(self) -> list[nn.Parameter]:
+        """The current block of every adapted layer (what the generator trains)."""
+        return [p for layer in self.layers.values() for p in layer.adapter_params()]
+
+    def named_adapter_params(self) -> dict[str, nn.Parameter]:
+        ids = {id(p) for p in self.adapter_params()}
+        return {n: p for n, p in self.named_parameters() if id(p) in ids}
+
+    def _set_requires_grad(self) -> None:
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for p in self.adapter_params():
+            p.requires_grad_(True)
+
+    # ------------------------------------------------------------------ task life cycle
+    @property
+    def current_slot(self) -> int:
+        return int(self.router.current.nonzero()[0, 0]) if self.router.current.any() else -1
+
+    @property
+    def n_active(self) -> int:
+        return int(self.router.active.sum())
+
+    @torch.no_grad()
+    def start_task(self, slot: int, fresh: bool = True) -> None:
+        """Make ``slot`` the trainable block; slots ``0..slot`` become active.
+
+        With ``fresh=False`` the trainable block starts from what the slot's bank holds
+        (used by SeqLoRA, whose one block keeps learning, and by resume).
+        """
+        if not 0 <= slot < self.n_slots:
+            raise ValueError(
+                f"slot {slot} out of range: this model has {self.n_slots} task slots "
+                f"(adapter.n_slots); a longer task sequence needs more slots"
+            )
+        r = self.router
+        r.current.zero_()
+        r.current[slot] = True
+        r.active.zero_()
+        r.active[: slot + 1] = True
+        self.layer_current.zero_()
+        self.layer_current[slot] = True
+        for layer in self.layers.values():
+            if fresh:
+                layer.reset_current()
+            else:
+                layer.load_current(slot)
+        if fresh or not bool(r.key_bank[slot].any()):
+            r.reset_key()
+        else:
+            r.load_key(slot)
+
+    @property
+    def generator_slot(self) -> int:
+        if not self.has_generator_slot:
+            raise RuntimeError("this SAPTModel was built without a generator slot")
+        return self.n_layer_slots - 1
+
+    @torch.no_grad()
+    def start_generator(self) -> None:
+        """Make the generator slot's (fresh) block the trainable one; routing state and the
+        task blocks are untouched. Use ``generator_weights`` as the forward's weights."""
+        slot = self.generator_slot
+        self.layer_current.zero_()
+        self.layer_current[slot] = True
+        for layer in self.layers.values():
+            layer.reset_current()
+
+    def generator_weights(self, batch: int) -> torch.Tensor:
+        """(batch, layer slots) one-hot weights on the generator block."""
+        w = torch.zeros(batch, self.n_layer_slots, device=self.layer_current.device)
+        w[:, self.generator_slot] = 1.0
+        return w
+
+    @torch.no_grad()
+    def file_current(self) -> None:
+        """Copy the trainable block and key into their slot's bank (in place)."""
+        slot = self.current_slot
+        for layer in self.layers.values():
+            layer.file_current(slot)
+        self.router.file_key(slot)
+
+    @torch.no_grad()
+    def set_target(self, slot: int, target: torch.Tensor) -> None:
+        """Store task ``slot``'s attention target ``a*`` (over slots ``0..slot``)."""
+        row = torch.zeros(self.n_slots, dtype=self.router.targets.dtype, device=target.device)
+        row[: target.numel()] = target.to(row.dtype)
+        self.router.targets[slot].copy_(row.to(self.router.targets.device))
+
+    def pooled_prompts(self, input_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """(batch, d) the max-pooled prompt embeddings the attention reads (before centering)."""
+        return max_pool_prompt(self.embed(input_ids), prompt_mask)
+
+    def x_grad_mask(self) -> torch.Tensor | None:
+        if self.adapter_config.gradient == "exact":
+            return None
+        return self.layer_current.to(torch.float32)
+
+    # ------------------------------------------------------------------ routing
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.backbone.get_input_embeddings()(input_ids)
+
+    def routing_weights(
+        self, input_ids: torch.Tensor, prompt_mask: torch.Tensor, embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(batch, T) mixture weights from the prompt tokens of ``input_ids``."""
+        if embeds is None:
+            embeds = self.embed(input_ids)
+        return self.router(max_pool_prompt(embeds, prompt_mask))
+
+    def routing_scores(self, input_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """(batch, T) the attention's key scores before the softmax (see
+        :meth:`SharedAttention.scores`), from the same pooled prompt as the weights."""
+        return self.router(max_pool_prompt(self.embed(input_ids), prompt_mask), output="scores")
+
+    def _route(self, weights: torch.Tensor) -> None:
+        """Hand the (batch, T) or (batch, layer slots) weights to every adapted layer."""
+        extra = self.n_layer_slots - weights.shape[-1]
+        if extra > 0:
+            weights = torch.nn.functional.pad(weights, (0, extra))
+        ctx = self.context
+        ctx.weights = weights
+        ctx.current = self.layer_current
+        ctx.x_grad_mask = self.x_grad_mask()
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
+        replay_input_ids: torch.Tensor | None = None,
+        replay_attention_mask: torch.Tensor | None = None,
+        replay_task: torch.Tensor | None = None,
+        kl_ratio: float = 1.0,
+        weights: torch.Tensor | None = None,
+    ) -> SAPTOutput:
+        """One SAPT forward: task loss (if ``labels``) plus the ARM loss (if replay given).
+
+        Args:
+            input_ids: (b, L) prompt + target tokens.
+            attention_mask: (b, L), 0 on padding.
+            labels: (b, L) target token ids, ``-100`` on prompt and padding.
+            prompt_mask: (b, L) 1 on prompt tokens; derived from ``attention_mask`` and
+                ``labels`` when omitted.
+            replay_input_ids / replay_attention_mask: (n, Lr) pseudo-sample prompts.
+            replay_task: (n,) the earlier task (slot) of each pseudo-sample.
+            kl_ratio: weight of the ARM loss.
+            weights: (b, T) mixture weights to use instead of the attention's (oracle
+                routing, diagnostics, tests).
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if prompt_mask is None:
+            prompt_mask = attention_mask.bool()
+            if labels is not None:
+                prompt_mask = prompt_mask & (labels == IGNORE_INDEX)
+        embeds = self.embed(input_ids)
+        if weights is None:
+            weights = self.routing_weights(input_ids, prompt_mask, embeds=embeds)
+        self._route(weights)
+        out = self.backbone(
+            inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False
+        )
+        task_loss = out.loss
+        arm = None
+        if replay_input_ids is not None:
+            if replay_task is None or replay_attention_mask is None:
+                raise ValueError("replay_input_ids needs replay_attention_mask and replay_task")
+            u = max_pool_prompt(self.embed(replay_input_ids), replay_attention_mask)
+            arm = self.router(u, replay_task, output="arm")
+        loss = task_loss
+        if arm is not None:
+            loss = arm * kl_ratio if loss is None else loss + kl_ratio * arm
+        return SAPTOutput(
+            loss=loss, logits=out.logits, weights=weights, task_loss=task_loss, arm_loss=arm
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """HF ``generate`` with the weights computed once from the (left-padded) prompt
+        (or given) and held fixed through every decoding step."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if weights is None:
+            weights = self.routing_weights(input_ids, attention_mask)
+        # HF expands each prompt num_beams times for beam search, else num_return_sequences
+        beams = int(kwargs.get("num_beams", 1) or 1)
+        expand = beams if beams > 1 else int(kwargs.get("num_return_sequences", 1) or 1)
+        if expand > 1:
+            weights = weights.repeat_interleave(expand, dim=0)
+        self._route(weights)
+        self.context.inference = {}
+        try:
+            return self.backbone.generate(
+                input_ids=input_ids, attention_mask=attention_mask, **kwargs
+            )
+        finally:
+            self.context.inference = None
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Checkpoint the backbone's layers; the mixture stays in (the routing context
+        keeps the weights for the recomputation in backward)."""
+        self.backbone.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )

@@ -1,0 +1,1 @@
+"""The continual-learning run: one block's training, evaluation, replay, preemption."""

@@ -1,0 +1,196 @@
+"""Pseudo-samples for attentive reflection (and the real-sample buffer of ``replay``).
+
+Generative (the paper's default): after task t, a generator block on the same frozen
+backbone learns, from the bare prompt ``__gen__``, to write
+``<task definition> __inp__ <task input>``; it samples candidates (top-k, repetition
+penalty), keeps the well-formed ones (containing ``__inp__``), and ``ratio * |train_t|``
+of them (at least ``min_samples``) become task t's pseudo-samples. A replayed prompt is
+built with the normal task template from the generated definition and input. If the
+generator writes too few well-formed candidates, the rest are filled with the task's own
+definition and the generated text as the input (recorded per sample as ``well_formed``).
+
+Real: a seeded choice of ``ratio * |train_t|`` real training inputs.
+
+Either way the samples are saved per task as JSONL (``pseudo/<task>.jsonl``) and reused
+from there on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from pathlib import Path
+
+import torch
+
+from sapt_dist.checkpoint.atomic import UnreadableFileError, atomic_write_text
+from sapt_dist.data.tasks import (
+    TaskData,
+    collate_prompts,
+    encode_prompt,
+    encode_train,
+    format_prompt,
+)
+
+__all__ = [
+    "GEN_PROMPT",
+    "INPUT_MARK",
+    "ReplayBatches",
+    "generator_examples",
+    "load_jsonl",
+    "n_pseudo",
+    "parse_generated",
+    "real_samples",
+    "save_jsonl",
+]
+
+log = logging.getLogger(__name__)
+
+GEN_PROMPT = "__gen__"
+INPUT_MARK = "__inp__"
+
+
+def n_pseudo(n_train: int, ratio: float, minimum: int) -> int:
+    """How many samples a task of ``n_train`` examples keeps (2% of 1000 -> 20)."""
+    return max(minimum, math.ceil(ratio * n_train - 1e-9))
+
+
+def generator_examples(tokenizer, task: TaskData, max_source: int, max_target: int):
+    """The generator block's training set: ``__gen__`` -> ``definition __inp__ input``."""
+    return [
+        encode_train(
+            tokenizer,
+            GEN_PROMPT,
+            f"{task.definition} {INPUT_MARK} {ex['input']}",
+            max_source,
+            max_target,
+        )
+        for ex in task.splits["train"]
+    ]
+
+
+def parse_generated(text: str) -> tuple[str, str] | None:
+    """``(definition, input)`` of a well-formed generation, else ``None``."""
+    if INPUT_MARK not in text:
+        return None
+    definition, _, inp = text.partition(INPUT_MARK)
+    definition, inp = definition.strip(), inp.strip()
+    if not inp:
+        return None
+    return definition, inp
+
+
+def choose_pseudo(candidates: list[str], task: TaskData, n: int, seed: int) -> list[dict]:
+    """Keep ``n`` samples: well-formed candidates first (seeded choice), then fill-ins."""
+    rng = random.Random(seed)
+    good, rest = [], []
+    seen = set()
+    for c in candidates:
+        parsed = parse_generated(c)
+        if parsed is not None and parsed not in seen:
+            seen.add(parsed)
+            good.append(
+                {
+                    "definition": parsed[0] or task.definition,
+                    "input": parsed[1],
+                    "well_formed": True,
+                }
+            )
+        elif parsed is None and c.strip():
+            rest.append({"definition": task.definition, "input": c.strip(), "well_formed": False})
+    rng.shuffle(good)
+    rng.shuffle(rest)
+    chosen = (good + rest)[:n]
+    if len(good) < n:
+        log.warning(
+            "%s: generator wrote %d well-formed pseudo-samples of %d wanted; %d filled in "
+            "with the task definition and the generated text as input",
+            task.name,
+            len(good),
+            n,
+            len(chosen) - min(len(good), n),
+        )
+    return chosen
+
+
+def real_samples(task: TaskData, n: int, seed: int) -> list[dict]:
+    """``n`` real training examples (seeded), for the real buffer and ``replay``."""
+    train = task.splits["train"]
+    idx = random.Random(seed).sample(range(len(train)), min(n, len(train)))
+    return [
+        {
+            "definition": task.definition,
+            "input": train[i]["input"],
+            "output": train[i]["outputs"][0],
+            "real": True,
+        }
+        for i in idx
+    ]
+
+
+def save_jsonl(path: Path, rows: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def load_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for i, line in enumerate(Path(path).read_text().splitlines()):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UnreadableFileError(
+                    f"{path}:{i + 1}: not valid JSON ({e}); delete the file and the run's "
+                    f"state/step to make these pseudo-samples again"
+                ) from e
+    return rows
+
+
+class ReplayBatches:
+    """Micro-step -> the ARM batch: ``micro_batch`` pseudo-prompts of every earlier task.
+
+    Deterministic in the micro-step (task j's samples are cycled in a seeded order), so
+    resumed and uninterrupted runs replay the same batches.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        samples: dict[int, list[dict]],
+        template: str,
+        max_source: int,
+        micro_batch: int,
+        seed: int,
+    ) -> None:
+        self.pad = tokenizer.pad_token_id
+        self.micro_batch = micro_batch
+        self.prompts: dict[int, list[list[int]]] = {}
+        self.orders: dict[int, list[int]] = {}
+        for slot, rows in sorted(samples.items()):
+            if not rows:
+                raise ValueError(f"no pseudo-samples for task slot {slot}: ARM needs at least one")
+            self.prompts[slot] = [
+                encode_prompt(
+                    tokenizer, format_prompt(template, r["definition"], r["input"]), max_source
+                )
+                for r in rows
+            ]
+            order = list(range(len(rows)))
+            random.Random(seed + slot).shuffle(order)
+            self.orders[slot] = order
+
+    def __call__(self, micro_step: int) -> dict[str, torch.Tensor]:
+        ids, tasks = [], []
+        for slot, prompts in self.prompts.items():
+            order = self.orders[slot]
+            for k in range(self.micro_batch):
+                ids.append(prompts[order[(micro_step * self.micro_batch + k) % len(order)]])
+                tasks.append(slot)
+        batch = collate_prompts(ids, self.pad)
+        return {
+            "replay_input_ids": batch["input_ids"],
+            "replay_attention_mask": batch["attention_mask"],
+            "replay_task": torch.tensor(tasks, dtype=torch.long),
+        }

@@ -1,0 +1,810 @@
+"""The continual-learning run: one process group, one backbone, the whole task sequence.
+
+For each task t (in order)::
+
+    start_task(t) ─► train block t (+ key, g) with task loss + ARM over tasks < t
+        ─► file block t ─► a_t* on t's dev split ─► pseudo-samples of t
+        ─► evaluate on the test splits of tasks 0..t ─► row t of the accuracy matrix
+        ─► checkpoint (blocks, progress)
+
+The backbone is loaded once. Baselines run on the same machinery:
+
+=============  =======  ==========  ========================================
+method         slots    routing     what changes
+=============  =======  ==========  ========================================
+sapt           N        attention   ARM from task 2 on (generative or real)
+inc_lora       N        sum (=1)    a new block per task, no attention
+seq_lora       1        -           one block keeps training on every task
+replay         1        -           seq_lora + real samples of earlier tasks
+mtl            1        -           one block trained on all tasks at once
+single_task    1        -           a fresh block per task, scored on it alone
+=============  =======  ==========  ========================================
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sapt_dist import distributed
+from sapt_dist.backbone.load import load_backbone, torch_dtype
+from sapt_dist.checkpoint.atomic import sha256_file
+from sapt_dist.checkpoint.blocks import library_versions, load_blocks, save_blocks
+from sapt_dist.checkpoint.run_state import (
+    RunState,
+    StateDamagedError,
+    lock_run_folder,
+    unlock_run_folder,
+)
+from sapt_dist.config import ConfigError, RunConfig, to_dict
+from sapt_dist.data.tasks import (
+    EncodedExample,
+    TaskData,
+    TruncationStats,
+    encode_prompt,
+    encode_train,
+    format_prompt,
+    load_task,
+    log_truncation,
+    resolve_data_root,
+    resolve_order,
+    split_sha256,
+)
+from sapt_dist.distributed import preemption
+from sapt_dist.method.model import SAPTModel
+from sapt_dist.outputs.metrics import routing_summary, score_predictions
+from sapt_dist.outputs.report import write_report
+from sapt_dist.outputs.tracking import Tracker, final_pending, open_tracker
+from sapt_dist.train.block import BlockJob, num_steps, train_block
+from sapt_dist.train.evaluation import (
+    attention_target,
+    generate_texts,
+    mean_pooled_prompt,
+    pooled_prompts,
+    routing_weights,
+)
+from sapt_dist.train.replay import (
+    GEN_PROMPT,
+    ReplayBatches,
+    choose_pseudo,
+    generator_examples,
+    load_jsonl,
+    n_pseudo,
+    real_samples,
+    save_jsonl,
+)
+
+__all__ = ["ContinualRun", "run"]
+
+log = logging.getLogger(__name__)
+
+SINGLE_SLOT = ("seq_lora", "replay", "mtl", "single_task")
+
+
+@dataclass
+class EncodedTask:
+    data: TaskData
+    train: list[EncodedExample]
+    dev_prompts: list[list[int]]
+    dev_refs: list[list[str]]
+    test_prompts: list[list[int]]
+    test_refs: list[list[str]]
+    test_ids: list[str]
+
+
+class ContinualRun:
+    """A whole run; ``run()`` resumes from the run folder's state when there is one."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.state = RunState(self.out)
+        self.tracker = Tracker()  # the no-op one until run() opens the real one (rank 0)
+        self._dev_pooled: dict[int, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ set-up
+    def _load_tasks(self) -> list[TaskData]:
+        cfg = self.cfg
+        root = resolve_data_root(cfg.data.root)
+        names, missing = resolve_order(cfg.data, root)
+        if missing:
+            log.warning(
+                "data folder %s lacks %d task(s) of order %r, skipped: %s",
+                root,
+                len(missing),
+                cfg.data.order,
+                ", ".join(missing),
+            )
+        tasks = [load_task(root, n, cfg.data, cfg.train.seed) for n in names]
+        log.info("tasks (%d): %s", len(tasks), ", ".join(t.name for t in tasks))
+        return tasks
+
+    def _n_slots(self, n_tasks: int) -> int:
+        cfg = self.cfg
+        if cfg.method in SINGLE_SLOT:
+            return 1
+        n = cfg.adapter.n_slots or n_tasks
+        if n < n_tasks:
+            raise ConfigError(
+                f"config key 'adapter.n_slots' is {n} but the sequence has {n_tasks} tasks; "
+                f"raise it to at least {n_tasks} (or leave it null)"
+            )
+        return n
+
+    def _encode(self, tokenizer, tasks: list[TaskData]) -> list[EncodedTask]:
+        d = self.cfg.data
+        out = []
+        for task in tasks:
+            stats = {s: TruncationStats() for s in ("train", "dev", "test")}
+
+            def prompt(ex, task=task):
+                return format_prompt(d.template, task.definition, ex["input"])
+
+            train = [
+                encode_train(
+                    tokenizer,
+                    prompt(ex),
+                    ex["outputs"][0],
+                    d.max_source_length,
+                    d.max_target_length,
+                    stats["train"],
+                )
+                for ex in task.splits["train"]
+            ]
+            dev = [
+                encode_prompt(tokenizer, prompt(ex), d.max_source_length, stats["dev"])
+                for ex in task.splits["dev"]
+            ]
+            test = task.splits["test"]
+            test_prompts = [
+                encode_prompt(tokenizer, prompt(ex), d.max_source_length, stats["test"])
+                for ex in test
+            ]
+            for split, st in stats.items():
+                log_truncation(task.name, split, st)
+            dev_refs = list(task.splits["dev"]["outputs"])
+            out.append(
+                EncodedTask(
+                    task,
+                    train,
+                    dev,
+                    dev_refs,
+                    test_prompts,
+                    list(test["outputs"]),
+                    list(test["id"]),
+                )
+            )
+        return out
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict:
+        try:
+            return self._run()
+        except preemption.Preempted:
+            self.tracker.finish(exit_code=preemption.EXIT_PREEMPTED)  # resumed, not failed
+            raise
+        except BaseException:
+            self.tracker.finish(exit_code=1)
+            raise
+        finally:
+            self.tracker.finish()
+
+    def _global_step(self, progress: dict) -> int:
+        """Optimizer steps of the finished tasks' blocks: the tracker's x axis continues
+        from here (derived from saved progress, so a resumed run continues it)."""
+        return sum(len(v) for v in progress["losses"].values())
+
+    def _run(self) -> dict:
+        cfg = self.cfg
+        # every task file validated before the folder is bound to this config (a start
+        # that fails on its data leaves nothing that refuses the corrected command) and
+        # before any model loads
+        tasks = self._load_tasks()
+        self.state.check_or_save_config(cfg, distributed.world_size())
+        progress = self.state.load_progress()
+        names = [t.name for t in tasks]
+        if progress["tasks"] and progress["tasks"] != names:
+            raise ConfigError(
+                f"{self.out}: run was started on tasks {progress['tasks']}, now {names}"
+            )
+        if progress.get("finished"):
+            log.info(
+                "%s: run already finished; nothing to train (delete the folder to rerun)", self.out
+            )
+            results = write_report(self.out, cfg, progress)
+            if final_pending(cfg):  # killed between the finished marker and the W&B summary
+                self.tracker = open_tracker(cfg)
+                self.tracker.log_final(self._global_step(progress), results, self.out / "metrics")
+            return results
+        n_slots = self._n_slots(len(tasks))
+        # read (and checked) once, before the model loads
+        self.ds_config = distributed.run_engine_config(cfg)
+        # before the process group: a tracking config error stops every rank alike
+        self.tracker = open_tracker(
+            cfg, {"world_size": distributed.world_size(), "task_names": names}
+        )
+        distributed.init()
+        distributed.configure(self.ds_config)  # ZeRO-3: the backbone loads partitioned
+
+        backbone, tokenizer = load_backbone(cfg.model)
+        self.tokenizer = tokenizer
+        # g's initialisation must not depend on what consumed the RNG before (resume)
+        torch.manual_seed(cfg.train.seed)
+        self.model = SAPTModel(
+            backbone,
+            cfg.adapter,
+            n_slots=n_slots,
+            routing="sum" if cfg.method == "inc_lora" else "attention",
+            dtype=torch_dtype(cfg.model.dtype),
+            generator_slot=cfg.method == "sapt" and cfg.replay.kind == "generative",
+        )
+        if cfg.model.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.enc = self._encode(tokenizer, tasks)
+        progress["tasks"] = names
+        if progress["completed"] > 0:
+            log.info("resuming after %d finished task(s)", progress["completed"])
+            load_blocks(self.model, self.state.blocks)
+
+        stages = 1 if cfg.method == "mtl" else len(tasks)
+        for i in range(progress["completed"], stages):
+            self._stage(i, progress)
+            # a signal that came during evaluation / pseudo-samples: stop before the next task
+            if i + 1 < stages and preemption.stop_requested():
+                self._stop(f"after task {i + 1}/{stages} (its checkpoint is saved)")
+        # every rank: the gathers inside save_blocks are collective under ZeRO-3
+        save_blocks(
+            self.model,
+            self.out / "blocks",
+            self._block_names(stages - 1),
+            provenance=progress.get("provenance"),
+            run_config=to_dict(cfg),
+        )
+        distributed.finish()
+        self.state.mark_finished()
+        progress["finished"] = True
+        results = write_report(self.out, cfg, progress)
+        self.tracker.log_final(self._global_step(progress), results, self.out / "metrics")
+        return results
+
+    def _block_names(self, i: int) -> list[str]:
+        names = [e.data.name for e in self.enc]
+        if self.cfg.method == "mtl":
+            return ["mtl:" + "+".join(names)]
+        if self.model.n_slots == 1:
+            return [names[i]]
+        return names[: i + 1]
+
+    def _stage(self, i: int, progress: dict) -> None:
+        cfg, model = self.cfg, self.model
+        method = cfg.method
+        slot = 0 if model.n_slots == 1 else i
+        fresh = not (method in ("seq_lora", "replay") and i > 0)
+        # a fresh block's initialisation is a function of (seed, task), whatever ran before
+        torch.manual_seed(cfg.train.seed + 1000 * i)
+        model.start_task(slot, fresh=fresh)
+        task = self.enc[i]
+        if method == "sapt" and cfg.adapter.router_center != "none":
+            # the router's input center takes in this task (recomputed the same on resume)
+            mean = mean_pooled_prompt(
+                model,
+                [ex.input_ids[: ex.prompt_len] for ex in task.train],
+                self.tokenizer.pad_token_id,
+                cfg.eval.batch_size,
+            )
+            model.router.set_task_mean(slot, mean)
+        label = f"task {i + 1}/{len(self.enc)} {task.data.name}"
+
+        examples = list(task.train)
+        replay = None
+        if method == "mtl":
+            examples = [ex for e in self.enc for ex in e.train]
+            label = f"mtl ({len(self.enc)} tasks)"
+        elif method == "replay" and i > 0:
+            examples += self._real_replay_examples(i)
+        elif method == "sapt" and i > 0 and cfg.replay.kl_ratio > 0:
+            samples = {j: self._load_pseudo(j, progress) for j in range(i)}
+            replay = ReplayBatches(
+                self.tokenizer,
+                samples,
+                cfg.data.template,
+                cfg.data.max_source_length,
+                cfg.train.micro_batch_size,
+                cfg.train.seed,
+            )
+        params = model.named_adapter_params()
+        if method != "sapt":
+            params = {n: p for n, p in params.items() if not n.startswith("router.")}
+        t = cfg.train
+        job = BlockJob(
+            name=label,
+            examples=examples,
+            params=params,
+            steps=num_steps(
+                len(examples),
+                t.epochs,
+                t.micro_batch_size,
+                t.grad_accum,
+                t.max_steps,
+                distributed.world_size(),
+            ),
+            seed=t.seed + 1000 * i,
+            lr=t.lr,
+            replay=replay,
+            kl_ratio=cfg.replay.kl_ratio,
+            router_lr=t.router_lr,
+        )
+        resume, best = self.state.load_step(i)
+        offset = self._global_step(progress)
+        per_epoch = num_steps(
+            len(examples), 1, t.micro_batch_size, t.grad_accum, None, distributed.world_size()
+        )
+        select_every = per_epoch * t.eval_every_epochs if t.select_best else 0
+
+        every_r = cfg.eval.routing_every if method == "sapt" else 0
+
+        def trajectory(step: int) -> dict[str, float]:
+            """Mean weight of each seen task's dev inputs on its own block, at ``step``."""
+            if not every_r or (step % every_r and step != job.steps):
+                return {}
+            point = self._routing_point(i)
+            self._write_trajectory(i, offset + step, point, step, final=step == job.steps)
+            return {
+                f"routing_own/{self.enc[j].data.name}": point[self.enc[j].data.name][j]
+                for j in range(i + 1)
+            }
+
+        def on_step(step: int, snapshot) -> None:
+            nonlocal best
+            if select_every and (step % select_every == 0 or step == job.steps):
+                best = self._keep_if_best(task, step, params, best)
+            every = t.checkpoint_every
+            saved = bool(every and step % every == 0 and step < job.steps)
+            if saved:
+                self.state.save_step(i, snapshot(), best)
+            if preemption.stop_requested():
+                if not saved:
+                    self.state.save_step(i, snapshot(), best)
+                self._stop(f"at step {step}/{job.steps} of {label}")
+
+        log_step = None
+        if self.tracker.enabled or every_r:
+            # every rank calls this at the same point after each step (the trajectory's
+            # embedding passes are collective under ZeRO-3); rank 0 alone tracks
+            def log_step(step: int, stats: dict) -> None:
+                extra = trajectory(step)
+                if self.tracker.enabled:
+                    self.tracker.log_step(offset + step, {**stats, **extra, "task": i + 1})
+
+        def on_diverge(last_good) -> None:  # exit 3, resumable from the last good step
+            self.state.save_step(i, last_good, best)
+
+        losses = self._train(
+            job, resume=resume, on_step=on_step, log_step=log_step, on_diverge=on_diverge
+        )
+        if not getattr(self, "_sharding_written", False):
+            self._write_sharding()
+        if best is not None and best["step"] != job.steps:
+            log.info(
+                "%s: keeping the block of step %d (dev %.2f)",
+                task.data.name,
+                best["step"],
+                best["score"],
+            )
+            with torch.no_grad(), distributed.gathered(list(params.values()), modify=True):
+                for name, p in params.items():
+                    p.copy_(best["params"][name].to(p))
+        model.file_current()
+        progress["losses"][task.data.name] = losses
+
+        if method == "sapt":
+            target = attention_target(
+                model, task.dev_prompts, self.tokenizer.pad_token_id, cfg.eval.batch_size, slot
+            )
+            model.set_target(slot, target)
+            log.info(
+                "%s: attention target a* = %s", task.data.name, [round(float(x), 4) for x in target]
+            )
+            if i < len(self.enc) - 1:
+                self._make_pseudo(i)
+                if distributed.is_main_process():  # progress.json (checksummed) keeps it
+                    sums = progress.setdefault("pseudo_sha256", {})
+                    sums[task.data.name] = sha256_file(self._pseudo_path(i))
+                model.start_task(slot, fresh=False)  # the generator took the trainable block
+
+        row, routing = self._evaluate(i)
+        progress["matrix"].append(row)
+        progress["routing"].append(routing)
+        progress["completed"] = i + 1
+        record = self._provenance(i, slot, row, len(losses))
+        prov = list(progress.get("provenance") or [])
+        prov[slot:] = [record]  # a single-slot method's one block: its latest record
+        progress["provenance"] = prov
+        save_blocks(
+            model,
+            self.state.blocks,
+            self._block_names(i),
+            extra_files=self.state.progress_file(progress),
+            provenance=prov,
+            run_config=to_dict(cfg),
+        )
+        if model.n_slots == 1 and method != "mtl":
+            save_blocks(
+                model,
+                self.out / "blocks_per_task" / f"{i:02d}_{task.data.name}",
+                [task.data.name],
+                provenance=[record],
+                run_config=to_dict(cfg),
+            )
+        self.state.clear_step()
+        # rank 0 wrote the pseudo-samples, blocks and progress and removed state/step:
+        # nobody reads them for the next task before that is done
+        distributed.barrier()
+        pseudo = self._pseudo_path(i) if method == "sapt" and i < len(self.enc) - 1 else None
+        names = [e.data.name for e in self.enc]
+        self.tracker.log_task(offset + len(losses), i, names, progress["matrix"], routing, pseudo)
+
+    # ------------------------------------------------------------------ routing dynamics
+    def _routing_point(self, i: int) -> dict[str, list[float]]:
+        """Mean routing weights (over slots ``0..i``) of each seen task's dev inputs."""
+        pad = self.tokenizer.pad_token_id
+        was_training = self.model.training
+        router = self.model.router
+        device = router.key.device
+        out = {}
+        with torch.no_grad():
+            for j in range(i + 1):
+                e = self.enc[j]
+                if j not in self._dev_pooled:  # the embedding is frozen: pool once
+                    self._dev_pooled[j] = pooled_prompts(
+                        self.model, e.dev_prompts, pad, self.cfg.eval.batch_size
+                    )
+                u = self._dev_pooled[j].to(device=device, dtype=router.key.dtype)
+                w = router(u).float()  # the module call: ZeRO-3 gathers g and the key
+                out[e.data.name] = [round(float(x), 5) for x in w[:, : i + 1].mean(0)]
+        self.model.train(was_training)
+        return out
+
+    def _write_trajectory(
+        self, i: int, global_step: int, point: dict, step: int, final: bool
+    ) -> None:
+        """Add a point to ``metrics/routing_trajectory.json`` (and draw the ``.png`` at a
+        task's end): the dev inputs' mean weights during training, keyed by (task, step),
+        so a resumed run writes the same points again, never twice."""
+        import json
+
+        from sapt_dist.checkpoint.atomic import atomic_write_json
+        from sapt_dist.outputs.report import plot_trajectory
+
+        if not distributed.is_main_process():
+            return
+        path = self.out / "metrics" / "routing_trajectory.json"
+        try:
+            data = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, json.JSONDecodeError):
+            data = {}  # a diagnostic file: a damaged one is started again
+        name = self.enc[i].data.name
+        data.setdefault(name, {})[str(step)] = {"global_step": global_step, "mean": point}
+        data[name] = dict(sorted(data[name].items(), key=lambda kv: int(kv[0])))
+        atomic_write_json(path, data)
+        if final:
+            plot_trajectory(data, [e.data.name for e in self.enc], path.with_suffix(".png"))
+
+    def _write_sharding(self) -> None:
+        """``metrics/sharding.json``: what each rank holds (collective; once per process)."""
+        import json
+
+        self._sharding_written = True
+        reports = distributed.all_gather_objects(distributed.shard_report(self.model))
+        if not distributed.is_main_process():
+            return
+        names = list(reports[0]["params"])
+        backbone = [n for n in names if not reports[0]["params"][n]["train"]]
+        summary = []
+        for r in reports:
+            full = sum(r["params"][n]["full"] for n in backbone)
+            local = sum(r["params"][n]["local"] for n in backbone)
+            summary.append(
+                {
+                    "rank": r["rank"],
+                    "frozen_elements_full": full,
+                    "frozen_elements_local": local,
+                    "frozen_bytes_local": sum(r["params"][n]["bytes"] for n in backbone),
+                    "trainable_bytes_local": sum(
+                        r["params"][n]["bytes"] for n in names if r["params"][n]["train"]
+                    ),
+                    "replicated_buffer_bytes": r["buffer_bytes"],
+                    "peak_rss_mb": round(r["peak_rss_mb"], 1),
+                    **({"peak_gpu_mb": round(r["peak_gpu_mb"], 1)} if "peak_gpu_mb" in r else {}),
+                }
+            )
+            log.info(
+                "rank %d holds %d of %d frozen elements (%.1f%%), peak RSS %.0f MB",
+                r["rank"],
+                local,
+                full,
+                100 * local / max(1, full),
+                r["peak_rss_mb"],
+            )
+        per_param = {n: [r["params"][n]["local"] for r in reports] for n in names}
+        full = {n: reports[0]["params"][n]["full"] for n in names}
+        trains = {n: reports[0]["params"][n]["train"] for n in names}
+        out = {
+            "world": reports[0]["world"],
+            "zero_stage": reports[0]["zero_stage"],
+            "ranks": summary,
+            "params": {
+                n: {"full": full[n], "local": per_param[n], "train": trains[n]} for n in names
+            },
+        }
+        path = self.out / "metrics" / "sharding.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1))
+
+    def _provenance(self, i: int, slot: int, row: list[float | None], steps: int) -> dict:
+        """Where block ``slot`` came from, recorded at the end of stage ``i``: its data
+        (folder, split sizes, sha256 of the examples it learned from), the config, the
+        library versions, the time, and row ``i`` of the accuracy matrix."""
+        import datetime
+
+        cfg, method = self.cfg, self.cfg.method
+        if method == "mtl":
+            learned = list(range(len(self.enc)))
+        elif method in ("seq_lora", "replay"):
+            learned = list(range(i + 1))  # one block kept learning through every task so far
+        else:
+            learned = [i]
+        data = []
+        for j in learned:
+            t = self.enc[j].data
+            data.append(
+                {
+                    "task": t.name,
+                    "benchmark": t.benchmark,
+                    "folder": str(t.source_dir) if t.source_dir else None,
+                    "split_sizes": {s: len(t.splits[s]) for s in ("train", "dev", "test")},
+                    "train_sha256": split_sha256(t, "train"),
+                    "carved": t.carved,
+                }
+            )
+        names = [e.data.name for e in self.enc]
+        return {
+            "slot": slot,
+            "task": self._block_names(i)[slot],
+            "stage": i,
+            "method": method,
+            "trained_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"
+            ),
+            "optimizer_steps": steps,
+            "data": data,
+            "scores_after": dict(zip(names, row, strict=True)),
+            "metric": {e.data.name: e.data.metric for e in self.enc},
+            "config": to_dict(cfg),
+            "versions": library_versions(),
+        }
+
+    def _stop(self, where: str) -> None:
+        """Every rank stopped at the same boundary with its state saved: leave cleanly."""
+        why = preemption.requested_locally() or "another rank's signal"
+        log.warning(
+            "%s: stopping %s on %s; the same command resumes from here", self.out, where, why
+        )
+        preemption.write_marker(where, self.out)
+        # no rank leaves before rank 0 has written the checkpoint (srun --kill-on-bad-exit
+        # would kill it mid-write when another rank exits first)
+        distributed.barrier()
+        raise preemption.Preempted(where)
+
+    def _keep_if_best(
+        self, task: EncodedTask, step: int, params: dict, best: dict | None
+    ) -> dict | None:
+        """Model selection: score the current block on the task's dev split."""
+        preds = generate_texts(
+            self.model,
+            self.tokenizer,
+            task.dev_prompts,
+            self.cfg.eval.batch_size,
+            self.cfg.eval.max_new_tokens,
+            desc=f"dev {task.data.name}",
+        )
+        score = score_predictions(preds, task.dev_refs, task.data.metric)
+        log.info("%s: step %d dev %s = %.2f", task.data.name, step, task.data.metric, score)
+        if best is not None and score <= best["score"]:
+            return best
+        with distributed.gathered(list(params.values())):
+            tensors = {n: p.detach().cpu().clone() for n, p in params.items()}
+        return {"score": score, "step": step, "params": tensors}
+
+    def _train(
+        self, job: BlockJob, resume=None, on_step=None, log_step=None, on_diverge=None
+    ) -> list[float | None]:
+        cfg = self.cfg
+        return train_block(
+            self.model,
+            job,
+            cfg.train,
+            cfg.model.dtype,
+            self.tokenizer.pad_token_id,
+            ds_config=self.ds_config,
+            resume=resume,
+            on_step=on_step,
+            log_step=log_step,
+            on_diverge=on_diverge,
+        )
+
+    # ------------------------------------------------------------------ replay
+    def _pseudo_path(self, i: int) -> Path:
+        return self.out / "pseudo" / f"{i:02d}_{self.enc[i].data.name}.jsonl"
+
+    def _load_pseudo(self, j: int, progress: dict) -> list[dict]:
+        """Task j's saved pseudo-samples, checked against the sha256 progress.json holds."""
+        path = self._pseudo_path(j)
+        want = (progress.get("pseudo_sha256") or {}).get(self.enc[j].data.name)
+        if not path.is_file():
+            raise StateDamagedError(
+                f"{path}: missing; task {j + 1}'s pseudo-samples are replayed by every later "
+                f"task and its generator is gone. Restore the file, or start a new output_dir"
+            )
+        if want is not None and sha256_file(path) != want:
+            raise StateDamagedError(
+                f"{path} does not match its sha256 in {self.state.progress_path} (edited or "
+                f"damaged). Restore it, or start a new output_dir"
+            )
+        return load_jsonl(path)
+
+    def _real_replay_examples(self, i: int) -> list[EncodedExample]:
+        cfg, d = self.cfg, self.cfg.data
+        out = []
+        for j in range(i):
+            task = self.enc[j].data
+            rows = real_samples(
+                task,
+                n_pseudo(len(task.splits["train"]), cfg.replay.ratio, cfg.replay.min_samples),
+                cfg.train.seed + j,
+            )
+            out += [
+                encode_train(
+                    self.tokenizer,
+                    format_prompt(d.template, r["definition"], r["input"]),
+                    r["output"],
+                    d.max_source_length,
+                    d.max_target_length,
+                )
+                for r in rows
+            ]
+        return out
+
+    def _make_pseudo(self, i: int) -> None:
+        """Task i's pseudo-samples (generative: train the generator block, sample)."""
+        cfg, model, task = self.cfg, self.model, self.enc[i].data
+        path = self._pseudo_path(i)
+        n = n_pseudo(len(task.splits["train"]), cfg.replay.ratio, cfg.replay.min_samples)
+        seed = cfg.train.seed + 7919 * (i + 1)
+        if cfg.replay.kind == "real":
+            rows = real_samples(task, n, seed)
+        else:
+            d, r = cfg.data, cfg.replay
+            examples = generator_examples(
+                self.tokenizer, task, d.max_source_length, d.max_source_length
+            )
+            torch.manual_seed(seed)
+            model.start_generator()
+            t = cfg.train
+            job = BlockJob(
+                name=f"generator {task.name}",
+                examples=examples,
+                params={
+                    n_: p
+                    for n_, p in model.named_adapter_params().items()
+                    if not n_.startswith("router.")
+                },
+                steps=num_steps(
+                    len(examples),
+                    r.gen_epochs,
+                    t.micro_batch_size,
+                    t.grad_accum,
+                    r.gen_max_steps,
+                    distributed.world_size(),
+                ),
+                seed=seed,
+                lr=r.gen_lr,
+                weights=model.generator_weights,
+            )
+            self._train(job)
+            torch.manual_seed(seed)
+            k = n * r.gen_candidates_per_sample
+            prompt = encode_prompt(self.tokenizer, GEN_PROMPT, d.max_source_length)
+            texts = generate_texts(
+                model,
+                self.tokenizer,
+                [prompt] * k,
+                cfg.eval.batch_size,
+                r.gen_max_new_tokens,
+                desc=f"pseudo-samples {task.name}",
+                weights=model.generator_weights(k),
+                do_sample=True,
+                top_k=r.gen_top_k,
+                repetition_penalty=r.gen_repetition_penalty,
+            )
+            rows = choose_pseudo(texts, task, n, seed)
+        if distributed.is_main_process():
+            save_jsonl(path, rows)
+        log.info("%s: %d pseudo-samples (%s) -> %s", task.name, len(rows), cfg.replay.kind, path)
+
+    # ------------------------------------------------------------------ evaluation
+    def _evaluate(self, i: int) -> tuple[list[float | None], dict]:
+        """Scores on the test splits of tasks 0..i (row i of the matrix) + routing."""
+        cfg, model = self.cfg, self.model
+        method = cfg.method
+        n = len(self.enc)
+        if method == "mtl":
+            which = list(range(n))
+        elif method == "single_task":
+            which = [i]
+        else:
+            which = list(range(i + 1))
+        row: list[float | None] = [None] * n
+        routing_w: dict[int, torch.Tensor] = {}
+        after = "mtl" if method == "mtl" else f"{i:02d}_{self.enc[i].data.name}"
+        for j in which:
+            e = self.enc[j]
+            preds = generate_texts(
+                model,
+                self.tokenizer,
+                e.test_prompts,
+                cfg.eval.batch_size,
+                cfg.eval.max_new_tokens,
+                desc=f"eval {e.data.name}",
+            )
+            row[j] = score_predictions(preds, e.test_refs, e.data.metric)
+            rows = [
+                {"id": id_, "prediction": p, "references": refs}
+                for id_, p, refs in zip(e.test_ids, preds, e.test_refs, strict=True)
+            ]
+            if method == "sapt":
+                w = routing_weights(
+                    model, e.test_prompts, self.tokenizer.pad_token_id, cfg.eval.batch_size
+                )
+                routing_w[j] = w[:, : i + 1]
+                for r_, wr in zip(rows, w.tolist(), strict=True):
+                    r_["weights"] = [round(x, 5) for x in wr[: i + 1]]
+            if distributed.is_main_process():
+                save_jsonl(
+                    self.out / "predictions" / f"after_{after}" / f"{j:02d}_{e.data.name}.jsonl",
+                    rows,
+                )
+            log.info("after %s: %s %s = %.2f", after, e.data.name, e.data.metric, row[j])
+        return row, (routing_summary(routing_w) if routing_w else {})
+
+
+def run(cfg: RunConfig) -> dict:
+    """Run (or resume) the continual-learning run described by ``cfg``.
+
+    Rank 0 appends this package's log records to ``<output_dir>/run.log``.
+    """
+    pkg = logging.getLogger("sapt_dist")
+    handler = None
+    # one sapt-train per run folder (rank 0 holds its lock until the process ends),
+    # taken before anything reads or repairs the folder's state
+    lock = lock_run_folder(cfg.output_dir)
+    if distributed.is_main_process():
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(out / "run.log")
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s [rank0] %(levelname)s %(name)s: %(message)s")
+        )
+        pkg.addHandler(handler)
+        if pkg.getEffectiveLevel() > logging.INFO:
+            pkg.setLevel(logging.INFO)
+    try:
+        return ContinualRun(cfg).run()
+    finally:
+        unlock_run_folder(lock)
+        if handler is not None:
+            pkg.removeHandler(handler)
+            handler.close()
