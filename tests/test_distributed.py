@@ -231,6 +231,50 @@ def test_two_process_zero3_equals_one_process(reference_runs):
 
 
 @pytest.mark.slow
+def test_two_torchrun_nodes_equal_one_process(reference_runs, tmp_path):
+    """Multi-node as a cluster runs it, on this machine: two torchrun "nodes" (``--nnodes 2
+    --node_rank 0/1``, one CPU rank each, LOCAL_RANK 0 on both, rendezvous on the loopback
+    address) run the tiny ZeRO-3 job into one shared run folder; it equals the one-process
+    run as the one-node 2-rank run does."""
+    out, port = tmp_path / "nodes", str(_free_port())
+    entry = [str(ROOT / "launch/train.py"), "--preset", "demo", f"output_dir={out}", *TINY]
+    logs = [tmp_path / f"node{node}.log" for node in (0, 1)]
+    procs = []
+    for node in (0, 1):
+        with open(logs[node], "w") as log:  # files, not pipes: a full pipe would stall a node
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "torch.distributed.run",
+                        "--nnodes",
+                        "2",
+                        "--node_rank",
+                        str(node),
+                        "--nproc_per_node",
+                        "1",
+                        "--master_addr",
+                        "127.0.0.1",
+                        "--master_port",
+                        port,
+                        *entry,
+                        "train.grad_accum=1",
+                        ZERO3,
+                    ],
+                    env=subprocess_env(),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+    for node, p in enumerate(procs):
+        assert p.wait(timeout=900) == 0, f"node {node}:\n{logs[node].read_text()[-4000:]}"
+    shard = json.loads((out / "metrics/sharding.json").read_text())
+    assert shard["world"] == 2 and shard["zero_stage"] == 3
+    _assert_same_results(reference_runs / "one", out, loss_tol=1e-5, block_rel=1e-4)
+
+
+@pytest.mark.slow
 def test_each_rank_holds_half_of_every_backbone_parameter(reference_runs):
     shard = json.loads((reference_runs / "two/metrics/sharding.json").read_text())
     assert shard["world"] == 2 and shard["zero_stage"] == 3

@@ -89,6 +89,7 @@ def _serve(args: argparse.Namespace, prog: str, generate: bool) -> int:
         task_inputs,
         write_jsonl,
     )
+    from sapt_dist.train.methods import METHODS
 
     try:
         if args.report and Path(args.report).suffix not in (".html", ".htm", ".png"):
@@ -122,7 +123,7 @@ def _serve(args: argparse.Namespace, prog: str, generate: bool) -> int:
         return 2
     if distributed.is_main_process():
         write_jsonl(rows, args.output)
-        if loaded.cfg.method == "sapt":
+        if METHODS[loaded.cfg.method].trains_router:
             print(f"{prog}: {routing_verdict(rows)['text']}", file=sys.stderr)
         if args.report:
             routing_report(

@@ -717,6 +717,9 @@ def _from_run_config(path: str) -> dict[str, Any]:
         cfg = load_config(p, overrides)
     except ConfigError as e:
         raise PlanError(f"--run-config: {e}") from None
+    from sapt_dist.train.methods import METHODS
+
+    arm = METHODS[cfg.method].replay == "arm"
     out: dict[str, Any] = {
         "dtype": "fp32" if cfg.model.dtype == "float32" else "bf16",
         "quant": cfg.model.quantization,
@@ -726,7 +729,7 @@ def _from_run_config(path: str) -> dict[str, Any]:
         "targets": tuple(cfg.adapter.target_modules),
         "query_hidden": cfg.adapter.query_hidden,
         "grad_ckpt": cfg.model.gradient_checkpointing,
-        "generator_slot": cfg.method == "sapt" and cfg.replay.kind == "generative",
+        "generator_slot": arm and cfg.replay.kind == "generative",
     }
     n_tasks = len(cfg.data.tasks) or len(ORDERS.get(cfg.data.order, [])) or None
     slots = cfg.adapter.n_slots or n_tasks

@@ -395,7 +395,7 @@ def full_optimizer_state(
         for k in moments:
             try:
                 m = safe_get_full_optimizer_state(p, k)
-            except ValueError:  # ZeRO-1/2 link no state to a parameter never stepped
+            except (ValueError, KeyError):  # no state yet: ZeRO-1/2 link none, ZeRO-3 has none
                 m = None
             moments[k][name] = None if m is None else m.detach().float().cpu().clone()
     return masters, {"step": int(max(steps)) if steps else 0, **moments}

@@ -58,6 +58,7 @@ from sapt_dist.data.tasks import (
 )
 from sapt_dist.method.model import SAPTModel
 from sapt_dist.train.evaluation import generate_texts, routing_scores, routing_weights
+from sapt_dist.train.methods import METHODS
 
 __all__ = [
     "InputError",
@@ -399,7 +400,7 @@ def explain_routing(
     w = routing_weights(model, prompts, pad, bs)[:, :n]
     # only SAPT trains the query network and keys; the one-slot baselines route with
     # weight 1 through an untrained router, and IncLoRA sums its blocks
-    attends = loaded.cfg.method == "sapt" and model.router.mode == "attention"
+    attends = METHODS[loaded.cfg.method].trains_router and model.router.mode == "attention"
     z = routing_scores(model, prompts, pad, bs)[:, :n] if attends else None
     disabled = set(loaded.disabled)
     enabled = [j for j in range(n) if j not in disabled]

@@ -23,6 +23,7 @@ from sapt_dist import distributed
 from sapt_dist.checkpoint.atomic import atomic_write_json, atomic_write_text
 from sapt_dist.config import RunConfig
 from sapt_dist.outputs.metrics import cl_metrics, matrix_markdown, save_heatmap
+from sapt_dist.train.methods import METHODS
 
 __all__ = ["load_single_task_scores", "plot_trajectory", "write_report"]
 
@@ -51,10 +52,11 @@ def write_report(out: Path, cfg: RunConfig, progress: dict) -> dict:
     matrix = progress["matrix"]
     n = len(tasks)
     results: dict = {"method": cfg.method, "tasks": tasks, "matrix": matrix}
-    if cfg.method == "single_task":
+    method = METHODS[cfg.method]
+    if method.evaluates == "own":
         results["single_task_scores"] = {t: matrix[j][j] for j, t in enumerate(tasks)}
         results["metrics"] = {"AP": sum(matrix[j][j] for j in range(n)) / n}
-    elif cfg.method == "mtl":
+    elif method.joint:
         results["metrics"] = {"AP": sum(matrix[0]) / n}
     else:
         single, why = (None, "no single_task_run in the config")
@@ -63,7 +65,7 @@ def write_report(out: Path, cfg: RunConfig, progress: dict) -> dict:
         results["metrics"] = cl_metrics(matrix, single)
         results["fwt_source"] = why
     last_routing = progress["routing"][-1] if progress.get("routing") else {}
-    if cfg.method == "sapt" and last_routing:
+    if method.trains_router and last_routing:
         # mean over tasks of each task's share (every task weighs the same)
         accs = list(last_routing["routing_accuracy"].values())
         results["routing_accuracy"] = sum(accs) / len(accs)
@@ -74,17 +76,15 @@ def write_report(out: Path, cfg: RunConfig, progress: dict) -> dict:
     mdir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(mdir / "results.json", results)
     atomic_write_json(mdir / "accuracy_matrix.json", {"tasks": tasks, "matrix": matrix})
-    rows = ["mtl"] if cfg.method == "mtl" else tasks
-    if cfg.method == "mtl":
-        table = matrix_markdown(matrix, tasks, row_labels=["after mtl"])
-        save_heatmap(
-            matrix, ["after mtl"], tasks, mdir / "accuracy_matrix.png", f"{cfg.method}: score"
-        )
+    if method.joint:
+        label = f"after {cfg.method}"
+        table = matrix_markdown(matrix, tasks, row_labels=[label])
+        save_heatmap(matrix, [label], tasks, mdir / "accuracy_matrix.png", f"{cfg.method}: score")
     else:
         table = matrix_markdown(matrix, tasks)
         save_heatmap(
             matrix,
-            [f"after {t}" for t in rows],
+            [f"after {t}" for t in tasks],
             tasks,
             mdir / "accuracy_matrix.png",
             f"{cfg.method}: score after each task",
@@ -96,7 +96,7 @@ def write_report(out: Path, cfg: RunConfig, progress: dict) -> dict:
             f"\nrouting accuracy {100 * results['routing_accuracy']:.1f}% (chance {100 / n:.1f}%)\n"
         )
     atomic_write_text(mdir / "accuracy_matrix.md", text)
-    if cfg.method == "sapt" and last_routing:
+    if method.trains_router and last_routing:
         atomic_write_json(mdir / "routing.json", last_routing)
         mean = last_routing["mean_weights"]
         save_heatmap(

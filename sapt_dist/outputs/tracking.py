@@ -57,6 +57,7 @@ from sapt_dist.checkpoint.atomic import (
     read_checked_json,
 )
 from sapt_dist.config import ConfigError, RunConfig, to_dict
+from sapt_dist.train.methods import METHODS
 
 __all__ = [
     "OfflineRun",
@@ -338,7 +339,8 @@ class WandbTracker(Tracker):
             self._log(global_step, {k: v for k, v in data.items() if v is not None})
 
     def _matrix_table(self, tasks: list[str], matrix: list[list[float | None]]) -> Any:
-        labels = ["after mtl"] if self.cfg.method == "mtl" else [f"after {t}" for t in tasks]
+        joint = METHODS[self.cfg.method].joint
+        labels = [f"after {self.cfg.method}"] if joint else [f"after {t}" for t in tasks]
         return self._wandb.Table(
             columns=["after", *tasks],
             data=[[labels[i], *map(_table_value, r)] for i, r in enumerate(matrix)],

@@ -7,18 +7,9 @@ For each task t (in order)::
         ─► evaluate on the test splits of tasks 0..t ─► row t of the accuracy matrix
         ─► checkpoint (blocks, progress)
 
-The backbone is loaded once. Baselines run on the same machinery:
-
-=============  =======  ==========  ========================================
-method         slots    routing     what changes
-=============  =======  ==========  ========================================
-sapt           N        attention   ARM from task 2 on (generative or real)
-inc_lora       N        sum (=1)    a new block per task, no attention
-seq_lora       1        -           one block keeps training on every task
-replay         1        -           seq_lora + real samples of earlier tasks
-mtl            1        -           one block trained on all tasks at once
-single_task    1        -           a fresh block per task, scored on it alone
-=============  =======  ==========  ========================================
+The backbone is loaded once. Baselines run on the same machinery; what each method does
+differently is one row of the table in :mod:`sapt_dist.train.methods`, whose fields this
+module reads (never a method's name).
 """
 
 from __future__ import annotations
@@ -66,6 +57,7 @@ from sapt_dist.train.evaluation import (
     pooled_prompts,
     routing_weights,
 )
+from sapt_dist.train.methods import METHODS, Method
 from sapt_dist.train.replay import (
     GEN_PROMPT,
     ReplayBatches,
@@ -80,8 +72,6 @@ from sapt_dist.train.replay import (
 __all__ = ["ContinualRun", "run"]
 
 log = logging.getLogger(__name__)
-
-SINGLE_SLOT = ("seq_lora", "replay", "mtl", "single_task")
 
 
 @dataclass
@@ -100,6 +90,7 @@ class ContinualRun:
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
+        self.method: Method = METHODS[cfg.method]  # what this method does differently
         self.out = Path(cfg.output_dir)
         self.state = RunState(self.out)
         self.tracker = Tracker()  # the no-op one until run() opens the real one (rank 0)
@@ -124,7 +115,7 @@ class ContinualRun:
 
     def _n_slots(self, n_tasks: int) -> int:
         cfg = self.cfg
-        if cfg.method in SINGLE_SLOT:
+        if not self.method.per_task_slots:
             return 1
         n = cfg.adapter.n_slots or n_tasks
         if n < n_tasks:
@@ -237,9 +228,9 @@ class ContinualRun:
             backbone,
             cfg.adapter,
             n_slots=n_slots,
-            routing="sum" if cfg.method == "inc_lora" else "attention",
+            routing=self.method.routing,
             dtype=torch_dtype(cfg.model.dtype),
-            generator_slot=cfg.method == "sapt" and cfg.replay.kind == "generative",
+            generator_slot=self.method.replay == "arm" and cfg.replay.kind == "generative",
         )
         if cfg.model.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
@@ -249,7 +240,7 @@ class ContinualRun:
             log.info("resuming after %d finished task(s)", progress["completed"])
             load_blocks(self.model, self.state.blocks)
 
-        stages = 1 if cfg.method == "mtl" else len(tasks)
+        stages = 1 if self.method.joint else len(tasks)
         for i in range(progress["completed"], stages):
             self._stage(i, progress)
             # a signal that came during evaluation / pseudo-samples: stop before the next task
@@ -272,22 +263,22 @@ class ContinualRun:
 
     def _block_names(self, i: int) -> list[str]:
         names = [e.data.name for e in self.enc]
-        if self.cfg.method == "mtl":
-            return ["mtl:" + "+".join(names)]
+        if self.method.joint:
+            return [f"{self.method.name}:" + "+".join(names)]
         if self.model.n_slots == 1:
             return [names[i]]
         return names[: i + 1]
 
     def _stage(self, i: int, progress: dict) -> None:
         cfg, model = self.cfg, self.model
-        method = cfg.method
+        method = self.method
         slot = 0 if model.n_slots == 1 else i
-        fresh = not (method in ("seq_lora", "replay") and i > 0)
+        fresh = not (method.keeps_block and i > 0)
         # a fresh block's initialisation is a function of (seed, task), whatever ran before
         torch.manual_seed(cfg.train.seed + 1000 * i)
         model.start_task(slot, fresh=fresh)
         task = self.enc[i]
-        if method == "sapt" and cfg.adapter.router_center != "none":
+        if method.trains_router and cfg.adapter.router_center != "none":
             # the router's input center takes in this task (recomputed the same on resume)
             mean = mean_pooled_prompt(
                 model,
@@ -300,12 +291,12 @@ class ContinualRun:
 
         examples = list(task.train)
         replay = None
-        if method == "mtl":
+        if method.joint:
             examples = [ex for e in self.enc for ex in e.train]
-            label = f"mtl ({len(self.enc)} tasks)"
-        elif method == "replay" and i > 0:
+            label = f"{method.name} ({len(self.enc)} tasks)"
+        elif method.replay == "real" and i > 0:
             examples += self._real_replay_examples(i)
-        elif method == "sapt" and i > 0 and cfg.replay.kl_ratio > 0:
+        elif method.replay == "arm" and i > 0 and cfg.replay.kl_ratio > 0:
             samples = {j: self._load_pseudo(j, progress) for j in range(i)}
             replay = ReplayBatches(
                 self.tokenizer,
@@ -316,7 +307,7 @@ class ContinualRun:
                 cfg.train.seed,
             )
         params = model.named_adapter_params()
-        if method != "sapt":
+        if not method.trains_router:
             params = {n: p for n, p in params.items() if not n.startswith("router.")}
         t = cfg.train
         job = BlockJob(
@@ -344,7 +335,7 @@ class ContinualRun:
         )
         select_every = per_epoch * t.eval_every_epochs if t.select_best else 0
 
-        every_r = cfg.eval.routing_every if method == "sapt" else 0
+        every_r = cfg.eval.routing_every if method.trains_router else 0
 
         def trajectory(step: int) -> dict[str, float]:
             """Mean weight of each seen task's dev inputs on its own block, at ``step``."""
@@ -400,7 +391,7 @@ class ContinualRun:
         model.file_current()
         progress["losses"][task.data.name] = losses
 
-        if method == "sapt":
+        if method.trains_router:  # SAPT's attention target a* and pseudo-samples of t
             target = attention_target(
                 model, task.dev_prompts, self.tokenizer.pad_token_id, cfg.eval.batch_size, slot
             )
@@ -431,7 +422,7 @@ class ContinualRun:
             provenance=prov,
             run_config=to_dict(cfg),
         )
-        if model.n_slots == 1 and method != "mtl":
+        if model.n_slots == 1 and not method.joint:
             save_blocks(
                 model,
                 self.out / "blocks_per_task" / f"{i:02d}_{task.data.name}",
@@ -443,7 +434,8 @@ class ContinualRun:
         # rank 0 wrote the pseudo-samples, blocks and progress and removed state/step:
         # nobody reads them for the next task before that is done
         distributed.barrier()
-        pseudo = self._pseudo_path(i) if method == "sapt" and i < len(self.enc) - 1 else None
+        last = i == len(self.enc) - 1
+        pseudo = self._pseudo_path(i) if method.trains_router and not last else None
         names = [e.data.name for e in self.enc]
         self.tracker.log_task(offset + len(losses), i, names, progress["matrix"], routing, pseudo)
 
@@ -550,13 +542,8 @@ class ContinualRun:
         library versions, the time, and row ``i`` of the accuracy matrix."""
         import datetime
 
-        cfg, method = self.cfg, self.cfg.method
-        if method == "mtl":
-            learned = list(range(len(self.enc)))
-        elif method in ("seq_lora", "replay"):
-            learned = list(range(i + 1))  # one block kept learning through every task so far
-        else:
-            learned = [i]
+        cfg, method = self.cfg, self.method
+        learned = method.tasks_learned(i, len(self.enc))
         data = []
         for j in learned:
             t = self.enc[j].data
@@ -575,7 +562,7 @@ class ContinualRun:
             "slot": slot,
             "task": self._block_names(i)[slot],
             "stage": i,
-            "method": method,
+            "method": method.name,
             "trained_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
                 timespec="seconds"
             ),
@@ -739,17 +726,12 @@ class ContinualRun:
     def _evaluate(self, i: int) -> tuple[list[float | None], dict]:
         """Scores on the test splits of tasks 0..i (row i of the matrix) + routing."""
         cfg, model = self.cfg, self.model
-        method = cfg.method
+        method = self.method
         n = len(self.enc)
-        if method == "mtl":
-            which = list(range(n))
-        elif method == "single_task":
-            which = [i]
-        else:
-            which = list(range(i + 1))
+        which = method.tasks_scored(i, n)
         row: list[float | None] = [None] * n
         routing_w: dict[int, torch.Tensor] = {}
-        after = "mtl" if method == "mtl" else f"{i:02d}_{self.enc[i].data.name}"
+        after = method.name if method.joint else f"{i:02d}_{self.enc[i].data.name}"
         for j in which:
             e = self.enc[j]
             preds = generate_texts(
@@ -765,7 +747,7 @@ class ContinualRun:
                 {"id": id_, "prediction": p, "references": refs}
                 for id_, p, refs in zip(e.test_ids, preds, e.test_refs, strict=True)
             ]
-            if method == "sapt":
+            if method.trains_router:
                 w = routing_weights(
                     model, e.test_prompts, self.tokenizer.pad_token_id, cfg.eval.batch_size
                 )
