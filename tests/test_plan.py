@@ -214,6 +214,32 @@ def test_cli_table_json_and_markdown(capsys):
     assert "| llama2-70b bf16 x1 |" in md and "NO (80)" in md
 
 
+def test_cli_ends_with_the_sbatch_command_of_the_plan(capsys):
+    """The table's last lines are the submission that runs the planned layout: the
+    one-node or multi-node script, the GPU counts and the overrides the estimate assumed;
+    a plan that does not fit is commented out with what to change."""
+    assert main(["--model", "llama2-13b", "--gpus-per-node", "8", "--nodes", "2"]) == 0
+    tail = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert tail[0] == ("sbatch --nodes=2 --gpus-per-node=8 slurm/train_multinode.sbatch my.yaml \\")
+    assert tail[1].split() == [
+        "model.dtype=bfloat16",
+        "train.micro_batch_size=2",
+        "model.gradient_checkpointing=true",
+        "distributed.deepspeed_config=zero3",
+    ]
+    argv = ["--model", "llama2-7b", "--gpus-per-node", "4", "--quant", "nf4"]
+    assert main([*argv, "--micro-batch", "4", "--run-config", "llama2_7b_superni_order1"]) == 0
+    tail = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert tail[0].startswith("sbatch --ntasks-per-node=4 --gpus-per-task=1 slurm/train.sbatch")
+    assert tail[0].split()[-2].endswith("presets/llama2_7b_superni_order1.yaml")
+    assert "train.micro_batch_size=4" in tail[1] and "model.quantization=nf4" in tail[1]
+    assert "deepspeed_config" not in tail[1]  # the run config keeps its own
+    assert main(["--model", "llama2-70b", "--gpus-per-node", "1", "--gpu-mem", "24"]) == 0
+    tail = capsys.readouterr().out.strip().splitlines()[-3:]
+    assert tail[0].startswith("# does not fit 24 GiB per GPU")
+    assert all(line.startswith("# ") for line in tail)
+
+
 def test_cli_reads_a_preset_and_a_ds_config(tmp_path, capsys):
     ds = tmp_path / "ds.json"
     ds.write_text(

@@ -844,6 +844,47 @@ def inputs_from_args(args: argparse.Namespace) -> PlanInputs:
     return inp
 
 
+def submit_command(inp: PlanInputs, fits: bool, config: str | None = None) -> str:
+    """The ``sbatch`` command that runs the planned layout: the script for one node or
+    several, the GPU counts, and the overrides the estimate assumed (dtype, 4-bit,
+    micro-batch, gradient checkpointing, ZeRO-3). ``config``: the run config named by
+    ``--run-config`` (else a placeholder to fill in)."""
+    cfg = "my.yaml"
+    if config:
+        preset = Path(__file__).parent.parent / "presets" / f"{config.removesuffix('.yaml')}.yaml"
+        cfg = config if Path(config).is_file() or not preset.is_file() else str(preset)
+        if Path(cfg).resolve().is_relative_to(Path.cwd()):
+            cfg = str(Path(cfg).resolve().relative_to(Path.cwd()))
+    sets = [
+        f"model.dtype={'bfloat16' if inp.dtype == 'bf16' else 'float32'}",
+        f"train.micro_batch_size={inp.micro_batch}",
+        f"model.gradient_checkpointing={'true' if inp.grad_ckpt else 'false'}",
+    ]
+    if not config:  # a run config keeps its own DeepSpeed config
+        ds = "zero3_offload" if inp.offload_param else "zero3"
+        sets.append(f"distributed.deepspeed_config={ds}")
+    if inp.quant != "none":
+        sets.append(f"model.quantization={inp.quant}")
+    if inp.nodes == 1:
+        head = (
+            f"sbatch --ntasks-per-node={inp.gpus_per_node} --gpus-per-task=1 "
+            f"slurm/train.sbatch {cfg}"
+        )
+    else:
+        head = (
+            f"sbatch --nodes={inp.nodes} --gpus-per-node={inp.gpus_per_node} "
+            f"slurm/train_multinode.sbatch {cfg}"
+        )
+    line = head + " \\\n    " + " ".join(sets)
+    if not fits:
+        return (
+            f"# does not fit {inp.gpu_mem_gib:g} GiB per GPU: add GPUs (--nodes), use "
+            f"--quant nf4, a smaller --micro-batch or --grad-ckpt, then plan again\n"
+            + "\n".join("# " + x for x in line.splitlines())
+        )
+    return line
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -870,6 +911,9 @@ def main(argv: list[str] | None = None) -> int:
             f"quantization constants {_gib(d['quant_constants_replicated'])}, persistent "
             f"parameters {_gib(d['backbone_persistent_full'])} GiB"
         )
+        print()
+        print("submit (from the repository root):")
+        print(submit_command(inp, results[0]["fits"], args.run_config))
     return 0
 
 
