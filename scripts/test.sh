@@ -12,4 +12,5 @@ if [ "${SAPT_INSTALL_SLURM:-0}" = 1 ] && ! command -v slurmctld >/dev/null; then
     echo "scripts/test.sh: installing SLURM for the SLURM tests"
     bash slurm/local_cluster.sh install
 fi
-exec pytest "$@"
+# the slowest tests are listed at the end (CI prints them too)
+exec pytest --durations=15 "$@"

@@ -7,11 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_bench_mixture_tiny_runs() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     # one thread: on a busy 2-core machine two OpenMP threads stall on each other
@@ -29,6 +32,7 @@ def test_bench_mixture_tiny_runs() -> None:
         assert f"RESULT {name}=" in proc.stdout, proc.stdout
 
 
+@pytest.mark.slow
 def test_bench_zero3_tiny_runs() -> None:
     """1 process vs 2 ZeRO-3 ranks: the table comes out and each rank holds half."""
     env = subprocess_env()

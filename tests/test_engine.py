@@ -106,20 +106,57 @@ def test_two_task_sapt_run_writes_every_output(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["seq_lora", "inc_lora", "replay", "mtl", "single_task"])
 def test_baselines_run(tmp_path, method):
+    """Each baseline does what it must: the blocks it files, what each block learned, how
+    many optimizer steps, what is scored, and (per-task slots) how blocks are mixed."""
+    from safetensors.torch import load_file
+
     from sapt_dist.train.run import run
 
     res = run(_cfg(tmp_path, f"method={method}", "train.checkpoint_every=0"))
+    out = tmp_path / "run"
+    t1, t2 = "task363_sst2_polarity_classification", "task875_emotion_classification"
     m = res["matrix"]
-    if method == "mtl":
+    manifest = json.loads((out / "blocks" / "manifest.json").read_text())
+    prov = manifest["provenance"]
+    learned = [[d["task"] for d in p["data"]] for p in prov]
+    losses = run_progress(out)["losses"]
+    blocks = sorted(f.name for f in (out / "blocks").glob("block_*.safetensors"))
+    per_task = (
+        sorted(f.name for f in (out / "blocks_per_task").glob("*"))
+        if (out / "blocks_per_task").is_dir()
+        else []
+    )
+    if method == "mtl":  # one stage on the union of both tasks: 96 examples / 8 = 12 steps
         assert len(m) == 1 and all(v is not None for v in m[0])
-    elif method == "single_task":
+        assert blocks == ["block_00.safetensors"] and per_task == []
+        assert manifest["tasks"] == [f"mtl:{t1}+{t2}"] and learned == [[t1, t2]]
+        assert [len(v) for v in losses.values()] == [12]
+        return
+    assert [len(losses[t]) for t in (t1, t2)][0] == 6  # 48 examples / 8
+    if method == "inc_lora":  # a block per task, summed with weight 1 each, no attention
+        assert blocks == ["block_00.safetensors", "block_01.safetensors"] and per_task == []
+        assert manifest["model"]["routing"] == "sum"
+        assert learned == [[t1], [t2]]
+        assert len(m) == 2 and all(v is not None for v in m[1])
+        return
+    # one slot: a single block, a copy of it after every task
+    assert blocks == ["block_00.safetensors"] and manifest["model"]["n_slots"] == 1
+    assert per_task == [f"00_{t1}", f"01_{t2}"]
+    after1 = load_file(str(out / "blocks_per_task" / f"00_{t1}" / "block_00.safetensors"))
+    after2 = load_file(str(out / "blocks" / "block_00.safetensors"))
+    assert any(not torch.equal(after1[k], after2[k]) for k in after1)  # task 2 trained it
+    if method == "single_task":  # a fresh block per task, each scored on its own task
         assert m[0][0] is not None and m[1][0] is None and m[1][1] is not None
-        assert set(res["single_task_scores"]) == {
-            "task363_sst2_polarity_classification",
-            "task875_emotion_classification",
-        }
+        assert set(res["single_task_scores"]) == {t1, t2}
+        assert learned == [[t2]]
+        return
+    # seq_lora / replay: the one block keeps training; everything seen is scored
+    assert len(m) == 2 and m[1][0] is not None and m[1][1] is not None
+    assert learned == [[t1, t2]]
+    if method == "replay":  # real samples of task 1 join task 2's data: more steps
+        assert len(losses[t2]) > len(losses[t1])
     else:
-        assert len(m) == 2 and m[1][0] is not None
+        assert len(losses[t2]) == len(losses[t1])
 
 
 def test_arm_kl_against_reference():
@@ -148,23 +185,31 @@ def test_arm_kl_against_reference():
     assert arm_kl(torch.tensor([[0.25, 0.75, 0.0]]), lw).item() == pytest.approx(0.0, abs=1e-7)
 
 
+#: the uninterrupted run both kill tests compare with (train.checkpoint_every, which they
+#: change, does not change what a run computes: a restart may change it too)
+KILL_ARGS = [*TINY, "data.max_train=64", "adapter.router_center=tasks", "tracking.backend=none"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("kill") / "ref"
+    cmd = cli_cmd(out, *KILL_ARGS, "train.checkpoint_every=0")
+    ref = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    return out
+
+
 @pytest.mark.slow
-def test_sigkill_resume_equals_uninterrupted(tmp_path):
+def test_sigkill_resume_equals_uninterrupted(tmp_path, uninterrupted):
     """A run killed with SIGKILL mid-task and restarted with the same command ends with
     the same accuracy matrix as an uninterrupted run (fp32, CPU, same seed). With the
     centered router input: its center is recomputed at the resumed task's start and must
     come out the same (router.safetensors holds it)."""
-    args = [*TINY, "data.max_train=96", "train.checkpoint_every=2", "adapter.router_center=tasks"]
     # a plain start, as a user's shell: no process-group variables from in-process tests
     env = subprocess_env()
 
     def cmd(out):
-        return cli_cmd(out, *args)
-
-    ref = subprocess.run(
-        cmd(tmp_path / "ref"), env=env, capture_output=True, text=True, timeout=600
-    )
-    assert ref.returncode == 0, ref.stderr[-3000:]
+        return cli_cmd(out, *KILL_ARGS, "train.checkpoint_every=2")
 
     out = tmp_path / "killed"
     proc = subprocess.Popen(cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -177,14 +222,14 @@ def test_sigkill_resume_equals_uninterrupted(tmp_path):
     res = subprocess.run(cmd(out), env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed at step" in res.stderr
-    a = json.loads((tmp_path / "ref/metrics/accuracy_matrix.json").read_text())
+    a = json.loads((uninterrupted / "metrics/accuracy_matrix.json").read_text())
     b = json.loads((out / "metrics/accuracy_matrix.json").read_text())
     assert a == b
     # and the trained blocks are bit-identical
     from safetensors.torch import load_file
 
     for f in ("block_00.safetensors", "block_01.safetensors", "router.safetensors"):
-        x, y = load_file(str(tmp_path / "ref/blocks" / f)), load_file(str(out / "blocks" / f))
+        x, y = load_file(str(uninterrupted / "blocks" / f)), load_file(str(out / "blocks" / f))
         bad = {k: float((x[k] - y[k]).abs().max()) for k in x if not torch.equal(x[k], y[k])}
         assert not bad, (f, bad)
     assert load_file(str(out / "blocks/router.safetensors"))["task_means"].abs().sum() > 0
@@ -259,8 +304,9 @@ def test_long_sequence_carves_missing_splits(tmp_path):
 
 
 @pytest.mark.slow
-def test_select_best_keeps_best_dev_block(tmp_path, caplog):
-    """Model selection: the dev split is scored every epoch and the best block is kept."""
+def test_select_best_keeps_best_dev_block(tmp_path, caplog, monkeypatch):
+    """Model selection: the dev split is scored every epoch and the block of the best
+    score (the first of a tie) is the one filed, value for value."""
     from sapt_dist.train.run import run
 
     cfg = _cfg(
@@ -272,10 +318,32 @@ def test_select_best_keeps_best_dev_block(tmp_path, caplog):
         "train.eval_every_epochs=1",
         "train.checkpoint_every=0",
     )
+    from sapt_dist.train.run import ContinualRun
+
+    seen, live = [], {}
+    keep = ContinualRun._keep_if_best
+
+    def spy(self, task, step, params, best):
+        out = keep(self, task, step, params, best)
+        seen.append((step, {n: p.detach().clone() for n, p in params.items()}))
+        live.update(params)  # the trainable tensors themselves: the kept block ends in them
+        return out
+
+    monkeypatch.setattr(ContinualRun, "_keep_if_best", spy)
     with caplog.at_level("INFO", logger="sapt_dist"):
         run(cfg)
-    dev_lines = [r.getMessage() for r in caplog.records if " dev rouge = " in r.getMessage()]
-    assert len(dev_lines) == 3, dev_lines  # epochs 1, 2, 3 (6 steps each)
+    dev = [r.getMessage() for r in caplog.records if " dev rouge = " in r.getMessage()]
+    assert len(dev) == 3, dev  # epochs 1, 2, 3 (6 steps each)
+    scores = [float(line.rsplit("= ", 1)[1]) for line in dev]
+    best = scores.index(max(scores))  # the first best: a tie keeps the earlier block
+    assert [s[0] for s in seen] == [6, 12, 18]
+    for name, p in live.items():
+        assert torch.equal(p.detach(), seen[best][1][name]), name
+    if best != 2:  # not the last step's block: the test saw a restore
+        assert any(not torch.equal(seen[best][1][n], seen[2][1][n]) for n in live)
+        assert any(
+            f"keeping the block of step {6 * (best + 1)}" in r.getMessage() for r in caplog.records
+        )
 
 
 @pytest.mark.slow
@@ -290,6 +358,51 @@ def test_bf16_run_with_step_checkpoints(tmp_path):
 
     block = load_file(str(tmp_path / "run/blocks/block_01.safetensors"))
     assert all(t.dtype == torch.bfloat16 for t in block.values())
+
+
+def test_bf16_step_checkpoint_resumes_exactly(tmp_path):
+    """A bf16 run's step checkpoint (fp32 masters and AdamW moments of DeepSpeed's bf16
+    optimizer, written and read back through RunState) resumed for the remaining steps ends
+    bit-identical to the uninterrupted run: the same losses, masters and moments."""
+    from sapt_dist import distributed
+    from sapt_dist.checkpoint.run_state import RunState
+    from sapt_dist.config import TrainConfig
+    from sapt_dist.train.block import train_block
+
+    cfg = TrainConfig(micro_batch_size=2, grad_accum=2, max_grad_norm=1.0)
+    model, job = _poisoned_job(steps=5, poison=set(), dtype=torch.bfloat16)
+    state = RunState(tmp_path / "run")
+    snaps = {}
+
+    def on_step(step, snap):
+        snaps[step] = snap()
+        if step == 2:
+            state.save_step(0, snaps[step])
+
+    full = train_block(model, job, cfg, "bfloat16", 0, on_step=on_step)
+    distributed.finish()
+    assert all(p.dtype == torch.bfloat16 for p in job.params.values())
+    resume, _ = state.load_step(0)
+    assert resume.step == 2
+    model, job = _poisoned_job(steps=5, poison=set(), dtype=torch.bfloat16)
+    again = {}
+    rest = train_block(
+        model,
+        job,
+        cfg,
+        "bfloat16",
+        0,
+        resume=resume,
+        on_step=lambda step, snap: again.setdefault(step, snap()),
+    )
+    distributed.finish()
+    assert rest == full and sorted(again) == [3, 4, 5]
+    a, b = snaps[5], again[5]
+    for name in a.params:
+        assert a.params[name].dtype == torch.float32  # the masters, not the bf16 weights
+        assert torch.equal(a.params[name], b.params[name]), name
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(a.optimizer[k][name], b.optimizer[k][name]), (name, k)
 
 
 @pytest.mark.slow
@@ -327,7 +440,7 @@ def test_failed_start_does_not_bind_the_folder(tmp_path):
     assert (tmp_path / "run" / "config.yaml").is_file()
 
 
-def _poisoned_job(steps: int, poison: set[int]):
+def _poisoned_job(steps: int, poison: set[int], dtype: torch.dtype | None = None):
     """A tiny LoRA job whose every batch is the same example, and whose loss is NaN at the
     forward calls numbered in ``poison`` (1-based; one micro-batch per step)."""
     from sapt_dist.config import AdapterConfig
@@ -335,7 +448,8 @@ def _poisoned_job(steps: int, poison: set[int]):
     from sapt_dist.method.model import SAPTModel
     from sapt_dist.train.block import BlockJob
 
-    model = SAPTModel(tiny_llama(), AdapterConfig(rank=2, alpha=4), n_slots=1)
+    backbone = tiny_llama() if dtype is None else tiny_llama().to(dtype)
+    model = SAPTModel(backbone, AdapterConfig(rank=2, alpha=4), n_slots=1, dtype=dtype)
     ex = EncodedExample(input_ids=[5, 6, 7, 8, 2], labels=[-100, -100, 7, 8, 2], prompt_len=2)
     job = BlockJob(
         name="boom",
@@ -388,27 +502,32 @@ def test_non_finite_loss_stops_with_the_last_good_step():
     assert not all(torch.isfinite(p).all() for p in job.params.values())
 
 
-def test_tolerated_non_finite_step_is_undone_and_skipped():
+@pytest.mark.parametrize(
+    ("dtype", "bad"), [("float32", 3), ("bfloat16", 1)], ids=["fp32-step3", "bf16-step1"]
+)
+def test_tolerated_non_finite_step_is_undone_and_skipped(dtype, bad):
     """With train.nonfinite_tolerance=1 a NaN step is undone: every batch being the same,
-    4 steps with the third skipped end where 3 clean steps end (weights and moments), and
-    its loss is recorded as None; a second bad step then stops the run."""
+    4 steps with one skipped end where 3 clean steps end (weights and moments), and its
+    loss is recorded as None; a second bad step then stops the run. bf16 (DeepSpeed's
+    fp32 masters) and a bad first step (back to the state before any step) included."""
     from sapt_dist import distributed
     from sapt_dist.config import TrainConfig
     from sapt_dist.train.block import TrainingDiverged, train_block
 
     cfg = TrainConfig(micro_batch_size=2, grad_accum=1, max_grad_norm=None, nonfinite_tolerance=1)
-    model, job = _poisoned_job(steps=4, poison={3})
+    tdtype = getattr(torch, dtype)
+    model, job = _poisoned_job(steps=4, poison={bad}, dtype=tdtype)
     states = []
-    losses = train_block(
-        model, job, cfg, "float32", 0, on_step=lambda s, snap: states.append(snap())
-    )
-    assert losses[2] is None and all(v is not None for v in losses[:2] + losses[3:])
-    ref_model, ref_job = _poisoned_job(steps=3, poison=set())
+    losses = train_block(model, job, cfg, dtype, 0, on_step=lambda s, snap: states.append(snap()))
+    distributed.finish()
+    kept = losses[: bad - 1] + losses[bad:]
+    assert losses[bad - 1] is None and all(v is not None for v in kept)
+    ref_model, ref_job = _poisoned_job(steps=3, poison=set(), dtype=tdtype)
     ref_states = []
     ref = train_block(
-        ref_model, ref_job, cfg, "float32", 0, on_step=lambda s, snap: ref_states.append(snap())
+        ref_model, ref_job, cfg, dtype, 0, on_step=lambda s, snap: ref_states.append(snap())
     )
-    assert losses[:2] + losses[3:] == ref
+    assert kept == ref
     got, want = states[-1], ref_states[-1]
     for name in want.params:
         assert torch.equal(got.params[name], want.params[name]), name
@@ -467,23 +586,18 @@ def test_diverged_run_keeps_its_last_good_step_and_resumes_past_it(tmp_path, mon
 
 
 @pytest.mark.slow
-def test_chaos_kills_resume_byte_identical(tmp_path):
+def test_chaos_kills_resume_byte_identical(tmp_path, uninterrupted):
     """Chaos: the same tiny run SIGKILLed at 5 moments of its life, restarted each time with
     the same command: during start-up, mid-training of task 1 (right after a step
     checkpoint), while task 1's pseudo-samples are sampled, mid-training of task 2, and
     during the final evaluation. The moments are events seen in the run folder (so they
     do not depend on the machine's speed). It must end with byte-identical blocks,
     router, pseudo-samples, predictions and accuracy matrix."""
-    args = [*TINY, "data.max_train=64", "train.checkpoint_every=1"]
     env = subprocess_env()
 
     def cmd(out):
-        return cli_cmd(out, "tracking.backend=none", *args)
+        return cli_cmd(out, *KILL_ARGS, "train.checkpoint_every=1")
 
-    ref = subprocess.run(
-        cmd(tmp_path / "ref"), env=env, capture_output=True, text=True, timeout=600
-    )
-    assert ref.returncode == 0, ref.stderr[-3000:]
     out = tmp_path / "chaos"
     log = out / "run.log"
 
@@ -520,7 +634,7 @@ def test_chaos_kills_resume_byte_identical(tmp_path):
     assert len(landed) >= 4, f"kills landed only in {landed}"
     res = subprocess.run(cmd(out), env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    root = tmp_path / "ref"
+    root = uninterrupted
     names = sorted(
         str(p.relative_to(root))
         for p in root.rglob("*")

@@ -396,6 +396,7 @@ def test_planner_matches_deepspeed_in_two_processes(tmp_path):
             assert abs(r["rel_error"]) < 0.01, r
 
 
+@pytest.mark.slow
 def test_gpu_plan_check_dry_run_on_cpu():
     """The prepared GPU check runs its CPU smoke path and agrees with the profiler."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")

@@ -44,8 +44,33 @@ def _cmd(out) -> list[str]:
     ]
 
 
-def test_any_rank_single_process_is_the_flag():
-    assert distributed.any_rank(True) is True and distributed.any_rank(False) is False
+_AGREE = """
+import json, sys, torch.distributed as td
+td.init_process_group("gloo")
+from sapt_dist import distributed
+r = distributed.rank()
+seen = [distributed.any_rank(r == 1), distributed.any_rank(False), distributed.any_rank(r == 0)]
+out = [None, None]
+td.all_gather_object(out, seen)
+if r == 0:
+    json.dump(out, open(sys.argv[1], "w"))
+td.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_a_stop_seen_by_one_rank_is_agreed_by_all(tmp_path):
+    """Two gloo processes: a signal that reached only one rank (rank 1, then rank 0) is a
+    stop on both; none is a stop on neither (the all-reduce behind stop_requested)."""
+    script = tmp_path / "agree.py"
+    script.write_text(_AGREE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", str(distributed.launch._free_port()), str(script)]
+    cmd.append(str(tmp_path / "seen.json"))
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    seen = json.loads((tmp_path / "seen.json").read_text())
+    assert seen == [[True, False, True], [True, False, True]]
 
 
 def test_signal_sets_the_flag_only():

@@ -393,9 +393,12 @@ def full_optimizer_state(
             continue
         masters[name] = master.detach().float().cpu().clone()
         for k in moments:
+            if not steps:  # before the first step there are no moments (same on every rank)
+                moments[k][name] = None
+                continue
             try:
                 m = safe_get_full_optimizer_state(p, k)
-            except (ValueError, KeyError):  # no state yet: ZeRO-1/2 link none, ZeRO-3 has none
+            except ValueError:  # ZeRO-1/2 link no state to a parameter never stepped
                 m = None
             moments[k][name] = None if m is None else m.detach().float().cpu().clone()
     return masters, {"step": int(max(steps)) if steps else 0, **moments}
