@@ -270,16 +270,30 @@ class ContinualRun:
         return names[: i + 1]
 
     def _stage(self, i: int, progress: dict) -> None:
+        """Task ``i``, top to bottom (for ``mtl``: the one stage on every task)."""
+        slot = self._start_task(i)
+        job = self._block_job(i, progress)
+        losses = self._train_with_checkpoints(i, job, progress)
+        self.model.file_current()  # block (and key) -> slot of the banks
+        progress["losses"][self.enc[i].data.name] = losses
+        if self.method.trains_router:
+            self._attention_target(i, slot)
+            self._pseudo_samples(i, slot, progress)
+        row, routing = self._evaluate(i)
+        self._file_task(i, slot, progress, row, routing, losses)
+
+    # ------------------------------------------------------------------ one task's steps
+    def _start_task(self, i: int) -> int:
+        """Make task i's slot current: a fresh block (seeded by task) or the kept one; SAPT
+        with a centered router input adds the task's mean pooled prompt to the center."""
         cfg, model = self.cfg, self.model
-        method = self.method
         slot = 0 if model.n_slots == 1 else i
-        fresh = not (method.keeps_block and i > 0)
         # a fresh block's initialisation is a function of (seed, task), whatever ran before
         torch.manual_seed(cfg.train.seed + 1000 * i)
-        model.start_task(slot, fresh=fresh)
-        task = self.enc[i]
-        if method.trains_router and cfg.adapter.router_center != "none":
+        model.start_task(slot, fresh=not (self.method.keeps_block and i > 0))
+        if self.method.trains_router and cfg.adapter.router_center != "none":
             # the router's input center takes in this task (recomputed the same on resume)
+            task = self.enc[i]
             mean = mean_pooled_prompt(
                 model,
                 [ex.input_ids[: ex.prompt_len] for ex in task.train],
@@ -287,9 +301,15 @@ class ContinualRun:
                 cfg.eval.batch_size,
             )
             model.router.set_task_mean(slot, mean)
-        label = f"task {i + 1}/{len(self.enc)} {task.data.name}"
+        return slot
 
-        examples = list(task.train)
+    def _block_job(self, i: int, progress: dict) -> BlockJob:
+        """What trains at task i: its data (the union for a joint method, plus real samples
+        of earlier tasks for ``replay``), the ARM batches (SAPT, from task 2 on) and the
+        trainable tensors (the block; for SAPT also its key and the query network)."""
+        cfg, method = self.cfg, self.method
+        label = f"task {i + 1}/{len(self.enc)} {self.enc[i].data.name}"
+        examples = list(self.enc[i].train)
         replay = None
         if method.joint:
             examples = [ex for e in self.enc for ex in e.train]
@@ -306,11 +326,11 @@ class ContinualRun:
                 cfg.train.micro_batch_size,
                 cfg.train.seed,
             )
-        params = model.named_adapter_params()
+        params = self.model.named_adapter_params()
         if not method.trains_router:
             params = {n: p for n, p in params.items() if not n.startswith("router.")}
         t = cfg.train
-        job = BlockJob(
+        return BlockJob(
             name=label,
             examples=examples,
             params=params,
@@ -328,14 +348,21 @@ class ContinualRun:
             kl_ratio=cfg.replay.kl_ratio,
             router_lr=t.router_lr,
         )
+
+    def _train_with_checkpoints(self, i: int, job: BlockJob, progress: dict) -> list:
+        """Train task i's block from its step checkpoint if there is one; after each step:
+        keep the best dev block (``train.select_best``), a step checkpoint every
+        ``train.checkpoint_every`` steps and at a stop request, the routing trajectory and
+        the tracker's step record; a diverged run keeps its last good step."""
+        cfg, t = self.cfg, self.cfg.train
+        task, params = self.enc[i], job.params
         resume, best = self.state.load_step(i)
         offset = self._global_step(progress)
         per_epoch = num_steps(
-            len(examples), 1, t.micro_batch_size, t.grad_accum, None, distributed.world_size()
+            len(job.examples), 1, t.micro_batch_size, t.grad_accum, None, distributed.world_size()
         )
         select_every = per_epoch * t.eval_every_epochs if t.select_best else 0
-
-        every_r = cfg.eval.routing_every if method.trains_router else 0
+        every_r = cfg.eval.routing_every if self.method.trains_router else 0
 
         def trajectory(step: int) -> dict[str, float]:
             """Mean weight of each seen task's dev inputs on its own block, at ``step``."""
@@ -359,7 +386,7 @@ class ContinualRun:
             if preemption.stop_requested():
                 if not saved:
                     self.state.save_step(i, snapshot(), best)
-                self._stop(f"at step {step}/{job.steps} of {label}")
+                self._stop(f"at step {step}/{job.steps} of {job.name}")
 
         log_step = None
         if self.tracker.enabled or every_r:
@@ -388,25 +415,42 @@ class ContinualRun:
             with torch.no_grad(), distributed.gathered(list(params.values()), modify=True):
                 for name, p in params.items():
                     p.copy_(best["params"][name].to(p))
-        model.file_current()
-        progress["losses"][task.data.name] = losses
+        return losses
 
-        if method.trains_router:  # SAPT's attention target a* and pseudo-samples of t
-            target = attention_target(
-                model, task.dev_prompts, self.tokenizer.pad_token_id, cfg.eval.batch_size, slot
-            )
-            model.set_target(slot, target)
-            log.info(
-                "%s: attention target a* = %s", task.data.name, [round(float(x), 4) for x in target]
-            )
-            if i < len(self.enc) - 1:
-                self._make_pseudo(i)
-                if distributed.is_main_process():  # progress.json (checksummed) keeps it
-                    sums = progress.setdefault("pseudo_sha256", {})
-                    sums[task.data.name] = sha256_file(self._pseudo_path(i))
-                model.start_task(slot, fresh=False)  # the generator took the trainable block
+    def _attention_target(self, i: int, slot: int) -> None:
+        """SAPT: a_i*, the mean routing weights of task i's dev prompts, is what the ARM
+        holds the attention to on task i's pseudo-samples later."""
+        task = self.enc[i]
+        target = attention_target(
+            self.model,
+            task.dev_prompts,
+            self.tokenizer.pad_token_id,
+            self.cfg.eval.batch_size,
+            slot,
+        )
+        self.model.set_target(slot, target)
+        log.info(
+            "%s: attention target a* = %s", task.data.name, [round(float(x), 4) for x in target]
+        )
 
-        row, routing = self._evaluate(i)
+    def _pseudo_samples(self, i: int, slot: int, progress: dict) -> None:
+        """SAPT: the generator block learns task i and writes its pseudo-samples (not after
+        the last task); their sha256 goes into progress.json."""
+        if i == len(self.enc) - 1:
+            return
+        self._make_pseudo(i)
+        if distributed.is_main_process():  # progress.json (checksummed) keeps it
+            sums = progress.setdefault("pseudo_sha256", {})
+            sums[self.enc[i].data.name] = sha256_file(self._pseudo_path(i))
+        self.model.start_task(slot, fresh=False)  # the generator took the trainable block
+
+    def _file_task(
+        self, i: int, slot: int, progress: dict, row: list, routing: dict, losses: list
+    ) -> None:
+        """Row i of the matrix, the block's provenance, then blocks + progress in one atomic
+        swap of state/blocks (the task boundary a later start resumes from)."""
+        cfg, model, task = self.cfg, self.model, self.enc[i]
+        offset = self._global_step(progress) - len(losses)
         progress["matrix"].append(row)
         progress["routing"].append(routing)
         progress["completed"] = i + 1
@@ -422,7 +466,7 @@ class ContinualRun:
             provenance=prov,
             run_config=to_dict(cfg),
         )
-        if model.n_slots == 1 and not method.joint:
+        if model.n_slots == 1 and not self.method.joint:
             save_blocks(
                 model,
                 self.out / "blocks_per_task" / f"{i:02d}_{task.data.name}",
@@ -435,7 +479,7 @@ class ContinualRun:
         # nobody reads them for the next task before that is done
         distributed.barrier()
         last = i == len(self.enc) - 1
-        pseudo = self._pseudo_path(i) if method.trains_router and not last else None
+        pseudo = self._pseudo_path(i) if self.method.trains_router and not last else None
         names = [e.data.name for e in self.enc]
         self.tracker.log_task(offset + len(losses), i, names, progress["matrix"], routing, pseudo)
 
