@@ -174,20 +174,10 @@ def bench_op(sh: Shapes, rank: int, slot_counts: list[int], reps: int, warmup: i
 
 # --------------------------------------------------------------------------- (b), (c) a model
 def build_backbone(sh: Shapes) -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from sapt_dist.backbone.load import random_llama
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=sh.vocab,
-        hidden_size=sh.hidden,
-        intermediate_size=sh.intermediate,
-        num_hidden_layers=sh.layers,
-        num_attention_heads=sh.heads,
-        num_key_value_heads=sh.heads,
-        max_position_embeddings=max(sh.lm_seq, 128),
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(cfg).train()
+    shape = (sh.vocab, sh.hidden, sh.layers, sh.heads, sh.heads, sh.intermediate)
+    return random_llama(*shape, max(sh.lm_seq, 128), train=True)
 
 
 def shared_copy(model: nn.Module) -> nn.Module:

@@ -224,19 +224,10 @@ def _folder(case: Case, tmp: Path) -> Path:
 
 
 def _hf_config(case: Case):
-    from transformers import LlamaConfig
+    from sapt_dist.backbone.load import llama_config
 
-    return LlamaConfig(
-        vocab_size=case.vocab,
-        hidden_size=case.hidden,
-        intermediate_size=case.intermediate,
-        num_hidden_layers=case.layers,
-        num_attention_heads=case.heads,
-        num_key_value_heads=case.kv_heads,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
+    shape = (case.vocab, case.hidden, case.layers, case.heads, case.kv_heads)
+    return llama_config(*shape, case.intermediate, 256, tie_word_embeddings=False)
 
 
 def save_quantized_sources(names: list[str], tmp: Path) -> None:

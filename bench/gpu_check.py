@@ -100,23 +100,12 @@ def capture(fn: Callable[[], object], prepare: Callable[[], None] = lambda: None
 
 def build(args: argparse.Namespace, dtype: torch.dtype, device: torch.device):
     """A random LLaMA in ``SAPTModel`` with ``slots - 1`` filed random blocks."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    from sapt_dist.backbone.load import random_llama
     from sapt_dist.config import AdapterConfig
     from sapt_dist.method.model import SAPTModel
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        max_position_embeddings=2 * args.seq,
-        pad_token_id=0,
-    )
-    backbone = LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
+    shape = (args.vocab, args.hidden, args.layers, args.heads, args.heads, args.intermediate)
+    backbone = random_llama(*shape, 2 * args.seq, train=True).to(device=device, dtype=dtype)
     model = SAPTModel(backbone, AdapterConfig(), n_slots=args.slots)
     for j in range(args.slots - 1):
         model.start_task(j)
@@ -128,7 +117,7 @@ def build(args: argparse.Namespace, dtype: torch.dtype, device: torch.device):
     with torch.no_grad():  # a non-zero trainable block too, so its path is exercised
         for layer in model.layers.values():
             layer.lora_B.normal_(std=0.02)
-    return model.eval(), cfg
+    return model.eval(), backbone.config
 
 
 def static_cache(cfg, batch: int, max_len: int, device: torch.device, dtype: torch.dtype):

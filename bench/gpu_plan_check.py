@@ -25,30 +25,18 @@ import torch
 
 
 def build(args: argparse.Namespace, device: torch.device):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    from sapt_dist.backbone.load import random_llama
     from sapt_dist.config import AdapterConfig
     from sapt_dist.method.model import SAPTModel
 
-    cfg = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        max_position_embeddings=4096,
-        pad_token_id=0,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
+    shape = (args.vocab, args.hidden, args.layers, args.heads, args.heads, args.intermediate)
     with torch.device(device):
-        backbone = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        backbone = random_llama(*shape, 4096, train=True).to(torch.bfloat16)
     adapter = AdapterConfig(rank=args.rank, target_modules=["q_proj", "v_proj"])
     model = SAPTModel(
         backbone, adapter, n_slots=args.slots, dtype=torch.bfloat16, generator_slot=True
     ).to(device)
-    return model, cfg
+    return model, backbone.config
 
 
 def batch(args: argparse.Namespace, device: torch.device) -> dict:

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -66,22 +65,9 @@ def wait_for_step_checkpoint(proc, out: Path, task_index: int, timeout: float = 
 
 
 def tiny_llama(vocab: int = 128, hidden: int = 32, layers: int = 2, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from sapt_dist.backbone.load import random_llama
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return random_llama(vocab, hidden, layers, 4, 2, bos_token_id=1, eos_token_id=2, seed=seed)
 
 
 @pytest.fixture

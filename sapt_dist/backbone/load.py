@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,6 +33,8 @@ __all__ = [
     "DEMO_SPEC",
     "GGUF_ARCHITECTURES",
     "build_demo_backbone",
+    "llama_config",
+    "random_llama",
     "check_gguf",
     "demo_spec",
     "gguf_as_folder",
@@ -74,6 +77,43 @@ def _demo_texts(data_dir: Path) -> list[str]:
             out = inst["output"]
             texts.extend(out if isinstance(out, list) else [out])
     return texts
+
+
+def llama_config(
+    vocab: int,
+    hidden: int,
+    layers: int,
+    heads: int,
+    kv_heads: int | None = None,
+    intermediate: int | None = None,
+    max_positions: int = 128,
+    **extra: Any,
+):
+    """A LLaMA-architecture ``LlamaConfig`` by its shape (tests, benchmarks): MLP twice the
+    width unless given, as many KV heads as heads unless given, pad id 0 unless given."""
+    from transformers import LlamaConfig
+
+    extra.setdefault("pad_token_id", 0)
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate or 2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads,
+        max_position_embeddings=max_positions,
+        **extra,
+    )
+
+
+def random_llama(*shape: int, seed: int | None = 0, train: bool = False, **kwargs: Any):
+    """A randomly initialised model of :func:`llama_config` (``seed``: torch's seed first;
+    ``None`` keeps the RNG as it is), in eval mode unless ``train``."""
+    from transformers import LlamaForCausalLM
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    return LlamaForCausalLM(llama_config(*shape, **kwargs)).train(train)
 
 
 def demo_spec(hidden_size: int | None = None, layers: int | None = None) -> dict:
