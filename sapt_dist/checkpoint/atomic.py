@@ -10,13 +10,14 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 __all__ = [
     "UnreadableFileError",
     "atomic_dir",
     "atomic_write_json",
     "atomic_write_text",
+    "atomic_file",
     "atomic_write_checked_json",
     "read_checked_json",
     "read_json",
@@ -40,13 +41,17 @@ def read_json(path: str | Path, what_to_do: str = "") -> Any:
         raise UnreadableFileError(f"{path}: damaged, not valid JSON ({e}){tail}") from e
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+@contextlib.contextmanager
+def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """Open a temporary sibling of ``path`` for writing; when the block ends it is flushed,
+    fsynced and renamed onto ``path`` (a reader sees the old file or the new one, never a
+    part). On an error the temporary file is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -54,6 +59,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_file(path) as f:
+        f.write(text)
 
 
 def atomic_write_json(path: str | Path, data: Any) -> None:

@@ -7,12 +7,9 @@ diagonal (task j not yet seen).
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import re
 import string
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -248,17 +245,11 @@ def save_heatmap(
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    from sapt_dist.checkpoint.atomic import atomic_file
+
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_file(path, "wb") as f:
             fig.savefig(f, format="png", dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     finally:
         fig.clear()
 

@@ -20,7 +20,7 @@ import logging
 from pathlib import Path
 
 from sapt_dist import distributed
-from sapt_dist.checkpoint.atomic import atomic_write_json, atomic_write_text
+from sapt_dist.checkpoint.atomic import atomic_file, atomic_write_json, atomic_write_text
 from sapt_dist.config import RunConfig
 from sapt_dist.outputs.metrics import cl_metrics, matrix_markdown, save_heatmap
 from sapt_dist.train.methods import METHODS
@@ -153,8 +153,8 @@ def plot_trajectory(data: dict, tasks: list[str], path: Path) -> None:
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("mean routing weight")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_file(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=90)
+    finally:
+        plt.close(fig)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from sapt_dist.checkpoint.atomic import atomic_write_text
+from sapt_dist.checkpoint.atomic import atomic_file, atomic_write_text
 
 __all__ = ["StudyRun", "backbone_params", "gather", "main", "write_study"]
 
@@ -225,9 +225,8 @@ def _plot_vs_size(groups: list[dict], path: Path) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
 
 
 def _plot_matrices(runs: list[StudyRun], path: Path) -> None:
@@ -258,9 +257,8 @@ def _plot_matrices(runs: list[StudyRun], path: Path) -> None:
         ax.axis("off")
     fig.suptitle("accuracy matrix a[i][j]: score on task j after training task i")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    tmp.replace(path)
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
 
 
 def write_study(runs: list[StudyRun], out: str | Path) -> dict[str, Path]:
