@@ -136,6 +136,7 @@ def test_baselines_run(tmp_path, method):
     if method == "inc_lora":  # a block per task, summed with weight 1 each, no attention
         assert blocks == ["block_00.safetensors", "block_01.safetensors"] and per_task == []
         assert manifest["model"]["routing"] == "sum"
+        assert manifest["adapter"]["gradient"] == "exact"  # plain LoRA's gradient
         assert learned == [[t1], [t2]]
         assert len(m) == 2 and all(v is not None for v in m[1])
         return

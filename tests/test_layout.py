@@ -139,3 +139,22 @@ print(len(presets), "presets")
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "metrics" / "results.json").is_file()
+
+
+def test_the_model_layer_needs_only_the_gather_context() -> None:
+    """method/ (ops, LoRA, attention, the wrapped model) reaches the distributed package
+    for one thing: gathering ZeRO-3-partitioned parameters."""
+    used = set()
+    for f in (PKG / "method").glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "distributed"
+            ):
+                used.add(node.attr)
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                "sapt_dist.distributed"
+            ):
+                used |= {f"from-import {a.name}" for a in node.names}
+    assert used == {"gathered"}

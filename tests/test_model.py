@@ -341,3 +341,40 @@ def test_layers_without_routing_refuse(llama):
     ids, am = _batch()
     with pytest.raises(RuntimeError, match="without routing weights"):
         llama(input_ids=ids, attention_mask=am)
+
+
+@pytest.mark.parametrize("gradient", ["exact", "cut"])
+def test_inc_lora_gradient_against_a_plain_sum_of_loras(llama, gradient):
+    """IncLoRA (routing "sum") is plain LoRA with every block added: with the exact
+    gradient (what the inc_lora method uses) loss and the current block's gradients equal a
+    plain model whose target linears compute W0 x + s * sum_j B_j A_j x; SAPT's cut gradient
+    (earlier blocks pass none to the hidden states) differs from it."""
+    import torch.nn.functional as F
+
+    plain = copy.deepcopy(llama)
+    model = SAPTModel(llama, AdapterConfig(gradient=gradient), n_slots=2, routing="sum")
+    _random_blocks(model, 2)
+    ids, am = _batch()
+    out = model(ids, am, ids)
+    out.loss.backward()
+    current = {}
+    for name, layer in model.layers.items():
+        lin = plain.get_submodule(name)
+        a0, b0 = layer.A_bank[0].clone(), layer.B_bank[0].clone()
+        a1 = layer.lora_A.detach().clone().requires_grad_(True)
+        b1 = layer.lora_B.detach().clone().requires_grad_(True)
+        current[name] = (a1, b1)
+
+        def forward(x, lin=lin, a0=a0, b0=b0, a1=a1, b1=b1, s=layer.scaling):
+            return F.linear(x, lin.weight, lin.bias) + s * (x @ a0.T @ b0.T + x @ a1.T @ b1.T)
+
+        lin.forward = forward
+    ref = plain(input_ids=ids, attention_mask=am, labels=ids).loss
+    ref.backward()
+    torch.testing.assert_close(out.loss, ref)
+    close = [
+        torch.allclose(layer.lora_A.grad, current[name][0].grad, atol=1e-6, rtol=1e-4)
+        and torch.allclose(layer.lora_B.grad, current[name][1].grad, atol=1e-6, rtol=1e-4)
+        for name, layer in model.layers.items()
+    ]
+    assert all(close) if gradient == "exact" else not all(close)

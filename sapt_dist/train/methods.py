@@ -20,6 +20,8 @@ single_task     1      -          fresh   task   -        -       own        own
 - *evaluates*: the test splits scored after stage t (the tasks seen so far, the task's
   own, every task).
 - *learned*: the data a block has learned from (its provenance record).
+- IncLoRA trains with the exact gradient through the earlier blocks whatever
+  ``adapter.gradient`` says (SAPT's default cut is a quirk of its released code).
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ class Method:
     trains_router: bool = False
     evaluates: Literal["seen", "own", "all"] = "seen"
     learned: Literal["own", "seen", "all"] = "own"
+    #: gradient through the earlier blocks: ``config`` follows ``adapter.gradient`` (SAPT's
+    #: released code cuts it, the default); ``exact`` always (IncLoRA is plain LoRA with
+    #: every block added: the cut is a quirk of SAPT's code, not part of IncLoRA)
+    gradient: Literal["config", "exact"] = "config"
 
     @property
     def stages(self) -> Literal["per_task", "one"]:
@@ -75,7 +81,7 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in [
         Method("sapt", per_task_slots=True, replay="arm", trains_router=True),
-        Method("inc_lora", per_task_slots=True, routing="sum"),
+        Method("inc_lora", per_task_slots=True, routing="sum", gradient="exact"),
         Method("seq_lora", per_task_slots=False, keeps_block=True, learned="seen"),
         Method("replay", per_task_slots=False, keeps_block=True, replay="real", learned="seen"),
         Method("mtl", per_task_slots=False, joint=True, evaluates="all", learned="all"),

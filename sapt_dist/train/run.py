@@ -14,6 +14,7 @@ module reads (never a method's name).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,9 +225,12 @@ class ContinualRun:
         self.tokenizer = tokenizer
         # g's initialisation must not depend on what consumed the RNG before (resume)
         torch.manual_seed(cfg.train.seed)
+        adapter = cfg.adapter
+        if self.method.gradient == "exact":
+            adapter = dataclasses.replace(adapter, gradient="exact")
         self.model = SAPTModel(
             backbone,
-            cfg.adapter,
+            adapter,
             n_slots=n_slots,
             routing=self.method.routing,
             dtype=torch_dtype(cfg.model.dtype),
