@@ -144,6 +144,11 @@ class TrainConfig:
     weight_decay: float = 0.0
     micro_batch_size: int = 2
     grad_accum: int = 4
+    #: Sequences per optimizer step over all processes. When set it decides the
+    #: accumulation: grad_accum = global_batch / (micro_batch_size x processes), which must
+    #: divide (an error names the numbers), and ``grad_accum`` is ignored. The same run on
+    #: 4 or 16 GPUs then takes the same optimizer steps. ``None``: ``grad_accum`` as given.
+    global_batch: int | None = None
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
@@ -293,6 +298,16 @@ class RunConfig:
             (self.train.grad_accum >= 1, "train.grad_accum", "must be >= 1"),
             (self.train.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0"),
             (self.train.nonfinite_tolerance >= 0, "train.nonfinite_tolerance", "must be >= 0"),
+            (
+                self.train.global_batch is None
+                or (
+                    self.train.global_batch >= 1
+                    and self.train.global_batch % self.train.micro_batch_size == 0
+                ),
+                "train.global_batch",
+                f"must be a positive multiple of train.micro_batch_size "
+                f"({self.train.micro_batch_size}) or null",
+            ),
             (self.train.eval_every_epochs >= 1, "train.eval_every_epochs", "must be >= 1"),
             (0.0 < self.data.carve_fraction < 1.0, "data.carve_fraction", "must be in (0, 1)"),
             (self.data.max_source_length >= 8, "data.max_source_length", "must be >= 8"),
@@ -565,3 +580,31 @@ def resolve_ds_config(spec: str | None) -> dict:
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"{where}: zero_optimization.stage must be 0-3, not {stage!r}")
     return cfg
+
+
+def resolve_batch(cfg: RunConfig, world_size: int) -> None:
+    """Set ``train.grad_accum`` from ``train.global_batch`` for ``world_size`` processes
+    (no-op when it is not set).
+
+    Raises:
+        ConfigError: naming the numbers, when micro-batch x processes does not divide it.
+    """
+    t = cfg.train
+    if t.global_batch is None:
+        return
+    per_pass = t.micro_batch_size * world_size
+    if t.global_batch % per_pass:
+        fits = [
+            m for m in range(1, t.micro_batch_size + 1) if t.global_batch % (m * world_size) == 0
+        ]
+        hint = (
+            f"train.micro_batch_size={max(fits)} divides it on {world_size} process(es)"
+            if fits
+            else f"{world_size} process(es) cannot split {t.global_batch} sequences evenly"
+        )
+        raise ConfigError(
+            f"config key 'train.global_batch' is {t.global_batch}, not a multiple of "
+            f"train.micro_batch_size {t.micro_batch_size} x {world_size} process(es) = "
+            f"{per_pass}; {hint}"
+        )
+    t.grad_accum = t.global_batch // per_pass

@@ -119,3 +119,34 @@ def test_task_names_cannot_leave_the_run_folder(name):
         load_config(
             None, ["model.builder=demo", "data.order=custom", f"data.tasks=[good, '{name}']"]
         )
+
+
+def test_global_batch_decides_the_accumulation():
+    """train.global_batch: accumulation = global / (micro x processes) on any GPU count
+    (the paper's 32 = 2 x 4 x 4 GPUs), an error naming the numbers when it does not
+    divide; unset, grad_accum is what is given."""
+    from sapt_dist.config import resolve_batch
+
+    for world, accum in [(1, 16), (4, 4), (8, 2), (16, 1)]:
+        cfg = load_config(None, ["model.builder=demo", "train.global_batch=32"])
+        resolve_batch(cfg, world)
+        assert cfg.train.grad_accum == accum, world
+        assert cfg.train.micro_batch_size * cfg.train.grad_accum * world == 32
+    cfg = load_config(None, ["model.builder=demo", "train.global_batch=32"])
+    with pytest.raises(
+        ConfigError,
+        match=r"train.global_batch' is 32, not a multiple of "
+        r"train.micro_batch_size 2 x 32 process\(es\) = 64; "
+        r"train.micro_batch_size=1 divides it",
+    ):
+        resolve_batch(cfg, 32)
+    with pytest.raises(ConfigError, match=r"cannot split 32 sequences evenly"):
+        resolve_batch(cfg, 3)
+    cfg = load_config(None, ["model.builder=demo", "train.grad_accum=3"])
+    resolve_batch(cfg, 8)
+    assert cfg.train.grad_accum == 3
+    with pytest.raises(ConfigError, match="train.global_batch"):
+        load_config(None, ["model.builder=demo", "train.global_batch=33"])  # micro 2
+    for name in ("llama2_7b_superni_order1", "llama2_13b_long_order4"):
+        preset = load_config(ROOT / "sapt_dist/presets" / f"{name}.yaml", ["model.path=/w"])
+        assert preset.train.global_batch == 32, name

@@ -234,3 +234,26 @@ def test_damaged_tracking_and_pseudo_files_are_named(tmp_path):
     pseudo.write_text('{"definition": "d", "input": "x"}\n{"definition": "d", "inp')
     with pytest.raises(UnreadableFileError, match=r"00_t\.jsonl:2: not valid JSON"):
         load_jsonl(pseudo)
+
+
+def test_global_batch_run_resumes_on_another_process_count(tmp_path):
+    """Started on 2 processes with train.global_batch=8 (accumulation 2), the same command
+    on 1 process derives accumulation 4 and is accepted; another global batch is not."""
+    from sapt_dist.config import resolve_batch
+
+    def cfg(world: int, *extra: str):
+        c = load_config(
+            None, ["model.builder=demo", f"output_dir={tmp_path}", "train.global_batch=8", *extra]
+        )
+        resolve_batch(c, world)
+        return c
+
+    RunState(tmp_path).check_or_save_config(cfg(2), 2)
+    one = cfg(1)
+    assert one.train.grad_accum == 4
+    RunState(tmp_path).check_or_save_config(one, 1)
+    with pytest.raises(
+        ConfigError,
+        match=r"was 8 .* gives 16\. A run keeps its global batch: set train\.global_batch=8",
+    ):
+        RunState(tmp_path).check_or_save_config(cfg(1, "train.global_batch=16"), 1)

@@ -227,8 +227,14 @@ class RunState:
                         f"({before['world_size']} process(es) x train.micro_batch_size "
                         f"{before['micro_batch_size']} x train.grad_accum {before['grad_accum']}); "
                         f"on {world_size} process(es) this config gives {layout['global_batch']}. "
-                        f"Set train.grad_accum (or train.micro_batch_size) so the global batch "
-                        f"stays {before['global_batch']}."
+                        + (
+                            f"A run keeps its global batch: set train.global_batch="
+                            f"{before['global_batch']} (or start a new output_dir)."
+                            if t.global_batch is not None
+                            else f"Set train.grad_accum (or train.micro_batch_size) so the "
+                            f"global batch stays {before['global_batch']} (or set "
+                            f"train.global_batch={before['global_batch']})."
+                        )
                     )
             diff = [
                 k

@@ -31,7 +31,7 @@ from sapt_dist.checkpoint.run_state import (
     lock_run_folder,
     unlock_run_folder,
 )
-from sapt_dist.config import ConfigError, RunConfig, to_dict
+from sapt_dist.config import ConfigError, RunConfig, resolve_batch, to_dict
 from sapt_dist.data.tasks import (
     EncodedExample,
     TaskData,
@@ -195,6 +195,7 @@ class ContinualRun:
         # that fails on its data leaves nothing that refuses the corrected command) and
         # before any model loads
         tasks = self._load_tasks()
+        resolve_batch(cfg, distributed.world_size())  # train.global_batch -> grad_accum
         self.state.check_or_save_config(cfg, distributed.world_size())
         progress = self.state.load_progress()
         names = [t.name for t in tasks]
