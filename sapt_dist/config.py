@@ -113,8 +113,12 @@ class DataConfig:
     template: str = (
         "Definition: {definition}\n\nNow complete the following example -\nInput: {input}\nOutput: "
     )
-    #: Max prompt tokens (longer prompts are cut from the left of the input; counted).
+    #: Max prompt tokens (longer prompts are cut, see ``truncation``; counted).
     max_source_length: int = 1024
+    #: A prompt longer than max_source_length loses: ``input`` the end of its input (the
+    #: definition, the strongest routing cue, and the answer cue stay); ``right`` its end
+    #: (the released SAPT code: the answer cue goes); ``left`` its start (the definition goes).
+    truncation: Literal["input", "right", "left"] = "input"
     #: Max target tokens (longer targets are cut; counted).
     max_target_length: int = 50
     #: Caps on examples per split (``None``: all).

@@ -403,3 +403,33 @@ def test_gpt2_tokenizer_roundtrip() -> None:
     assert e.input_ids[-1] == tok.eos_token_id
     assert tok.decode(e.input_ids[e.prompt_len : -1]) == "POS"
     assert tok.decode(e.input_ids[: e.prompt_len]) == prompt
+
+
+def test_truncation_keeps_definition_and_cue_by_default(tokenizer) -> None:
+    """A prompt over max_source_length: ``input`` (the default) keeps the definition, the
+    start of the input and the answer cue; ``right`` keeps its first tokens (the released
+    code); ``left`` its last ones. References built by hand from the word ids."""
+    template = "{definition} Input: {input} Output:"
+    definition, inp = _ids(5), _ids(20, start=10)  # w0..w4, w10..w29
+    ids = {f"w{i}": 5 + i for i in range(50)}
+    d = [ids[f"w{i}"] for i in range(5)]
+    x = [ids[f"w{i}"] for i in range(10, 30)]
+    inp_id, out_id = tokenizer.convert_tokens_to_ids(["Input:", "Output:"])
+    whole = d + [inp_id] + x + [out_id]
+    assert encode_prompt(tokenizer, format_prompt(template, definition, inp), 64) == whole
+    for mode, want in [
+        ("input", d + [inp_id] + x[:5] + [out_id]),
+        ("right", whole[:12]),
+        ("left", whole[-12:]),
+    ]:
+        stats = TruncationStats()
+        got = encode_prompt(tokenizer, format_prompt(template, definition, inp, mode), 12, stats)
+        assert got == want, mode
+        assert stats.source_truncated == 1
+    # a definition longer than the budget: its start and the cue stay
+    got = encode_prompt(tokenizer, format_prompt(template, _ids(30), inp), 8)
+    assert got == [ids[f"w{i}"] for i in range(7)] + [out_id]
+    # a prompt that fits is the whole string's tokens, whatever the mode
+    short = format_prompt(template, definition, _ids(2, start=10), "input")
+    assert encode_prompt(tokenizer, short, 64) == d + [inp_id, ids["w10"], ids["w11"], out_id]
+    assert isinstance(short, str) and short == f"{definition} Input: w10 w11 Output:"

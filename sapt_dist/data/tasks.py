@@ -497,19 +497,57 @@ def split_sha256(task: TaskData, split: str = "train") -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def format_prompt(template: str, definition: str, input: str) -> str:
-    """``template`` with ``{definition}`` and ``{input}`` filled in (``str.format``).
+#: how a prompt longer than ``data.max_source_length`` is cut (``data.truncation``)
+TRUNCATION_MODES = ("input", "right", "left")
+
+
+class PromptText(str):
+    """A formatted prompt (the string itself) that remembers its parts: the template
+    before the input (with the definition), the input, and the template after it (the
+    answer cue), so that a prompt too long for ``max_source_length`` can lose the end of
+    its input instead of its definition or cue (``truncation``, see :func:`_prompt_ids`)."""
+
+    prefix: str
+    input: str
+    suffix: str
+    truncation: str
+
+    def __new__(cls, prefix: str, input: str, suffix: str, truncation: str) -> PromptText:
+        obj = super().__new__(cls, prefix + input + suffix)
+        obj.prefix, obj.input, obj.suffix, obj.truncation = prefix, input, suffix, truncation
+        return obj
+
+
+def format_prompt(
+    template: str, definition: str, input: str, truncation: str = "input"
+) -> PromptText:
+    """``template`` with ``{definition}`` and ``{input}`` filled in (``str.format``), as a
+    :class:`PromptText` that knows where the input is (``truncation``: ``data.truncation``).
 
     Raises:
         TaskDataError: naming ``data.template`` for an unknown or malformed placeholder.
     """
     try:
-        return template.format(definition=definition, input=input)
+        full = template.format(definition=definition, input=input)
+        before, mark, after = template.partition("{input}")
+        parts = None
+        if mark and "{input}" not in after:
+            parts = (
+                before.format(definition=definition),
+                input,
+                after.format(definition=definition),
+            )
     except (KeyError, IndexError, ValueError) as e:
         raise TaskDataError(
             f"config key 'data.template': bad placeholder ({type(e).__name__}: {e}); "
             f"only {{definition}} and {{input}} are filled (write literal braces as {{{{ }}}})"
         ) from e
+    if parts is None or "".join(parts) != full:  # no single {input}: nothing to cut by
+        return PromptText(full, "", "", truncation)
+    prefix, inp, suffix = parts
+    # a space before the input belongs to its first word for a BPE tokenizer (" word")
+    stripped = prefix.rstrip(" ")
+    return PromptText(stripped, prefix[len(stripped) :] + inp, suffix, truncation)
 
 
 # ---------------------------------------------------------------------------- tokenising
@@ -534,14 +572,31 @@ class TruncationStats:
 def _prompt_ids(
     tokenizer: PreTrainedTokenizerBase, prompt: str, max_len: int
 ) -> tuple[list[int], bool]:
+    """Token ids of ``prompt`` cut to ``max_len``. A :class:`PromptText` is cut by its
+    ``truncation``: ``input`` keeps the template around the input (definition and answer
+    cue) and the start of the input; ``right`` keeps the first tokens (the released SAPT
+    code); ``left`` the last ones. A plain string is cut from the left."""
     if max_len < 1:
         # ids[-0:] would silently keep everything
         raise ValueError(f"max_source_length must be >= 1 (got {max_len})")
     ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    if len(ids) > max_len:
-        # keep the end: the "Output:" cue the model answers after is there
-        return ids[-max_len:], True
-    return ids, False
+    if len(ids) <= max_len:
+        return ids, False
+    mode = getattr(prompt, "truncation", "left")
+    if mode == "right":
+        return ids[:max_len], True
+    if mode == "input" and prompt.input:
+
+        def tok(text: str) -> list[int]:
+            return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+        head, body, cue = tok(prompt.prefix), tok(prompt.input), tok(prompt.suffix)
+        room = max_len - len(head) - len(cue)
+        if room > 0:
+            return head + body[:room] + cue, True
+        if len(cue) < max_len:  # the definition alone is too long: keep its start and the cue
+            return head[: max_len - len(cue)] + cue, True
+    return ids[-max_len:], True
 
 
 def encode_prompt(
@@ -550,7 +605,8 @@ def encode_prompt(
     max_source_length: int,
     stats: TruncationStats | None = None,
 ) -> list[int]:
-    """Prompt token ids (no special tokens), cut from the left to ``max_source_length``."""
+    """Prompt token ids (no special tokens), cut to ``max_source_length`` (see
+    :func:`_prompt_ids`)."""
     ids, cut = _prompt_ids(tokenizer, prompt, max_source_length)
     if stats is not None:
         stats.total += 1

@@ -362,7 +362,7 @@ def encode_inputs(loaded: LoadedRun, records: list[InputRecord]) -> list[list[in
     out = [
         encode_prompt(
             loaded.tokenizer,
-            format_prompt(d.template, r.definition, r.input),
+            format_prompt(d.template, r.definition, r.input, d.truncation),
             d.max_source_length,
             stats,
         )
@@ -370,14 +370,18 @@ def encode_inputs(loaded: LoadedRun, records: list[InputRecord]) -> list[list[in
     ]
     if stats.source_truncated:
         log.warning(
-            "%d of %d input(s) are longer than the run's data.max_source_length (%d tokens): "
-            "their prompts keep the last %d tokens, as in training, so the start (the "
-            "definition, the strongest routing cue) is cut; raise it with --set "
+            "%d of %d input(s) are longer than the run's data.max_source_length (%d tokens) "
+            "and are cut as in training (data.truncation=%s: %s); raise it with --set "
             "data.max_source_length=N or shorten the inputs",
             stats.source_truncated,
             stats.total,
             d.max_source_length,
-            d.max_source_length,
+            d.truncation,
+            {
+                "input": "the end of the input goes, definition and answer cue stay",
+                "right": "the end goes, the answer cue with it",
+                "left": "the start goes, the definition (the strongest routing cue) with it",
+            }[d.truncation],
         )
     return out
 

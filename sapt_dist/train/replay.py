@@ -163,6 +163,7 @@ class ReplayBatches:
         max_source: int,
         micro_batch: int,
         seed: int,
+        truncation: str = "input",
     ) -> None:
         self.pad = tokenizer.pad_token_id
         self.micro_batch = micro_batch
@@ -173,7 +174,9 @@ class ReplayBatches:
                 raise ValueError(f"no pseudo-samples for task slot {slot}: ARM needs at least one")
             self.prompts[slot] = [
                 encode_prompt(
-                    tokenizer, format_prompt(template, r["definition"], r["input"]), max_source
+                    tokenizer,
+                    format_prompt(template, r["definition"], r["input"], truncation),
+                    max_source,
                 )
                 for r in rows
             ]

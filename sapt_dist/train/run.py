@@ -133,7 +133,7 @@ class ContinualRun:
             stats = {s: TruncationStats() for s in ("train", "dev", "test")}
 
             def prompt(ex, task=task):
-                return format_prompt(d.template, task.definition, ex["input"])
+                return format_prompt(d.template, task.definition, ex["input"], d.truncation)
 
             train = [
                 encode_train(
@@ -330,6 +330,7 @@ class ContinualRun:
                 cfg.data.max_source_length,
                 cfg.train.micro_batch_size,
                 cfg.train.seed,
+                cfg.data.truncation,
             )
         params = self.model.named_adapter_params()
         if not method.trains_router:
@@ -705,7 +706,7 @@ class ContinualRun:
             out += [
                 encode_train(
                     self.tokenizer,
-                    format_prompt(d.template, r["definition"], r["input"]),
+                    format_prompt(d.template, r["definition"], r["input"], d.truncation),
                     r["output"],
                     d.max_source_length,
                     d.max_target_length,
