@@ -622,7 +622,7 @@ def encode_train(
     max_target_length: int,
     stats: TruncationStats | None = None,
 ) -> EncodedExample:
-    """One training sequence: prompt (left-cut) + target (right-cut) + EOS.
+    """One training sequence: prompt (cut by :func:`_prompt_ids`) + target (right-cut) + EOS.
 
     The target is stripped and, when the prompt does not end in whitespace, tokenised
     with one leading space, so that it is tokenised as the continuation of the prompt it
