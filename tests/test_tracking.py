@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from sapt_dist.checkpoint.atomic import atomic_write_checked_json, read_checked_json
 from sapt_dist.config import ConfigError, load_config
 from sapt_dist.outputs.tracking import (
     STEP_KEY,
@@ -199,7 +200,7 @@ def test_tracked_run_reads_back_complete(tmp_path, monkeypatch):
         ],
     )
     results = run(cfg)
-    saved = json.loads(state_path(out).read_text())
+    saved = read_checked_json(state_path(out))
     wb = _finished(out, 1)
     assert wb.run_ids == [saved["run_id"]] and saved["final_logged"] is True
     assert (wb.project, wb.group, wb.job_type) == ("sapt-dist", "sweep-a", "sapt")
@@ -268,7 +269,8 @@ def test_tracked_run_reads_back_complete(tmp_path, monkeypatch):
     # a second start of the finished run opens no new W&B start; a lost summary is redone
     run(cfg)
     assert len(read_offline_run(out).files) == 1
-    state_path(out).write_text(json.dumps({**saved, "final_logged": False}))
+    # killed between the finished marker and the summary (as the run writes the file)
+    atomic_write_checked_json(state_path(out), {**saved, "final_logged": False})
     run(cfg)
     again = _finished(out, 2)
     assert again.run_ids == [saved["run_id"]]
