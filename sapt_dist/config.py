@@ -200,6 +200,11 @@ class EvalConfig:
     #: inputs (metrics/routing_trajectory.{json,png}, W&B ``train/routing_own/<task>``);
     #: 0: off. Costs one embedding + pooling pass over the dev prompts.
     routing_every: int = 5
+    #: Examples with several references: ``best`` scores the best of them (SuperNI's
+    #: standard); ``released`` scores one (a fixed seeded pick per example, as the released
+    #: SAPT code picks one at random) with its exact-match normalisation (every punctuation
+    #: mark removed, not only at the ends). Training always uses the first reference.
+    scoring: Literal["best", "released"] = "best"
 
 
 @dataclass

@@ -160,3 +160,29 @@ def test_routing_summary() -> None:
         routing_summary({0: torch.ones(1, 2), 1: torch.ones(1, 3)})
     with pytest.raises(ValueError, match="task 2 has no slot"):
         routing_summary({2: torch.ones(1, 2)})
+
+
+def test_scoring_best_of_references_or_the_released_codes_one():
+    """``best`` (default): the best of an example's references, punctuation stripped only at
+    the ends; ``released``: one reference per example (a seeded pick, the same every
+    time) and every punctuation mark removed, as the released SAPT code scores."""
+    import random
+
+    from sapt_dist.outputs.metrics import score_predictions
+
+    refs = [["Positive", "pos"], ["a, b"], ["x", "y", "z"]]
+    preds = ["pos", "a b", "y"]
+    assert score_predictions(preds, refs, "exact") == pytest.approx(200 / 3)  # "a b" != "a, b"
+    picks = [r[random.Random(i).randrange(len(r))] for i, r in enumerate(refs)]
+    want = [
+        100.0
+        if p.lower() == "".join(c for c in k.lower() if c not in ",").replace("  ", " ")
+        else 0.0
+        for p, k in zip(preds, picks)
+    ]
+    got = score_predictions(preds, refs, "exact", "released")
+    assert got == pytest.approx(sum(want) / 3)
+    assert want[1] == 100.0  # the released normalisation drops the inner comma
+    assert score_predictions(preds, refs, "exact", "released") == got  # the same pick again
+    with pytest.raises(ValueError, match="unknown scoring"):
+        score_predictions(preds, refs, "exact", "first")

@@ -679,7 +679,7 @@ def reevaluate(loaded: LoadedRun) -> dict[str, Any]:
             desc=f"re-evaluate {task.name}",
         )
         refs = [r.references or [] for r in records]
-        row[j] = score_predictions(preds, refs, task.metric)
+        row[j] = score_predictions(preds, refs, task.metric, cfg.eval.scoring)
         w = routing_weights(
             loaded.model, prompts, loaded.tokenizer.pad_token_id, cfg.eval.batch_size
         )

@@ -8,6 +8,7 @@ diagonal (task j not yet seen).
 from __future__ import annotations
 
 import math
+import random
 import re
 import string
 from pathlib import Path
@@ -56,6 +57,13 @@ def normalize_answer(s: str) -> str:
     return s.strip(string.punctuation + " ")
 
 
+def normalize_answer_released(s: str) -> str:
+    """The released SAPT code's exact-match normalisation (SQuAD's, articles kept):
+    lower-case, remove every ASCII punctuation mark, collapse whitespace."""
+    s = "".join(ch for ch in s.lower() if ch not in string.punctuation)
+    return " ".join(s.split())
+
+
 def exact_match(pred: str, refs: list[str]) -> float:
     """100.0 if the normalised prediction equals any normalised reference, else 0.0."""
     if not refs:
@@ -77,14 +85,33 @@ def rouge_l(pred: str, refs: list[str]) -> float:
     return 100.0 * max(scorer.score(r, pred)["rougeL"].fmeasure for r in refs)
 
 
-def score_predictions(preds: list[str], refs: list[list[str]], metric: str) -> float:
+def released_reference(refs: list[str], index: int) -> str:
+    """The one reference the ``released`` scoring uses for example ``index``: a seeded
+    pick, the same at every evaluation."""
+    return refs[random.Random(index).randrange(len(refs))]
+
+
+def _exact_match_released(pred: str, refs: list[str]) -> float:
+    p = normalize_answer_released(pred)
+    return 100.0 if any(p == normalize_answer_released(r) for r in refs) else 0.0
+
+
+def score_predictions(
+    preds: list[str], refs: list[list[str]], metric: str, scoring: str = "best"
+) -> float:
     """Mean score over examples, 0-100: ``rouge`` (ROUGE-L) or ``exact`` (exact match).
 
     Args:
         preds: one generated text per example.
         refs: the acceptable answers of each example (same length as ``preds``).
+        scoring: ``best`` of the references, or ``released`` (one seeded pick per example
+            and the released code's exact-match normalisation; see ``eval.scoring``).
     """
-    fns = {"rouge": rouge_l, "exact": exact_match}
+    if scoring not in ("best", "released"):
+        raise ValueError(f"unknown scoring {scoring!r} (known: best, released)")
+    if scoring == "released":
+        refs = [[released_reference(r, i)] if r else r for i, r in enumerate(refs)]
+    fns = {"rouge": rouge_l, "exact": exact_match if scoring == "best" else _exact_match_released}
     if metric not in fns:
         raise ValueError(f"unknown metric {metric!r} (known: {sorted(fns)})")
     if len(preds) != len(refs):

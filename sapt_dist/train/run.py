@@ -648,7 +648,7 @@ class ContinualRun:
             self.cfg.eval.max_new_tokens,
             desc=f"dev {task.data.name}",
         )
-        score = score_predictions(preds, task.dev_refs, task.data.metric)
+        score = score_predictions(preds, task.dev_refs, task.data.metric, self.cfg.eval.scoring)
         log.info("%s: step %d dev %s = %.2f", task.data.name, step, task.data.metric, score)
         if best is not None and score <= best["score"]:
             return best
@@ -792,7 +792,7 @@ class ContinualRun:
                 cfg.eval.max_new_tokens,
                 desc=f"eval {e.data.name}",
             )
-            row[j] = score_predictions(preds, e.test_refs, e.data.metric)
+            row[j] = score_predictions(preds, e.test_refs, e.data.metric, cfg.eval.scoring)
             rows = [
                 {"id": id_, "prediction": p, "references": refs}
                 for id_, p, refs in zip(e.test_ids, preds, e.test_refs, strict=True)
