@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -248,6 +249,21 @@ class TrackingConfig:
 
 
 @dataclass
+class TaskOverride:
+    """Settings of one task that differ from the run's (``per_task.<task name>``): the
+    released Long Sequence script trains cb, copa, boolq, imdb, dbpedia and multirc a fixed
+    number of steps with the reflection off. Unset fields follow the run's."""
+
+    #: Epochs of this task (then the run's ``train.max_steps`` does not apply to it).
+    epochs: int | None = None
+    #: Optimizer steps of this task (wins over ``epochs``).
+    max_steps: int | None = None
+    lr: float | None = None
+    #: ``false``: no attentive reflection (ARM) while this task trains.
+    reflection: bool | None = None
+
+
+@dataclass
 class RunConfig:
     """A whole continual-learning run."""
 
@@ -265,6 +281,8 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    #: Per-task settings by task name (see :class:`TaskOverride`).
+    per_task: dict[str, TaskOverride] = field(default_factory=dict)
 
     def validate(self) -> None:
         """Impossible values, named by key."""
@@ -386,6 +404,17 @@ class RunConfig:
                     f"path separators, '..', leading '.' or '~'): task names become file "
                     f"names inside the run folder"
                 )
+        for name, ov in self.per_task.items():
+            for field_, v in (("epochs", ov.epochs), ("max_steps", ov.max_steps)):
+                if v is not None and v < 1:
+                    raise ConfigError(f"config key 'per_task.{name}.{field_}' must be >= 1")
+            if ov.lr is not None and not ov.lr > 0:
+                raise ConfigError(f"config key 'per_task.{name}.lr' must be > 0")
+        if self.per_task and self.method == "mtl":
+            raise ConfigError(
+                "config key 'per_task': mtl trains one stage on every task at once; per-task "
+                "settings do not apply to it"
+            )
         try:
             resolve_ds_config(self.distributed.deepspeed_config)
         except ValueError as e:
@@ -399,6 +428,10 @@ def _floats(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
         v = getattr(obj, f.name)
         if dataclasses.is_dataclass(v):
             out += _floats(v, f"{prefix}{f.name}.")
+        elif isinstance(v, dict):
+            for k, sub in v.items():
+                if dataclasses.is_dataclass(sub):
+                    out += _floats(sub, f"{prefix}{f.name}.{k}.")
         elif isinstance(v, float):
             out.append((prefix + f.name, v))
     return out
@@ -449,6 +482,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value not in get_args(tp):
             raise ConfigError(f"config key '{key}': {value!r} is not one of {list(get_args(tp))}")
         return value
+    if origin is dict:
+        key_tp, val_tp = get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return {
+            _coerce(k, key_tp, f"{key} name"): _coerce(v, val_tp, f"{key}.{k}")
+            for k, v in value.items()
+        }
     if origin is list:
         (item_tp,) = get_args(tp)
         if not isinstance(value, list):
@@ -459,6 +500,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
         return _build(tp, value, key + ".")
     if tp is float:
+        if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value):
+            value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
         return float(value)

@@ -150,3 +150,34 @@ def test_global_batch_decides_the_accumulation():
     for name in ("llama2_7b_superni_order1", "llama2_13b_long_order4"):
         preset = load_config(ROOT / "sapt_dist/presets" / f"{name}.yaml", ["model.path=/w"])
         assert preset.train.global_batch == 32, name
+
+
+def test_per_task_settings_parse_and_are_checked():
+    cfg = load_config(
+        None,
+        [
+            "model.builder=demo",
+            "per_task={cb: {max_steps: 100, reflection: false}, copa: {epochs: 3, lr: 1e-4}}",
+        ],
+    )
+    assert cfg.per_task["cb"].max_steps == 100 and cfg.per_task["cb"].reflection is False
+    assert cfg.per_task["copa"].epochs == 3 and cfg.per_task["copa"].lr == 1e-4
+    with pytest.raises(ConfigError, match=r"unknown config key 'per_task.cb.steps'"):
+        load_config(None, ["model.builder=demo", "per_task={cb: {steps: 1}}"])
+    with pytest.raises(ConfigError, match=r"per_task.cb.max_steps' must be >= 1"):
+        load_config(None, ["model.builder=demo", "per_task={cb: {max_steps: 0}}"])
+    with pytest.raises(ConfigError, match=r"per_task.cb.lr' must be a finite number"):
+        load_config(None, ["model.builder=demo", "per_task={cb: {lr: .inf}}"])
+    with pytest.raises(ConfigError, match="do not apply to it"):
+        load_config(None, ["model.builder=demo", "method=mtl", "per_task={cb: {epochs: 1}}"])
+    for name in ("llama2_7b_long_order3", "llama2_13b_long_order4"):
+        preset = load_config(ROOT / "sapt_dist/presets" / f"{name}.yaml", ["model.path=/w"])
+        steps = {k: (v.max_steps, v.reflection) for k, v in preset.per_task.items()}
+        assert steps == {
+            "cb": (100, False),
+            "copa": (200, False),
+            "boolq": (500, False),
+            "imdb": (250, False),
+            "dbpedia": (200, False),
+            "multirc": (500, False),
+        }

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sapt_dist.config import load_config
+from sapt_dist.config import ConfigError, load_config
 from sapt_dist.method.attention import SharedAttention, arm_kl
 
 from .conftest import cli_cmd, run_progress, subprocess_env, tiny_llama, wait_for_step_checkpoint
@@ -158,6 +158,39 @@ def test_baselines_run(tmp_path, method):
         assert len(losses[t2]) > len(losses[t1])
     else:
         assert len(losses[t2]) == len(losses[t1])
+
+
+@pytest.mark.slow
+def test_per_task_steps_and_reflection(tmp_path, monkeypatch):
+    """per_task: the second task trains a fixed 3 steps with the reflection off (no ARM
+    batches built for it), the first its epochs; an override naming a task that is not in
+    the sequence is refused before anything loads."""
+    from sapt_dist.train import run as run_mod
+
+    built = []
+    real = run_mod.ReplayBatches
+
+    def spy(*a, **kw):
+        built.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(run_mod, "ReplayBatches", spy)
+    t2 = "task875_emotion_classification"
+    over = f"per_task={{{t2}: {{max_steps: 3, reflection: false}}}}"
+    run_mod.run(_cfg(tmp_path, over, "train.checkpoint_every=0"))
+    losses = run_progress(tmp_path / "run")["losses"]
+    assert [len(losses[t]) for t in losses] == [6, 3] and built == []
+    assert (
+        "per-task settings: max_steps=3, reflection=False"
+        in (tmp_path / "run" / "run.log").read_text()
+    )
+    with pytest.raises(ConfigError, match=r"per_task.task1510_evalution_relation_extraction'"):
+        run_mod.run(
+            _cfg(
+                tmp_path / "other",
+                "per_task={task1510_evalution_relation_extraction: {max_steps: 1}}",
+            )
+        )
 
 
 def test_arm_kl_against_reference():

@@ -110,6 +110,12 @@ class ContinualRun:
                 cfg.data.order,
                 ", ".join(missing),
             )
+        unknown = sorted(set(cfg.per_task) - set(names))
+        if unknown:
+            raise ConfigError(
+                f"config key 'per_task.{unknown[0]}': no such task in this run's sequence "
+                f"({', '.join(names)})"
+            )
         tasks = [load_task(root, n, cfg.data, cfg.train.seed) for n in names]
         log.info("tasks (%d): %s", len(tasks), ", ".join(t.name for t in tasks))
         return tasks
@@ -313,15 +319,30 @@ class ContinualRun:
         of earlier tasks for ``replay``), the ARM batches (SAPT, from task 2 on) and the
         trainable tensors (the block; for SAPT also its key and the query network)."""
         cfg, method = self.cfg, self.method
-        label = f"task {i + 1}/{len(self.enc)} {self.enc[i].data.name}"
+        name = self.enc[i].data.name
+        label = f"task {i + 1}/{len(self.enc)} {name}"
         examples = list(self.enc[i].train)
         replay = None
+        t = cfg.train
+        epochs, max_steps, lr, reflection = t.epochs, t.max_steps, t.lr, True
+        ov = cfg.per_task.get(name) if not method.joint else None
+        if ov is not None:
+            if ov.epochs is not None:
+                epochs, max_steps = ov.epochs, None
+            max_steps = ov.max_steps if ov.max_steps is not None else max_steps
+            lr = ov.lr if ov.lr is not None else lr
+            reflection = ov.reflection if ov.reflection is not None else True
+            log.info(
+                "%s: per-task settings: %s",
+                name,
+                ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(ov).items() if v is not None),
+            )
         if method.joint:
             examples = [ex for e in self.enc for ex in e.train]
             label = f"{method.name} ({len(self.enc)} tasks)"
         elif method.replay == "real" and i > 0:
             examples += self._real_replay_examples(i)
-        elif method.replay == "arm" and i > 0 and cfg.replay.kl_ratio > 0:
+        elif method.replay == "arm" and i > 0 and cfg.replay.kl_ratio > 0 and reflection:
             samples = {j: self._load_pseudo(j, progress) for j in range(i)}
             replay = ReplayBatches(
                 self.tokenizer,
@@ -335,21 +356,20 @@ class ContinualRun:
         params = self.model.named_adapter_params()
         if not method.trains_router:
             params = {n: p for n, p in params.items() if not n.startswith("router.")}
-        t = cfg.train
         return BlockJob(
             name=label,
             examples=examples,
             params=params,
             steps=num_steps(
                 len(examples),
-                t.epochs,
+                epochs,
                 t.micro_batch_size,
                 t.grad_accum,
-                t.max_steps,
+                max_steps,
                 distributed.world_size(),
             ),
             seed=t.seed + 1000 * i,
-            lr=t.lr,
+            lr=lr,
             replay=replay,
             kl_ratio=cfg.replay.kl_ratio,
             router_lr=t.router_lr,
