@@ -34,7 +34,7 @@ __all__ = [
     "to_dict",
 ]
 
-Method = Literal["sapt", "seq_lora", "inc_lora", "replay", "mtl", "single_task"]
+Method = Literal["sapt", "seq_lora", "inc_lora", "olora", "replay", "mtl", "single_task"]
 
 
 class ConfigError(ValueError):
@@ -249,6 +249,18 @@ class TrackingConfig:
 
 
 @dataclass
+class OLoRAConfig:
+    """O-LoRA (``method=olora``, Wang et al. 2023): the loss adds ``lambda_1`` x the sum
+    over adapted layers of ``|A_old A_new^T|`` (every entry, every earlier block) and
+    ``lambda_2`` x the sum of the new block's parameter 2-norms, as its released trainer.
+    Defaults: lambda_1 0.5 (its scripts); lambda_2 0 (set it to the script you compare
+    with)."""
+
+    lambda_1: float = 0.5
+    lambda_2: float = 0.0
+
+
+@dataclass
 class TaskOverride:
     """Settings of one task that differ from the run's (``per_task.<task name>``): the
     released Long Sequence script trains cb, copa, boolq, imdb, dbpedia and multirc a fixed
@@ -283,6 +295,8 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     #: Per-task settings by task name (see :class:`TaskOverride`).
     per_task: dict[str, TaskOverride] = field(default_factory=dict)
+    #: O-LoRA's regularisers (``method=olora`` only).
+    olora: OLoRAConfig = field(default_factory=OLoRAConfig)
 
     def validate(self) -> None:
         """Impossible values, named by key."""

@@ -104,7 +104,9 @@ def test_two_task_sapt_run_writes_every_output(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["seq_lora", "inc_lora", "replay", "mtl", "single_task"])
+@pytest.mark.parametrize(
+    "method", ["seq_lora", "inc_lora", "olora", "replay", "mtl", "single_task"]
+)
 def test_baselines_run(tmp_path, method):
     """Each baseline does what it must: the blocks it files, what each block learned, how
     many optimizer steps, what is scored, and (per-task slots) how blocks are mixed."""
@@ -133,7 +135,7 @@ def test_baselines_run(tmp_path, method):
         assert [len(v) for v in losses.values()] == [12]
         return
     assert [len(losses[t]) for t in (t1, t2)][0] == 6  # 48 examples / 8
-    if method == "inc_lora":  # a block per task, summed with weight 1 each, no attention
+    if method in ("inc_lora", "olora"):  # a block per task, summed with weight 1, no attention
         assert blocks == ["block_00.safetensors", "block_01.safetensors"] and per_task == []
         assert manifest["model"]["routing"] == "sum"
         assert manifest["adapter"]["gradient"] == "exact"  # plain LoRA's gradient

@@ -378,3 +378,45 @@ def test_inc_lora_gradient_against_a_plain_sum_of_loras(llama, gradient):
         for name, layer in model.layers.items()
     ]
     assert all(close) if gradient == "exact" else not all(close)
+
+
+def test_olora_terms_against_hand_computed_values():
+    """O-LoRA's regularisers of one layer: sum |A_old A_new^T| over the blocks filed before
+    the current slot (not the current slot's stale bank row, not later slots) and the new
+    block's 2-norms; values computed by hand."""
+    from sapt_dist.method.lora import MixtureLoRALinear, RoutingContext
+
+    layer = MixtureLoRALinear(torch.nn.Linear(2, 2), 4, 2, 2.0, 0.0, RoutingContext())
+    with torch.no_grad():
+        layer.A_bank[0] = torch.eye(2)
+        layer.A_bank[1] = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+        layer.A_bank[2] = 100.0  # the current slot's row: never counted
+        layer.A_bank[3] = 100.0  # a later slot: never counted
+        layer.lora_A.copy_(torch.tensor([[1.0, 1.0], [0.0, 2.0]]))
+        layer.lora_B.copy_(torch.tensor([[3.0, 0.0], [0.0, 4.0]]))
+    current = torch.tensor([False, False, True, False])
+    orth, l2 = layer.olora_terms(current)
+    # I A^T = [[1, 0], [1, 2]] (abs-sum 4); the swap permutes its rows (4 again)
+    assert orth.item() == pytest.approx(8.0)
+    assert l2.item() == pytest.approx(6**0.5 + 5.0)
+    orth, _ = layer.olora_terms(torch.tensor([False, True, False, False]))
+    assert orth.item() == pytest.approx(4.0)
+    orth.backward()
+    assert layer.lora_A.grad is not None and layer.A_bank.grad is None
+
+
+def test_olora_loss_is_the_task_loss_plus_its_regularisers(llama):
+    """SAPTModel with O-LoRA on: loss = task loss + lambda_1 * sum over layers of the
+    orthogonality term + lambda_2 * sum of the new block's norms, and both terms reach the
+    current block's gradient."""
+    model = SAPTModel(llama, AdapterConfig(gradient="exact"), n_slots=2, routing="sum")
+    _random_blocks(model, 2)
+    model.train()
+    ids, am = _batch()
+    plain = model(ids, am, ids).loss.detach()
+    model.olora = (0.5, 0.1)
+    out = model(ids, am, ids)
+    orth = sum((layer.A_bank[0] @ layer.lora_A.t()).abs().sum() for layer in model.layers.values())
+    l2 = sum(layer.lora_A.norm() + layer.lora_B.norm() for layer in model.layers.values())
+    torch.testing.assert_close(out.loss.detach(), plain + 0.5 * orth.detach() + 0.1 * l2.detach())
+    assert model.context.regularizers is None  # collected for this forward only

@@ -57,6 +57,9 @@ class RoutingContext:
     #: set by ``SAPTModel.generate``: layer -> stacked blocks and scales, prepared on the
     #: first decoding step and reused by every later one (weights and blocks are fixed)
     inference: dict | None = None
+    #: O-LoRA training: each adapted layer appends its (orthogonality, L2) terms here
+    #: (computed where ZeRO-3 has its parameters gathered); ``None``: not collected
+    regularizers: list | None = None
 
 
 def is_adaptable_linear(module: nn.Module) -> bool:
@@ -164,6 +167,16 @@ class MixtureLoRALinear(nn.Module):
         B = torch.where(sel, self.lora_B.unsqueeze(0), self.B_bank)
         return A, B
 
+    def olora_terms(self, current: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """O-LoRA's two regularisers for this layer (Wang et al. 2023, its released trainer):
+        ``sum |A_old A_new^T|`` over every block filed before the current slot (L1 of the
+        r x r products) and ``||A_new|| + ||B_new||`` (2-norms) of the trainable block.
+        Static shapes: earlier slots are selected by a mask, not a loop."""
+        earlier = (torch.cumsum(current.to(torch.int32), 0) == 0).to(self.A_bank.dtype)
+        old = (self.A_bank * earlier.view(-1, 1, 1)).reshape(-1, self.in_features)
+        orth = (old @ self.lora_A.t()).abs().sum()
+        return orth, self.lora_A.norm() + self.lora_B.norm()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = self._context
         if ctx.inference is not None and not torch.is_grad_enabled():
@@ -192,6 +205,8 @@ class MixtureLoRALinear(nn.Module):
                 self.scaling,
                 cut=ctx.x_grad_mask is not None,
             )
+            if ctx.regularizers is not None:
+                ctx.regularizers.append(self.olora_terms(ctx.current))
         else:
             A, B = self.stacked()
             h = self.dropout(x).to(A.dtype)

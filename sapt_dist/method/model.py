@@ -97,6 +97,8 @@ class SAPTModel(nn.Module):
         super().__init__()
         if n_slots < 1:
             raise ValueError(f"n_slots must be >= 1, got {n_slots}")
+        #: O-LoRA's (lambda_1, lambda_2), set by the run for ``method=olora``; None: off
+        self.olora: tuple[float, float] | None = None
         self.backbone = backbone
         self.adapter_config = adapter
         self.n_slots = n_slots
@@ -311,10 +313,19 @@ class SAPTModel(nn.Module):
         if weights is None:
             weights = self.routing_weights(input_ids, prompt_mask, embeds=embeds)
         self._route(weights)
+        olora = self.olora if (self.olora is not None and labels is not None) else None
+        self.context.regularizers = [] if olora is not None and torch.is_grad_enabled() else None
         out = self.backbone(
             inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False
         )
         task_loss = out.loss
+        terms, self.context.regularizers = self.context.regularizers, None
+        if terms:  # O-LoRA: task loss + lambda_1 * orthogonality + lambda_2 * L2 of the new block
+            task_loss = (
+                task_loss
+                + olora[0] * torch.stack([o for o, _ in terms]).sum()
+                + olora[1] * torch.stack([n for _, n in terms]).sum()
+            )
         arm = None
         if replay_input_ids is not None:
             if replay_task is None or replay_attention_mask is None:

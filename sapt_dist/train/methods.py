@@ -6,6 +6,7 @@ method          slots  routing    block   data   replay   router  evaluates  lea
 ==============  =====  =========  ======  =====  =======  ======  =========  =========
 sapt            N      attention  fresh   task   ARM      trains  seen       own task
 inc_lora        N      sum (=1)   fresh   task   -        -       seen       own task
+olora           N      sum (=1)   fresh   task   -        -       seen       own task
 seq_lora        1      -          kept    task   -        -       seen       seen
 replay          1      -          kept    task   real     -       seen       seen
 mtl             1      -          fresh   all    -        -       all        all
@@ -20,7 +21,9 @@ single_task     1      -          fresh   task   -        -       own        own
 - *evaluates*: the test splits scored after stage t (the tasks seen so far, the task's
   own, every task).
 - *learned*: the data a block has learned from (its provenance record).
-- IncLoRA trains with the exact gradient through the earlier blocks whatever
+- O-LoRA is IncLoRA plus its two regularisers on the new block: orthogonality to every
+  earlier block's A (``olora.lambda_1``) and an L2 term (``olora.lambda_2``).
+- IncLoRA and O-LoRA train with the exact gradient through the earlier blocks whatever
   ``adapter.gradient`` says (SAPT's default cut is a quirk of its released code).
 """
 
@@ -55,6 +58,9 @@ class Method:
     #: released code cuts it, the default); ``exact`` always (IncLoRA is plain LoRA with
     #: every block added: the cut is a quirk of SAPT's code, not part of IncLoRA)
     gradient: Literal["config", "exact"] = "config"
+    #: O-LoRA: the new block is trained orthogonal to the earlier blocks' subspaces
+    #: (``olora.lambda_1``) with an L2 term on it (``olora.lambda_2``)
+    orthogonal: bool = False
 
     @property
     def stages(self) -> Literal["per_task", "one"]:
@@ -82,6 +88,7 @@ METHODS: dict[str, Method] = {
     for m in [
         Method("sapt", per_task_slots=True, replay="arm", trains_router=True),
         Method("inc_lora", per_task_slots=True, routing="sum", gradient="exact"),
+        Method("olora", per_task_slots=True, routing="sum", gradient="exact", orthogonal=True),
         Method("seq_lora", per_task_slots=False, keeps_block=True, learned="seen"),
         Method("replay", per_task_slots=False, keeps_block=True, replay="real", learned="seen"),
         Method("mtl", per_task_slots=False, joint=True, evaluates="all", learned="all"),

@@ -243,6 +243,8 @@ class ContinualRun:
             dtype=torch_dtype(cfg.model.dtype),
             generator_slot=self.method.replay == "arm" and cfg.replay.kind == "generative",
         )
+        if self.method.orthogonal:
+            self.model.olora = (cfg.olora.lambda_1, cfg.olora.lambda_2)
         if cfg.model.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.enc = self._encode(tokenizer, tasks)
