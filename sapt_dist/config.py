@@ -424,7 +424,9 @@ class RunConfig:
                     raise ConfigError(f"config key 'per_task.{name}.{field_}' must be >= 1")
             if ov.lr is not None and not ov.lr > 0:
                 raise ConfigError(f"config key 'per_task.{name}.lr' must be > 0")
-        if self.per_task and self.method == "mtl":
+        from sapt_dist.train.methods import METHODS
+
+        if self.per_task and METHODS[self.method].joint:
             raise ConfigError(
                 "config key 'per_task': mtl trains one stage on every task at once; per-task "
                 "settings do not apply to it"

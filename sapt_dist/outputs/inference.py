@@ -645,10 +645,11 @@ def reevaluate(loaded: LoadedRun) -> dict[str, Any]:
     ``training_row`` to see what the mask did.
     """
     cfg, run_dir = loaded.cfg, loaded.run_dir
-    if cfg.method not in ("sapt", "inc_lora"):
+    if not METHODS[cfg.method].per_task_slots:
+        per_task = sorted(m for m, spec in METHODS.items() if spec.per_task_slots)
         raise ConfigError(
             f"re-evaluation with a block mask needs a run with one block per task "
-            f"(method sapt or inc_lora); {run_dir} is a {cfg.method} run"
+            f"(method {', '.join(per_task)}); {run_dir} is a {cfg.method} run"
         )
     progress_path = run_dir / "state" / "blocks" / "progress.json"
     if not progress_path.is_file():
