@@ -610,6 +610,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 # --------------------------------------------------------------------------- DeepSpeed configs
+def preset_path(name: str) -> Path:
+    """Path of a preset shipped in the package (``demo``, ``llama2_7b_superni_order1``,
+    with or without ``.yaml``); it may not exist (callers check)."""
+    stem = name.removesuffix(".yaml")
+    return Path(str(resources.files("sapt_dist") / "presets" / f"{stem}.yaml"))
+
+
 def shipped_ds_configs() -> dict[str, str]:
     """Name -> JSON text of the DeepSpeed configs shipped in the package
     (``sapt_dist/ds_configs``, also at the repository's top level as ``ds_configs/``)."""

@@ -20,20 +20,14 @@ import logging
 import os
 import sys
 import time
-from importlib import resources
-from pathlib import Path
 
 from sapt_dist import distributed
+from sapt_dist.config import preset_path
 from sapt_dist.distributed import preemption
 
 __all__ = ["main", "preset_path"]
 
 log = logging.getLogger("sapt_dist")
-
-
-def preset_path(name: str) -> Path:
-    """Path of a preset shipped in the package (``demo``, ``llama2_7b_superni_order1``, ...)."""
-    return Path(str(resources.files("sapt_dist") / "presets" / f"{name}.yaml"))
 
 
 def setup_logging(level: int = logging.INFO) -> None:

@@ -697,12 +697,12 @@ def sweep(base: PlanInputs) -> list[dict]:
 # --------------------------------------------------------------------------- CLI
 def _from_run_config(path: str) -> dict[str, Any]:
     """Planner defaults from a run config YAML (a preset name or a path)."""
-    from sapt_dist.config import ConfigError, load_config
+    from sapt_dist.config import ConfigError, load_config, preset_path
     from sapt_dist.data.tasks import ORDERS
 
     p = Path(path)
     if not p.is_file():
-        preset = Path(__file__).parent.parent / "presets" / f"{path.removesuffix('.yaml')}.yaml"
+        preset = preset_path(path)
         if not preset.is_file():
             names = sorted(x.stem for x in preset.parent.glob("*.yaml"))
             raise PlanError(f"--run-config: no file {p} and no preset {path!r} (presets: {names})")
@@ -851,7 +851,9 @@ def submit_command(inp: PlanInputs, fits: bool, config: str | None = None) -> st
     ``--run-config`` (else a placeholder to fill in)."""
     cfg = "my.yaml"
     if config:
-        preset = Path(__file__).parent.parent / "presets" / f"{config.removesuffix('.yaml')}.yaml"
+        from sapt_dist.config import preset_path
+
+        preset = preset_path(config)
         cfg = config if Path(config).is_file() or not preset.is_file() else str(preset)
         if Path(cfg).resolve().is_relative_to(Path.cwd()):
             cfg = str(Path(cfg).resolve().relative_to(Path.cwd()))

@@ -216,7 +216,7 @@ def train_block(
         return snap
 
     good = snapshot_at(start)()  # the state to go back to if the next step goes bad
-    tolerance = getattr(train_cfg, "nonfinite_tolerance", 0)
+    tolerance = train_cfg.nonfinite_tolerance
     skipped = 0
     device = next(iter(params)).device
     model.train()
