@@ -297,10 +297,10 @@ def train_block(
                 optimizer, job.params, good.params, good.optimizer
             )
             losses.append(None)
-            good = StepState(
+            # the weights and moments of the last good step, at this step's position
+            good = replace(
+                good,
                 step=step + 1,
-                params=good.params,
-                optimizer=good.optimizer,
                 scheduler=copy.deepcopy(scheduler.state_dict()),
                 rng=torch.get_rng_state(),
                 losses=list(losses),
