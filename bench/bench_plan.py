@@ -430,22 +430,21 @@ def worker(out: Path, names: list[str], tmp: Path) -> None:
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     results = []
-    if True:
-        for case in CASES:
-            if case.name not in names:
-                continue
-            m = measure(case, tmp)
-            # the largest figure over ranks (ranks differ only by padding)
-            keys = [k for k in m if k != "shape"]
-            t = torch.tensor([float(m[k]) for k in keys], dtype=torch.float64)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            m.update({k: int(v) for k, v in zip(keys, t.tolist())})
-            results.append({"case": case.name, "world": world, **m})
-            if rank == 0:
-                print(f"  measured {case.name} on {world} process(es)", flush=True)
+    for case in CASES:
+        if case.name not in names:
+            continue
+        m = measure(case, tmp)
+        # the largest figure over ranks (ranks differ only by padding)
+        keys = [k for k in m if k != "shape"]
+        t = torch.tensor([float(m[k]) for k in keys], dtype=torch.float64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        m.update({k: int(v) for k, v in zip(keys, t.tolist())})
+        results.append({"case": case.name, "world": world, **m})
+        if rank == 0:
+            print(f"  measured {case.name} on {world} process(es)", flush=True)
     if rank == 0:
         out.write_text(json.dumps(results, indent=1))
-    distributed.close()  # a gloo group left alive can abort the exit (SIGABRT)
+    distributed.leave_together()  # no rank exits while another still works (SIGABRT)
 
 
 # --------------------------------------------------------------------------- peak

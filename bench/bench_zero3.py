@@ -156,6 +156,7 @@ def worker(args: argparse.Namespace) -> None:
     }
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(result))
     distributed.finish()
+    distributed.leave_together()
 
 
 def run_config(name: str, procs: int, stage: int, shape: str) -> list[dict]:

@@ -132,6 +132,7 @@ def _serve(args: argparse.Namespace, prog: str, generate: bool) -> int:
             print(f"{prog}: report written to {args.report}", file=sys.stderr)
         if args.output != "-":
             print(f"{prog}: {len(rows)} row(s) written to {args.output}", file=sys.stderr)
+    distributed.leave_together()  # rank 1 must not exit while rank 0 still writes
     return 0
 
 
@@ -244,6 +245,9 @@ def blocks_main(argv: list[str] | None = None) -> int:
             res = reevaluate(load_run(run, args.model_path, args.overrides))
             print(res["report"])
             print(f"written: {run / 'metrics' / 'accuracy_matrix_reevaluated.md'}")
+            from sapt_dist import distributed
+
+            distributed.leave_together()
             return 0
         folder, finished = find_blocks(run)
         m = read_manifest(folder)

@@ -139,11 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     if distributed.is_main_process():
         print(results.get("report", ""))
         print(f"run folder: {cfg.output_dir}  ({time.time() - t0:.0f} s)")
-    # every rank leaves together, its process group closed: a rank that exits while the
-    # others still write (rank 0's report) can abort in gloo's destructor (SIGABRT), and
-    # the launcher then fails a finished job (seen once in a SLURM job array here)
-    distributed.barrier()
-    distributed.close()
+    # a rank that exits while the others still write (rank 0's report) can abort in gloo's
+    # destructor (SIGABRT) and the launcher then fails a finished job
+    distributed.leave_together()
     return 0
 
 

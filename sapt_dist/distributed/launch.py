@@ -154,6 +154,16 @@ def close() -> None:
         torch.distributed.destroy_process_group()
 
 
+def leave_together() -> None:
+    """End a successful multi-rank command: every rank waits for the others, then closes
+    its process group, so no rank exits while a peer still works (rank 0 writing a report
+    or predictions). Exiting alone can abort in gloo's destructor (SIGABRT, "terminate
+    called without an active exception") and the launcher then fails a finished job. Only
+    on success: a rank leaving on an error must not wait for peers that may never come."""
+    barrier()
+    close()
+
+
 def all_gather_objects(obj: Any) -> list[Any]:
     """Every rank's ``obj`` (picklable Python data of this run, never files), rank order."""
     if world_size() == 1:
