@@ -68,7 +68,14 @@ class ModelConfig:
 
 @dataclass
 class AdapterConfig:
-    """Per-task LoRA blocks and SAPT's shared attention."""
+    """Per-task blocks (LoRA or soft prompts) and SAPT's shared attention."""
+
+    #: The PET block of each task: ``lora`` (low-rank matrices on ``target_modules``) or
+    #: ``prompt`` (a soft prompt of ``prompt_length`` virtual tokens prepended to the input
+    #: embeddings; the attention mixes the prompts; no backbone weight changes).
+    kind: Literal["lora", "prompt"] = "lora"
+    #: Virtual tokens per prompt block (``kind: prompt``).
+    prompt_length: int = 20
 
     #: Names of the linear layers to adapt (matched on the last component of the module
     #: path, e.g. ``q_proj`` adapts ``model.layers.*.self_attn.q_proj``).
@@ -304,7 +311,17 @@ class RunConfig:
             (self.adapter.rank >= 1, "adapter.rank", "must be >= 1"),
             (self.adapter.alpha > 0, "adapter.alpha", "must be > 0"),
             (0.0 <= self.adapter.dropout < 1.0, "adapter.dropout", "must be in [0, 1)"),
-            (len(self.adapter.target_modules) > 0, "adapter.target_modules", "must not be empty"),
+            (
+                self.adapter.kind == "prompt" or len(self.adapter.target_modules) > 0,
+                "adapter.target_modules",
+                "must not be empty",
+            ),
+            (self.adapter.prompt_length >= 1, "adapter.prompt_length", "must be >= 1"),
+            (
+                not (self.adapter.kind == "prompt" and self.method == "olora"),
+                "method",
+                "olora regularises LoRA blocks' A matrices; it needs adapter.kind 'lora'",
+            ),
             (
                 self.adapter.n_slots is None or self.adapter.n_slots >= 1,
                 "adapter.n_slots",

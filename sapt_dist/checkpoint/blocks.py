@@ -120,6 +120,11 @@ def model_signature(model: SAPTModel) -> dict[str, Any]:
         "target_layers": {
             name: [layer.in_features, layer.out_features] for name, layer in model.layers.items()
         },
+        **(
+            {"kind": "prompt", "prompt_length": model.prompts.length}
+            if model.prompts is not None
+            else {}
+        ),
     }
 
 
@@ -134,9 +139,8 @@ def _block_tensors(model: SAPTModel, slot: int) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     with distributed.gathered(params):
         for name, layer in model.layers.items():
-            A, B = layer.stacked()
-            out[f"{name}.A"] = _cpu(A[slot])
-            out[f"{name}.B"] = _cpu(B[slot])
+            for part, t in zip(layer.BLOCK_PARTS, layer.stacked()):
+                out[f"{name}.{part}"] = _cpu(t[slot])
         out["key"] = _cpu(model.router.keys()[slot])
     return out
 
@@ -353,7 +357,9 @@ def check_manifest(manifest: dict[str, Any], model: SAPTModel, where: str) -> No
     saved, mine = manifest.get("model", {}), model_signature(model)
     problems = []
     # keys written only when set (so older manifests still load) are compared both ways
-    optional = [k for k in ("router_center",) if k in saved and k not in mine]
+    optional = [
+        k for k in ("router_center", "kind", "prompt_length") if k in saved and k not in mine
+    ]
     for key in list(mine) + optional:
         if saved.get(key) != mine.get(key):
             if key == "target_layers":
@@ -403,8 +409,8 @@ def load_blocks(model: SAPTModel, folder: str | Path) -> list[str]:
             r.recompute_center()
         for j, block in enumerate(blocks):
             for name, layer in model.layers.items():
-                layer.A_bank[j].copy_(block[f"{name}.A"].to(layer.A_bank))
-                layer.B_bank[j].copy_(block[f"{name}.B"].to(layer.B_bank))
+                for part, bank in zip(layer.BLOCK_PARTS, layer.banks()):
+                    bank[j].copy_(block[f"{name}.{part}"].to(bank))
             r.key_bank[j].copy_(block["key"].to(r.key_bank))
     if tasks:
         model.start_task(len(tasks) - 1, fresh=False)
@@ -438,7 +444,8 @@ def check_files(manifest: dict[str, Any], folder: str | Path) -> None:
 def export_peft(
     model: SAPTModel, slot: int, folder: str | Path, base_model_name_or_path: str | None = None
 ) -> Path:
-    """Write slot ``slot``'s block as a peft LoRA adapter folder (atomically).
+    """Write slot ``slot``'s block as a peft adapter folder (atomically): LoRA, or prompt
+    tuning for prompt blocks.
 
     ``PeftModel.from_pretrained(plain_backbone, folder)`` then gives exactly the backbone
     with that one block (SAPT with one-hot weights on ``slot``).
@@ -448,6 +455,8 @@ def export_peft(
         raise ValueError(f"slot {slot} out of range 0..{model.n_slots - 1}")
     block = _block_tensors(model, slot)
     ac = model.adapter_config
+    if model.prompts is not None:
+        return _export_peft_prompt(model, block, folder, base_model_name_or_path)
     tensors = {}
     for name in model.layers:
         tensors[f"base_model.model.{name}.lora_A.weight"] = block[f"{name}.A"]
@@ -471,5 +480,37 @@ def export_peft(
         return folder
     with atomic_dir(folder) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return folder
+
+
+def _export_peft_prompt(
+    model: SAPTModel, block: dict[str, torch.Tensor], folder: Path, base: str | None
+) -> Path:
+    """A prompt block as peft's prompt tuning (``PROMPT_TUNING``, ``prompt_embeddings``)."""
+    from sapt_dist.method.prompt import PROMPT_BLOCK
+
+    hf = getattr(model.backbone, "config", None)
+    prompt = block[f"{PROMPT_BLOCK}.P"]
+    config = {
+        "peft_type": "PROMPT_TUNING",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base,
+        "num_virtual_tokens": int(prompt.shape[0]),
+        "token_dim": int(prompt.shape[1]),
+        "num_transformer_submodules": 1,
+        "num_attention_heads": getattr(hf, "num_attention_heads", None),
+        "num_layers": getattr(hf, "num_hidden_layers", None),
+        "prompt_tuning_init": "RANDOM",
+        "inference_mode": True,
+    }
+    if not distributed.is_main_process():
+        return folder
+    with atomic_dir(folder) as tmp:
+        save_file(
+            {"prompt_embeddings": prompt},
+            str(tmp / "adapter_model.safetensors"),
+            metadata={"format": "pt"},
+        )
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return folder

@@ -97,6 +97,9 @@ def disable_bnb_cpu_packing(base: nn.Module) -> None:
 class MixtureLoRALinear(nn.Module):
     """A frozen linear layer plus ``n_slots`` LoRA blocks mixed by per-sequence weights."""
 
+    #: the tensors of one block, as named in block files (``<layer>.A``, ``<layer>.B``)
+    BLOCK_PARTS = ("A", "B")
+
     def __init__(
         self,
         base: nn.Module,
@@ -135,6 +138,10 @@ class MixtureLoRALinear(nn.Module):
     def adapter_params(self) -> list[nn.Parameter]:
         """The trainable parameters of this layer (the current task's block)."""
         return [self.lora_A, self.lora_B]
+
+    def banks(self) -> tuple[torch.Tensor, ...]:
+        """The filed blocks, one buffer per part of ``BLOCK_PARTS``."""
+        return (self.A_bank, self.B_bank)
 
     @torch.no_grad()
     def reset_current(self) -> None:

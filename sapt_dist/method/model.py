@@ -29,6 +29,7 @@ from sapt_dist.method.lora import (
     disable_bnb_cpu_packing,
     is_adaptable_linear,
 )
+from sapt_dist.method.prompt import PROMPT_BLOCK, MixturePrompt
 
 __all__ = ["SAPTModel", "SAPTOutput", "find_target_layers"]
 
@@ -112,8 +113,21 @@ class SAPTModel(nn.Module):
         for m in backbone.modules():
             disable_bnb_cpu_packing(m)
         self.context = RoutingContext()
-        self.target_names = sorted(find_target_layers(backbone, list(adapter.target_modules)))
-        self.layers: dict[str, MixtureLoRALinear] = {}
+        emb = backbone.get_input_embeddings()
+        #: every block holder: the adapted linear layers (LoRA) or the one prompt module;
+        #: each has ``adapter_params``, ``reset_current``, ``file_current``, ``load_current``,
+        #: ``stacked`` and ``banks`` (the parts named by its ``BLOCK_PARTS``)
+        self.layers: dict[str, MixtureLoRALinear | MixturePrompt] = {}
+        #: the prompt blocks (``adapter.kind == 'prompt'``), else None
+        self.prompts: MixturePrompt | None = None
+        if adapter.kind == "prompt":
+            self.target_names = []
+            self.prompts = MixturePrompt(
+                emb, self.n_layer_slots, adapter.prompt_length, self.context, dtype=dtype
+            )
+            self.layers[PROMPT_BLOCK] = self.prompts
+        else:
+            self.target_names = sorted(find_target_layers(backbone, list(adapter.target_modules)))
         for name in self.target_names:
             parent_name, _, leaf = name.rpartition(".")
             parent = backbone.get_submodule(parent_name) if parent_name else backbone
@@ -128,7 +142,6 @@ class SAPTModel(nn.Module):
             )
             setattr(parent, leaf, wrapped)
             self.layers[name] = wrapped
-        emb = backbone.get_input_embeddings()
         d = emb.embedding_dim
         self.router = SharedAttention(
             d,
@@ -313,6 +326,8 @@ class SAPTModel(nn.Module):
         if weights is None:
             weights = self.routing_weights(input_ids, prompt_mask, embeds=embeds)
         self._route(weights)
+        if self.prompts is not None:
+            embeds, attention_mask, labels = self._prepend_prompt(embeds, attention_mask, labels)
         olora = self.olora if (self.olora is not None and labels is not None) else None
         self.context.regularizers = [] if olora is not None and torch.is_grad_enabled() else None
         out = self.backbone(
@@ -335,9 +350,29 @@ class SAPTModel(nn.Module):
         loss = task_loss
         if arm is not None:
             loss = arm * kl_ratio if loss is None else loss + kl_ratio * arm
+        logits = out.logits
+        if self.prompts is not None:  # the virtual tokens' positions are not the input's
+            logits = logits[:, self.prompts.length :]
         return SAPTOutput(
-            loss=loss, logits=out.logits, weights=weights, task_loss=task_loss, arm_loss=arm
+            loss=loss, logits=logits, weights=weights, task_loss=task_loss, arm_loss=arm
         )
+
+    def _prepend_prompt(
+        self,
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Prompt blocks: the mixed prompt (routing weights already set) before the input
+        embeddings; the attention mask sees it, the labels ignore it (as peft does)."""
+        assert self.prompts is not None
+        mixed = self.prompts(self.context.weights).to(embeds.dtype)
+        b, L = embeds.shape[0], self.prompts.length
+        embeds = torch.cat([mixed, embeds], dim=1)
+        attention_mask = torch.cat([attention_mask.new_ones(b, L), attention_mask], dim=1)
+        if labels is not None:
+            labels = torch.cat([labels.new_full((b, L), IGNORE_INDEX), labels], dim=1)
+        return embeds, attention_mask, labels
 
     @torch.no_grad()
     def generate(
@@ -353,6 +388,9 @@ class SAPTModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         if weights is None:
             weights = self.routing_weights(input_ids, attention_mask)
+        if self.prompts is not None:  # HF expands the embeddings (beams) itself
+            self._route(weights)
+            return self._generate_with_prompt(input_ids, attention_mask, kwargs)
         # HF expands each prompt num_beams times for beam search, else num_return_sequences
         beams = int(kwargs.get("num_beams", 1) or 1)
         expand = beams if beams > 1 else int(kwargs.get("num_return_sequences", 1) or 1)
@@ -366,6 +404,22 @@ class SAPTModel(nn.Module):
             )
         finally:
             self.context.inference = None
+
+    def _generate_with_prompt(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, kwargs: dict[str, Any]
+    ) -> torch.Tensor:
+        """Prompt blocks: HF ``generate`` from ``inputs_embeds`` = [mixed prompt; prompt
+        embeddings]. The ids beside them (HF needs both of one length) start with ``L``
+        copies of each row's last prompt token, a token the row already has, so a
+        repetition penalty sees the same set of tokens; they are cut from the result,
+        which is, as without prompt blocks, the prompt ids followed by the new tokens."""
+        embeds, mask, _ = self._prepend_prompt(self.embed(input_ids), attention_mask, None)
+        L = self.prompts.length
+        ids = torch.cat([input_ids[:, -1:].expand(-1, L), input_ids], dim=1)
+        out = self.backbone.generate(
+            input_ids=ids, inputs_embeds=embeds, attention_mask=mask, **kwargs
+        )
+        return out[:, L:]
 
     def gradient_checkpointing_enable(self) -> None:
         """Checkpoint the backbone's layers; the mixture stays in (the routing context
