@@ -67,8 +67,10 @@ def test_bad_file_named(tmp_path):
 def test_presets_load_and_headers_are_commands(preset):
     first = preset.read_text().splitlines()[0]
     assert first.startswith("# sapt-train"), first
-    if preset.stem == "demo":
-        load_config(preset)
+    if preset.stem.startswith("demo"):  # the CPU demos need nothing from the user
+        cfg = load_config(preset)
+        assert cfg.model.builder == "demo" and cfg.data.root == "demo"
+        assert (cfg.adapter.kind == "prompt") == (preset.stem == "demo_prompt")
         return
     if preset.stem.startswith("smollm2"):
         # the real-model preset names a model sapt-models fetches on first use, keeps the

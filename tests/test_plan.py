@@ -114,6 +114,28 @@ def test_trainable_count_and_optimizer_bytes():
     assert p2["bytes"]["trainable_optimizer"] == expect
 
 
+def test_prompt_blocks_trainables_banks_and_activations_are_the_models():
+    """Prompt blocks: the trainable tensors, the bank buffers and the extra positions the
+    planner counts are those of a real SAPTModel with ``adapter.kind: prompt``."""
+    backbone = tiny_llama(vocab=96, hidden=32, layers=2)
+    adapter = AdapterConfig(kind="prompt", prompt_length=6)
+    model = SAPTModel(backbone, adapter, n_slots=3, generator_slot=True)
+    shape = shape_from_dict(backbone.config.to_dict(), name="tiny")
+    inp = _inputs(shape, prompt_length=6, targets=())
+    p = plan(inp)
+    assert p["detail"]["trainable_numel"] == sum(q.numel() for q in model.adapter_params())
+    buffers = sum(
+        b.numel() * b.element_size()
+        for n, b in model.named_buffers()
+        if n == "prompts.bank" or n.startswith("router.") or n == "layer_current"
+    )
+    assert p["bytes"]["block_stack"] == buffers
+    # the backbone runs L more positions: a block-free layer on 16 + 6 tokens, plus the
+    # mixed prompt (b, L, d) and its copy in the concatenated embeddings (fp32: 4 bytes)
+    plain = activation_bytes(_inputs(shape, seq_len=16 + 6, targets=()))
+    assert activation_bytes(inp)["layer"] == plain["layer"] + 2 * 4 * 2 * 6 * 32
+
+
 def test_persistent_parameters_are_whole_on_every_rank():
     model, shape = _sapt()
     frozen = [p for n, p in model.backbone.named_parameters() if "lora_" not in n]

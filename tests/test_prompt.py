@@ -188,3 +188,135 @@ def test_config_refuses_olora_on_prompts():
         None, ["model.builder=demo", "adapter.kind=prompt", "adapter.target_modules=[]"]
     )
     assert cfg.adapter.kind == "prompt" and PROMPT_BLOCK == "prompt"
+
+
+def test_prompt_blocks_on_a_4bit_backbone(tmp_path):
+    """NF4 backbone: one-hot weights equal the plain 4-bit model fed [P_j; E(x)] by hand,
+    and the prompt learns through the quantized layers."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_llama(hidden=128).save_pretrained(tmp_path / "m")  # bnb CPU kernels want d >= 64
+    q = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    quant = AutoModelForCausalLM.from_pretrained(tmp_path / "m", quantization_config=q)
+    plain = copy.deepcopy(quant)
+    for m in plain.modules():  # the same bnb CPU kernel as SAPTModel keeps
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    model = _prompt_model(quant, n_slots=2)
+    _random_prompts(model, 2)
+    ids, am = _batch()
+    one_hot = torch.tensor([[1.0, 0.0]]).expand(2, 2)
+    with torch.no_grad():
+        got = model(ids, am, weights=one_hot).logits
+        embeds = torch.cat(
+            [model.prompts.bank[0].expand(2, L, -1), plain.model.embed_tokens(ids)], 1
+        )
+        want = plain(inputs_embeds=embeds, attention_mask=torch.ones(2, L + ids.shape[1])).logits
+    torch.testing.assert_close(got, want[:, L:], rtol=1e-5, atol=1e-5)
+    out = model(ids, am, ids)
+    out.loss.backward()
+    assert model.prompts.prompt.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------ runs of the engine
+#: prompt blocks on the tiny demo run (TINY of tests/test_distributed.py: 2 tasks, seconds)
+PROMPT = ["adapter.kind=prompt", "adapter.prompt_length=4", "train.lr=3.0e-2"]
+
+
+@pytest.mark.slow
+def test_prompt_blocks_zero3_two_processes_equal_one_process_and_predict(tmp_path):
+    """A 2-rank ZeRO-3 run with prompt blocks equals the one-process run (same global
+    batch), and ``sapt-predict`` on it predicts what the engine's evaluation predicted."""
+    import json
+    import subprocess
+    import sys
+
+    from .conftest import subprocess_env
+    from .test_distributed import ZERO3, _assert_same_results, _run
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run(1, one, *PROMPT, "train.grad_accum=2")
+    _run(2, two, *PROMPT, "train.grad_accum=1", ZERO3)
+    _assert_same_results(one, two, loss_tol=1e-5, block_rel=1e-4)
+    manifest = json.loads((two / "blocks/manifest.json").read_text())
+    assert manifest["model"]["kind"] == "prompt" and manifest["model"]["prompt_length"] == 4
+
+    task = "task875_emotion_classification"
+    out = tmp_path / "pred.jsonl"
+    cmd = [sys.executable, "-m", "sapt_dist.cli.tools", "predict", str(two)]
+    cmd += ["--task", task, "--split", "test", "--output", str(out)]
+    res = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    engine = (two / "predictions" / f"after_01_{task}" / f"01_{task}.jsonl").read_text()
+    want = [json.loads(line)["prediction"] for line in engine.splitlines()]
+    got = [json.loads(line)["prediction"] for line in out.read_text().splitlines()]
+    assert got == want
+
+
+@pytest.mark.slow
+def test_prompt_run_killed_and_resumed_equals_uninterrupted(tmp_path):
+    import json
+    import signal
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    from .conftest import cli_cmd, run_progress, subprocess_env, wait_for_step_checkpoint
+    from .test_engine import TINY
+
+    env = subprocess_env()
+    args = [*TINY, *PROMPT, "tracking.backend=none", "data.max_train=64"]
+    ref = tmp_path / "ref"
+    res = subprocess.run(
+        cli_cmd(ref, *args, "train.checkpoint_every=0"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "killed"
+    cmd = cli_cmd(out, *args, "train.checkpoint_every=2")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_step_checkpoint(proc, out, 1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert run_progress(out)["completed"] == 1
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed at step" in res.stderr
+    a = json.loads((ref / "metrics/accuracy_matrix.json").read_text())
+    assert a == json.loads((out / "metrics/accuracy_matrix.json").read_text())
+    for f in ("block_00.safetensors", "block_01.safetensors", "router.safetensors"):
+        x, y = load_file(str(ref / "blocks" / f)), load_file(str(out / "blocks" / f))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), f
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["seq_lora", "inc_lora", "mtl"])
+def test_baselines_on_prompt_blocks(tmp_path, method):
+    """The baselines on prompt blocks: sequential prompt tuning (``seq_lora``: one prompt
+    that keeps training), a prompt per task summed (``inc_lora``), multi-task (``mtl``)."""
+    from safetensors.torch import load_file
+
+    from sapt_dist.train.run import run
+
+    from .test_engine import _cfg
+
+    res = run(_cfg(tmp_path, f"method={method}", *PROMPT, "train.checkpoint_every=0"))
+    out = tmp_path / "run"
+    blocks = sorted(f.name for f in (out / "blocks").glob("block_*.safetensors"))
+    assert all(v is not None for v in res["matrix"][-1])
+    b0 = load_file(str(out / "blocks" / "block_00.safetensors"))
+    assert set(b0) == {"prompt.P", "key"} and b0["prompt.P"].shape[0] == 4
+    if method == "inc_lora":
+        assert blocks == ["block_00.safetensors", "block_01.safetensors"]
+    else:
+        assert blocks == ["block_00.safetensors"]
+    if method == "seq_lora":  # the second task trained the one prompt further
+        t1 = "task363_sst2_polarity_classification"
+        after1 = load_file(str(out / "blocks_per_task" / f"00_{t1}" / "block_00.safetensors"))
+        assert not torch.equal(after1["prompt.P"], b0["prompt.P"])

@@ -89,9 +89,11 @@ def test_bad_sweep_fails_naming_the_key(tmp_path, spec, message):
     assert not (tmp_path / "out").exists()  # nothing written before every run is valid
 
 
-def _fake_run(folder: Path, model_path: Path, method: str, matrix, metrics, finished=True):
+def _fake_run(
+    folder: Path, model_path: Path, method: str, matrix, metrics, finished=True, kind="lora"
+):
     cfg = {"method": method, "model": {"builder": "pretrained", "path": str(model_path)}}
-    cfg.update({"data": {"order": "demo"}, "train": {"seed": 1}})
+    cfg.update({"data": {"order": "demo"}, "train": {"seed": 1}, "adapter": {"kind": kind}})
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
     if finished:
@@ -117,17 +119,22 @@ def test_report_table_and_plots(tmp_path):
     _fake_run(tmp_path / "r1", tmp_path / "small", "sapt", [[60, None], [50, 50]], m1)
     _fake_run(tmp_path / "r2", tmp_path / "big", "sapt", [[70, None], [70, 70]], m2)
     _fake_run(tmp_path / "r3", tmp_path / "big", "seq_lora", [], {}, finished=False)
+    _fake_run(tmp_path / "r4", tmp_path / "big", "sapt", [[10, None], [10, 10]], m1, kind="prompt")
     assert (
-        study.main([str(tmp_path / f"r{i}") for i in (1, 2, 3)] + ["--out", str(tmp_path / "rep")])
+        study.main(
+            [str(tmp_path / f"r{i}") for i in (1, 2, 3, 4)] + ["--out", str(tmp_path / "rep")]
+        )
         == 0
     )
     rows = list(csv.DictReader((tmp_path / "rep/summary.csv").open()))
+    # prompt blocks are their own method row, never averaged with LoRA's
+    assert rows.pop()["method"] == "sapt+prompt"
     assert [r["run"] for r in rows] == ["r1", "r2", "r3"]
     assert [int(r["params"]) for r in rows] == [sizes["small"], sizes["big"], sizes["big"]]
     assert [r["AP"] for r in rows] == ["50.00", "70.00", ""]
     assert rows[2]["status"] == "running: 1/2 tasks"
     md = (tmp_path / "rep/summary.md").read_text()
-    assert "2 of 3 run(s) finished" in md
+    assert "3 of 4 run(s) finished" in md
     assert f"| big | {sizes['big']} | sapt | 1 | 70.00 | 0.00 |" in md.replace(
         str(tmp_path / "big"), "big"
     )

@@ -235,6 +235,8 @@ class PlanInputs:
     generator_slot: bool = True
     rank: int = 4
     targets: tuple[str, ...] = ("q_proj", "v_proj")
+    #: virtual tokens of a prompt block (``adapter.kind: prompt``); 0: LoRA blocks
+    prompt_length: int = 0
     query_hidden: int = 100
     grad_ckpt: bool = True
     padded: bool = True
@@ -250,6 +252,11 @@ class PlanInputs:
     def e(self) -> int:
         """Bytes per element of the training dtype."""
         return 2 if self.dtype == "bf16" else 4
+
+    @property
+    def tokens(self) -> int:
+        """Positions the backbone runs per sequence: the prompt block's virtual tokens too."""
+        return self.seq_len + self.prompt_length
 
     @property
     def layer_slots(self) -> int:
@@ -273,6 +280,10 @@ class PlanInputs:
             raise PlanError(f"--dtype must be bf16 or fp32 (got {self.dtype!r})")
         if self.quant not in ("none", "nf4", "fp4"):
             raise PlanError(f"--quant must be none, nf4 or fp4 (got {self.quant!r})")
+        if self.prompt_length < 0:
+            raise PlanError(f"--prompt-length must be >= 0 (got {self.prompt_length!r})")
+        if self.prompt_length:
+            return  # prompt blocks: no adapted linear layer
         if not self.targets:
             raise PlanError("--targets must name at least one linear layer")
         bad = [t for t in self.targets if t not in LINEAR_NAMES]
@@ -394,11 +405,14 @@ def _linear_dims(shape: ModelShape) -> dict[str, tuple[int, int]]:
 
 
 def trainable_tensors(inp: PlanInputs) -> list[Tensor]:
-    """The trainable tensors of one block: LoRA A/B per adapted linear, key, ``g``."""
+    """The trainable tensors of one block: LoRA A/B per adapted linear (or the soft prompt),
+    key, ``g``."""
     shape, r = inp.shape, inp.rank
     dims = _linear_dims(shape)
     out = []
-    for i in range(shape.layers):
+    if inp.prompt_length:
+        out.append(Tensor("prompts.prompt", "prompt", (inp.prompt_length, shape.hidden)))
+    for i in range(shape.layers if not inp.prompt_length else 0):
         for leaf in LINEAR_NAMES:
             if leaf in inp.targets:
                 d_in, d_out = dims[leaf]
@@ -454,7 +468,8 @@ def activation_bytes(inp: PlanInputs) -> dict[str, int]:
     stored inputs) and ``peak`` (the activations' peak in forward + backward).
     """
     s = inp.shape
-    e, b, n = inp.e, inp.micro_batch, inp.micro_batch * inp.seq_len
+    S = inp.tokens  # positions per sequence (a prompt block's virtual tokens included)
+    e, b, n = inp.e, inp.micro_batch, inp.micro_batch * S
     d, ff, heads, hd = s.hidden, s.intermediate, s.heads, s.hd
     q, kv = heads * hd, s.kv_heads * hd
     kv_saved = q if inp.padded else kv  # HF repeats k, v to every head when a mask is given
@@ -463,25 +478,28 @@ def activation_bytes(inp: PlanInputs) -> dict[str, int]:
     core = (
         norm  # post-attention norm
         + e * n * (q + 2 * kv_saved + q)  # q, k, v after RoPE; attention output
-        + 4 * b * heads * inp.seq_len  # log-sum-exp of the fused attention
-        + (e * b * inp.seq_len**2 if inp.padded else 0)  # the padding mask
+        + 4 * b * heads * S  # log-sum-exp of the fused attention
+        + (e * b * S**2 if inp.padded else 0)  # the padding mask
         + 3 * e * n * ff  # gate, up, SiLU(gate)
     )
     dims = _linear_dims(s)
     # o_proj's input is a view of the attention output SDPA saves already (its kernels
     # write (b, s, heads, hd) memory): no new storage
     group_size = {"attn_in": d, "attn_out": 0, "mlp_in": d, "mlp_mid": ff}
-    groups = {_INPUT_GROUPS[t] for t in inp.targets}
+    targets = () if inp.prompt_length else inp.targets
+    groups = {_INPUT_GROUPS[t] for t in targets}
     zero_linear = inp.knobs.memory_efficient_linear
     if zero_linear and inp.quant == "none":
         groups = set(group_size)  # ZeRO-3's linear saves every linear's input
     mixture = sum(e * n * group_size[g] for g in groups)
-    for t in inp.targets:
+    if inp.prompt_length:  # the mixed prompt (b, L, d) and its copy in the embeddings' concat
+        mixture += 2 * e * b * inp.prompt_length * d
+    for t in targets:
         d_in, d_out = dims[t]
         mixture += e * (T * r * (d_in + d_out) + n * T * r + b * T * r) + 8
     layer = core + norm + mixture
     layer0 = core + mixture
-    rope = 2 * e * inp.seq_len * hd  # cos, sin (shared by every layer)
+    rope = 2 * e * S * hd  # cos, sin (shared by every layer)
     h = inp.query_hidden
     router = e * (b * (4 * d + h) + d * inp.slots) + 8 * b * inp.slots
     top = norm + 4 * n * s.vocab + 8 * n + 4
@@ -561,10 +579,13 @@ def plan(inp: PlanInputs) -> dict[str, Any]:
     gathered_numel = min(partitioned_total, kept) if W > 1 else 0
     gathered = gathered_numel * e
     dims = _linear_dims(inp.shape)
-    banks = (
-        sum(inp.layer_slots * inp.rank * (dims[t][0] + dims[t][1]) * e for t in inp.targets)
-        * inp.shape.layers
-    )
+    if inp.prompt_length:
+        banks = inp.layer_slots * inp.prompt_length * inp.shape.hidden * e
+    else:
+        banks = (
+            sum(inp.layer_slots * inp.rank * (dims[t][0] + dims[t][1]) * e for t in inp.targets)
+            * inp.shape.layers
+        )
     # key_bank, targets, task_means, center; active / current / has_mean (bool) and
     # SAPTModel.layer_current (bool)
     # (task_means and center stay fp32 whatever the dtype)
@@ -667,8 +688,12 @@ def assumptions(inp: PlanInputs) -> str:
     return (
         f"per GPU, GiB; micro-batch {inp.micro_batch} x {inp.seq_len} tokens (padded), "
         f"{inp.slots} task slots{' + generator slot' if inp.generator_slot else ''}, "
-        f"LoRA r {inp.rank} on {','.join(inp.targets)}, AdamW, "
-        f"gradient checkpointing {'on' if inp.grad_ckpt else 'off'}"
+        + (
+            f"prompt blocks of {inp.prompt_length} virtual tokens, AdamW, "
+            if inp.prompt_length
+            else f"LoRA r {inp.rank} on {','.join(inp.targets)}, AdamW, "
+        )
+        + f"gradient checkpointing {'on' if inp.grad_ckpt else 'off'}"
         f"{', backbone partitions offloaded to CPU' if inp.offload_param else ''}; "
         f"ZeRO-3 prefetch {k.prefetch_bucket_size:.3g}, max live {k.max_live_parameters:.3g}, "
         f"reuse distance {k.max_reuse_distance:.3g}, persistence {k.param_persistence_threshold:.3g} "
@@ -727,6 +752,7 @@ def _from_run_config(path: str) -> dict[str, Any]:
         "seq_len": cfg.data.max_source_length + cfg.data.max_target_length,
         "rank": cfg.adapter.rank,
         "targets": tuple(cfg.adapter.target_modules),
+        "prompt_length": cfg.adapter.prompt_length if cfg.adapter.kind == "prompt" else 0,
         "query_hidden": cfg.adapter.query_hidden,
         "grad_ckpt": cfg.model.gradient_checkpointing,
         "generator_slot": arm and cfg.replay.kind == "generative",
@@ -784,6 +810,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--rank", type=int, default=None)
     ap.add_argument("--targets", default=None, help="comma-separated linear names (q_proj,v_proj)")
+    ap.add_argument(
+        "--prompt-length",
+        type=int,
+        default=None,
+        help="prompt blocks of this many virtual tokens instead of LoRA (adapter.kind: prompt)",
+    )
     ap.add_argument("--query-hidden", type=int, default=None)
     ap.add_argument("--grad-ckpt", dest="grad_ckpt", action="store_true", default=None)
     ap.add_argument("--no-grad-ckpt", dest="grad_ckpt", action="store_false")
@@ -830,6 +862,7 @@ def inputs_from_args(args: argparse.Namespace) -> PlanInputs:
         "slots": args.slots,
         "generator_slot": args.generator_slot,
         "rank": args.rank,
+        "prompt_length": args.prompt_length,
         "query_hidden": args.query_hidden,
         "grad_ckpt": args.grad_ckpt,
         "padded": args.padded,
@@ -867,6 +900,8 @@ def submit_command(inp: PlanInputs, fits: bool, config: str | None = None) -> st
         sets.append(f"distributed.deepspeed_config={ds}")
     if inp.quant != "none":
         sets.append(f"model.quantization={inp.quant}")
+    if inp.prompt_length and not config:
+        sets += ["adapter.kind=prompt", f"adapter.prompt_length={inp.prompt_length}"]
     if inp.nodes == 1:
         head = (
             f"sbatch --ntasks-per-node={inp.gpus_per_node} --gpus-per-task=1 "

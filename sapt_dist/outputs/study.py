@@ -115,7 +115,9 @@ def _load_run(folder: Path, meta: dict) -> StudyRun:
         name=meta.get("name") or folder.name,
         folder=folder,
         model=meta.get("model") or str(model_cfg.get("path") or model_cfg.get("builder") or "?"),
-        method=meta.get("method") or cfg.get("method", "?"),
+        method=(meta.get("method") or cfg.get("method", "?"))
+        # prompt blocks are another PET: their runs are their own rows and curves
+        + ("+prompt" if (cfg.get("adapter") or {}).get("kind") == "prompt" else ""),
         order=meta.get("order") or (cfg.get("data") or {}).get("order", "?"),
         seed=meta.get("seed", (cfg.get("train") or {}).get("seed")),
         params=backbone_params(model_cfg) if model_cfg else None,
