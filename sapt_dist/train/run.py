@@ -33,6 +33,7 @@ from sapt_dist.checkpoint.run_state import (
 )
 from sapt_dist.config import ConfigError, RunConfig, resolve_batch, to_dict
 from sapt_dist.data.tasks import (
+    ORDERS,
     EncodedExample,
     TaskData,
     TruncationStats,
@@ -110,12 +111,18 @@ class ContinualRun:
                 cfg.data.order,
                 ", ".join(missing),
             )
-        unknown = sorted(set(cfg.per_task) - set(names))
+        # a name outside the order is a typo; one of its tasks that this run leaves out
+        # (data.tasks, or missing from the data folder) keeps a preset's per_task usable
+        sequence = list(cfg.data.tasks) if cfg.data.order == "custom" else ORDERS[cfg.data.order]
+        unknown = sorted(set(cfg.per_task) - set(sequence))
         if unknown:
             raise ConfigError(
                 f"config key 'per_task.{unknown[0]}': no such task in this run's sequence "
-                f"({', '.join(names)})"
+                f"({', '.join(sequence)})"
             )
+        unused = sorted(set(cfg.per_task) - set(names))
+        if unused:
+            log.info("per_task settings not used (tasks not in this run): %s", ", ".join(unused))
         tasks = [load_task(root, n, cfg.data, cfg.train.seed) for n in names]
         log.info("tasks (%d): %s", len(tasks), ", ".join(t.name for t in tasks))
         return tasks
