@@ -110,10 +110,18 @@ class DataConfig:
     tasks: list[str] = field(default_factory=list)
     #: Skip tasks of a named order that the data folder lacks (they are listed in the log).
     skip_missing_tasks: bool = True
-    #: Prompt template; ``{definition}`` and ``{input}`` are filled in.
+    #: Prompt template; ``{definition}`` and ``{input}`` are filled in. The default is the
+    #: SuperNI one; the released Long Sequence loader's is ``"{definition}\n{input}\nOutput: "``.
+    #: For a task with no instruction, a line holding only ``{definition}`` is left out,
+    #: newline and all (as that loader does); a template without such a line needs one.
     template: str = (
         "Definition: {definition}\n\nNow complete the following example -\nInput: {input}\nOutput: "
     )
+    #: Instruction file for tasks whose task files have no ``Definition``: a path or a file
+    #: shipped in ``sapt_dist/data/instruction_files/`` (``long_sequence``), in the format of
+    #: the released ``configs/instruction_config.json`` keyed by task name; a task's own
+    #: ``Definition`` wins. ``None``: none.
+    instructions: str | None = None
     #: Max prompt tokens (longer prompts are cut, see ``truncation``; counted).
     max_source_length: int = 1024
     #: A prompt longer than max_source_length loses: ``input`` the end of its input (the

@@ -32,6 +32,7 @@ from sapt_dist.checkpoint.run_state import (
     unlock_run_folder,
 )
 from sapt_dist.config import ConfigError, RunConfig, resolve_batch, to_dict
+from sapt_dist.data.instructions import read_instructions
 from sapt_dist.data.tasks import (
     ORDERS,
     EncodedExample,
@@ -123,7 +124,9 @@ class ContinualRun:
         unused = sorted(set(cfg.per_task) - set(names))
         if unused:
             log.info("per_task settings not used (tasks not in this run): %s", ", ".join(unused))
-        tasks = [load_task(root, n, cfg.data, cfg.train.seed) for n in names]
+        # read once; a bad file stops here, naming it, before any task or model loads
+        instructions = read_instructions(cfg.data.instructions)
+        tasks = [load_task(root, n, cfg.data, cfg.train.seed, instructions) for n in names]
         log.info("tasks (%d): %s", len(tasks), ", ".join(t.name for t in tasks))
         return tasks
 
@@ -633,6 +636,7 @@ class ContinualRun:
                     "folder": str(t.source_dir) if t.source_dir else None,
                     "split_sizes": {s: len(t.splits[s]) for s in ("train", "dev", "test")},
                     "train_sha256": split_sha256(t, "train"),
+                    "definition_from": t.definition_from,
                     "carved": t.carved,
                 }
             )
