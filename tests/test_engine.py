@@ -717,3 +717,64 @@ def test_edited_pseudo_samples_are_refused(tmp_path):
     pseudo.write_bytes(good)
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_long_sequence_preset_runs_the_released_recipe(tmp_path):
+    """The Long Sequence order-3 preset end to end on ../shared/data with a tiny backbone:
+    imdb trains the preset's fixed 250 optimizer steps with the reflection off (per_task,
+    from gen_script_long_llama.py), while the other tasks follow train.max_steps and rte
+    reflects on mnli; the prompt is the released one. Read from the run's own files."""
+    from sapt_dist.train.run import run
+
+    from .conftest import shared_data_or_skip
+
+    data = shared_data_or_skip()
+    preset = ROOT / "sapt_dist/presets/llama2_7b_long_order3.yaml"
+    cfg = load_config(
+        preset,
+        [
+            f"output_dir={tmp_path}/run",
+            f"data.root={data / 'CL_Benchmark'}",
+            "data.tasks=[mnli, rte, imdb]",  # imdb: train.json only, dev/test carved
+            "model.builder=demo",
+            "model.dtype=float32",
+            "data.max_train=8",
+            "data.max_dev=2",
+            "data.max_test=2",
+            "data.max_source_length=48",
+            "train.global_batch=2",  # one sequence pair per step: 250 steps in seconds
+            "train.max_steps=2",  # the tasks without per_task settings
+            "train.select_best=false",
+            "train.checkpoint_every=0",
+            "replay.gen_max_steps=2",
+            "replay.gen_max_new_tokens=12",
+            "replay.gen_candidates_per_sample=2",
+            "eval.max_new_tokens=2",
+            "eval.routing_every=0",
+            "tracking.backend=none",
+        ],
+    )
+    assert cfg.per_task["imdb"].max_steps == 250 and cfg.per_task["imdb"].reflection is False
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: a second thread only contends (3 s vs 30+ s)
+    try:
+        run(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    out = tmp_path / "run"
+    progress = run_progress(out)
+    assert progress["tasks"] == ["mnli", "rte", "imdb"]
+    assert {t: len(v) for t, v in progress["losses"].items()} == {"mnli": 2, "rte": 2, "imdb": 250}
+    log = (out / "run.log").read_text()
+    assert "per_task settings not used (tasks not in this run): boolq, cb, copa, dbpedia" in log
+    assert "imdb: per-task settings: max_steps=250, reflection=False" in log
+    assert "task 2/3 rte: attentive reflection on, over 1 earlier task(s)" in log
+    assert "task 3/3 imdb: attentive reflection off (per_task.imdb.reflection=false)" in log
+    assert "task 1/3 mnli: attentive reflection" not in log  # nothing to reflect on yet
+    # pseudo-samples of the earlier tasks exist (reflection is the per-task switch)
+    assert sorted(p.name for p in (out / "pseudo").iterdir()) == ["00_mnli.jsonl", "01_rte.jsonl"]
+    saved = load_config(out / "config.yaml")
+    assert saved.data.template == "{definition}\n{input}\nOutput: "
+    assert saved.data.instructions == "long_sequence"

@@ -365,6 +365,12 @@ class ContinualRun:
                 cfg.train.seed,
                 cfg.data.truncation,
             )
+        if method.replay == "arm" and i > 0:  # said per task: the released recipe varies it
+            if replay is not None:
+                log.info("%s: attentive reflection on, over %d earlier task(s)", label, i)
+            else:
+                why = "replay.kl_ratio=0" if reflection else f"per_task.{name}.reflection=false"
+                log.info("%s: attentive reflection off (%s)", label, why)
         params = self.model.named_adapter_params()
         if not method.trains_router:
             params = {n: p for n, p in params.items() if not n.startswith("router.")}
