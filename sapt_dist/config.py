@@ -93,6 +93,11 @@ class AdapterConfig:
     #: component (|mean| ~7x the spread on SmolLM2) and the paper's routing collapses onto
     #: the first block; centering removes it (docs/ROUTING.md has the measurements).
     router_center: Literal["none", "tasks"] = "none"
+    #: Initialisation of the query network's two linears: ``pytorch`` (nn.Linear's default,
+    #: Kaiming-uniform) or ``normal``: N(0, 0.02), the released code's (its model's
+    #: ``_init_weights`` with LLaMA-2's ``initializer_range``). ``g`` first learns at the
+    #: second task, so this is where it starts from then.
+    query_init: Literal["pytorch", "normal"] = "pytorch"
 
 
 @dataclass
@@ -130,6 +135,11 @@ class DataConfig:
     truncation: Literal["input", "right", "left"] = "input"
     #: Max target tokens (longer targets are cut; counted).
     max_target_length: int = 50
+    #: The end-of-sequence token of a training target: ``appended`` after the target is
+    #: cut to max_target_length (a cut target still learns to stop), or ``cut_with_target``:
+    #: appended first and cut with the target (the released collator: a target of
+    #: max_target_length tokens or more has no EOS).
+    target_eos: Literal["appended", "cut_with_target"] = "appended"
     #: Caps on examples per split (``None``: all).
     max_train: int | None = None
     max_dev: int | None = None
@@ -187,6 +197,14 @@ class ReplayConfig:
     #: Pseudo-samples per task as a share of its training set (at least ``min_samples``).
     ratio: float = 0.02
     min_samples: int = 1
+    #: ``ratio x n`` rounded ``up`` (every task keeps at least its share) or ``down``:
+    #: ``int(ratio x n)``, the released scripts' count (samsum's 160: 4 vs 3).
+    count_rounding: Literal["up", "down"] = "up"
+    #: The definition a replayed pseudo-prompt is built with: ``per_sample``, the one its
+    #: generation wrote; ``per_task``: one for all of a task's pseudo-samples, a seeded pick
+    #: among the distinct definitions its generations wrote (the released scripts sample
+    #: one). Fill-ins (too few well-formed generations) take it too.
+    pseudo_definition: Literal["per_sample", "per_task"] = "per_sample"
     #: Weight of the ARM KL loss.
     kl_ratio: float = 1.0
     #: Generator block: epochs and learning rate.

@@ -361,6 +361,33 @@ def test_truncation(tokenizer) -> None:
     assert p_stats == TruncationStats(source_truncated=1, target_truncated=0, total=2)
 
 
+def test_target_eos_cut_with_target_as_released(tokenizer) -> None:
+    """data.target_eos=cut_with_target: EOS is appended before the cut (the released
+    collator tokenises ``label + eos`` and keeps ``max_target_length`` tokens), so a target
+    of max_target_length tokens or more loses it. Hand-built ids (w20 is id 25)."""
+    eos = tokenizer.eos_token_id
+    w = {f"w{i}": 5 + i for i in range(50)}
+
+    def target(e):
+        return e.input_ids[e.prompt_len :]
+
+    for n, appended, released in [
+        (2, [w["w20"], w["w21"], eos], [w["w20"], w["w21"], eos]),
+        (3, [w["w20"], w["w21"], w["w22"], eos], [w["w20"], w["w21"], w["w22"]]),
+        (5, [w["w20"], w["w21"], w["w22"], eos], [w["w20"], w["w21"], w["w22"]]),
+    ]:
+        a, r = TruncationStats(), TruncationStats()
+        e = encode_train(tokenizer, "w1 Output:", _ids(n, 20), 8, 3, a)
+        assert target(e) == appended, n
+        e = encode_train(tokenizer, "w1 Output:", _ids(n, 20), 8, 3, r, "cut_with_target")
+        assert target(e) == released and e.labels[e.prompt_len :] == released, n
+        assert e.input_ids[: e.prompt_len] == [w["w1"], 3]
+        # counted as cut when a target token, or (released) its EOS, was dropped
+        assert (a.target_truncated, r.target_truncated) == (int(n > 3), int(n >= 3)), n
+    with pytest.raises(ValueError, match="'appended' or 'cut_with_target'"):
+        encode_train(tokenizer, "w1", "w2", 8, 3, eos="none")
+
+
 def test_log_truncation(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="sapt_dist.data.tasks"):
         log_truncation(

@@ -778,3 +778,34 @@ def test_long_sequence_preset_runs_the_released_recipe(tmp_path):
     saved = load_config(out / "config.yaml")
     assert saved.data.template == "{definition}\n{input}\nOutput: "
     assert saved.data.instructions == "long_sequence"
+
+
+def test_released_pipeline_options_reach_the_run(tmp_path):
+    """replay.count_rounding and data.target_eos are what the run uses: the demo's 5% of
+    48 training examples is 2.4 pseudo-samples (up 3, down 2), and with one target token
+    allowed a released-style target keeps its first token and no EOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from sapt_dist.train.run import ContinualRun
+
+    words = ["<pad>", "<unk>", "</s>"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>")
+    for rounding, eos, count, last in [("up", "appended", 3, 2), ("down", "cut_with_target", 2, 1)]:
+        runner = ContinualRun(
+            _cfg(
+                tmp_path,
+                f"replay.count_rounding={rounding}",
+                f"data.target_eos={eos}",
+                "data.max_target_length=1",
+            )
+        )
+        tasks = runner._load_tasks()
+        assert [runner._n_pseudo(t) for t in tasks] == [count, count]
+        enc = runner._encode(tok, tasks)
+        # every target is unknown words: <unk> (1), then EOS (2) only when appended
+        assert {tuple(ex.input_ids[ex.prompt_len :]) for e in enc for ex in e.train} == (
+            {(1, 2)} if last == 2 else {(1,)}
+        )

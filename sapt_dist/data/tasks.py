@@ -698,14 +698,18 @@ def encode_train(
     max_source_length: int,
     max_target_length: int,
     stats: TruncationStats | None = None,
+    eos: str = "appended",
 ) -> EncodedExample:
     """One training sequence: prompt (cut by :func:`_prompt_ids`) + target (right-cut) + EOS.
 
     The target is stripped and, when the prompt does not end in whitespace, tokenised
     with one leading space, so that it is tokenised as the continuation of the prompt it
-    is generated after (BPE vocabularies fold the space into the next word). At most
-    ``max_target_length`` target tokens are kept; EOS is appended after them, outside
-    the limit, so a cut target still teaches the model to stop.
+    is generated after (BPE vocabularies fold the space into the next word). ``eos``
+    (``data.target_eos``): ``appended`` keeps at most ``max_target_length`` target tokens
+    and appends EOS after them, outside the limit, so a cut target still teaches the
+    model to stop; ``cut_with_target`` appends EOS first and keeps at most
+    ``max_target_length`` tokens of target + EOS (the released collator), so a target of
+    that length or more has none.
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token_id; training targets need one")
@@ -716,8 +720,15 @@ def encode_train(
     if prompt and not prompt[-1].isspace():
         text = " " + text
     t = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    t_cut = len(t) > max_target_length
-    t = t[:max_target_length] + [tokenizer.eos_token_id]
+    if eos == "appended":
+        t_cut = len(t) > max_target_length
+        t = t[:max_target_length] + [tokenizer.eos_token_id]
+    elif eos == "cut_with_target":
+        t = t + [tokenizer.eos_token_id]
+        t_cut = len(t) > max_target_length
+        t = t[:max_target_length]
+    else:
+        raise ValueError(f"eos must be 'appended' or 'cut_with_target' (got {eos!r})")
     if stats is not None:
         stats.total += 1
         stats.source_truncated += int(p_cut)

@@ -159,6 +159,7 @@ class ContinualRun:
                     d.max_source_length,
                     d.max_target_length,
                     stats["train"],
+                    d.target_eos,
                 )
                 for ex in task.splits["train"]
             ]
@@ -732,16 +733,16 @@ class ContinualRun:
             )
         return load_jsonl(path)
 
+    def _n_pseudo(self, task: TaskData) -> int:
+        r = self.cfg.replay
+        return n_pseudo(len(task.splits["train"]), r.ratio, r.min_samples, r.count_rounding)
+
     def _real_replay_examples(self, i: int) -> list[EncodedExample]:
         cfg, d = self.cfg, self.cfg.data
         out = []
         for j in range(i):
             task = self.enc[j].data
-            rows = real_samples(
-                task,
-                n_pseudo(len(task.splits["train"]), cfg.replay.ratio, cfg.replay.min_samples),
-                cfg.train.seed + j,
-            )
+            rows = real_samples(task, self._n_pseudo(task), cfg.train.seed + j)
             out += [
                 encode_train(
                     self.tokenizer,
@@ -749,6 +750,7 @@ class ContinualRun:
                     r["output"],
                     d.max_source_length,
                     d.max_target_length,
+                    eos=d.target_eos,
                 )
                 for r in rows
             ]
@@ -758,7 +760,7 @@ class ContinualRun:
         """Task i's pseudo-samples (generative: train the generator block, sample)."""
         cfg, model, task = self.cfg, self.model, self.enc[i].data
         path = self._pseudo_path(i)
-        n = n_pseudo(len(task.splits["train"]), cfg.replay.ratio, cfg.replay.min_samples)
+        n = self._n_pseudo(task)
         seed = cfg.train.seed + 7919 * (i + 1)
         if cfg.replay.kind == "real":
             rows = real_samples(task, n, seed)
@@ -806,7 +808,7 @@ class ContinualRun:
                 top_k=r.gen_top_k,
                 repetition_penalty=r.gen_repetition_penalty,
             )
-            rows = choose_pseudo(texts, task, n, seed)
+            rows = choose_pseudo(texts, task, n, seed, r.pseudo_definition)
         if distributed.is_main_process():
             save_jsonl(path, rows)
         log.info("%s: %d pseudo-samples (%s) -> %s", task.name, len(rows), cfg.replay.kind, path)
