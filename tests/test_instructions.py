@@ -88,6 +88,21 @@ def test_long_presets_use_the_released_prompt(preset: Path) -> None:
     assert format_prompt(cfg.data.template, "  ", "Text: x") == "Text: x\nOutput: "
 
 
+SUPERNI_PRESETS = sorted((ROOT / "sapt_dist" / "presets").glob("llama2_*_superni_order*.yaml"))
+
+
+@pytest.mark.parametrize("preset", SUPERNI_PRESETS, ids=[p.stem for p in SUPERNI_PRESETS])
+def test_superni_presets_use_the_released_prompt(preset: Path) -> None:
+    """cl_dataset.py's SuperNI loader: "Definition: " + Definition[0].strip() + "\n\n" +
+    "Now complete the following example -\n" + "Input: {0}" + "\n" + "Output: "."""
+    cfg = load_config(preset, ["model.path=/m"])
+    p = format_prompt(cfg.data.template, "Summarize the text.", "A long text.")
+    assert p == (
+        "Definition: Summarize the text.\n\nNow complete the following example -\n"
+        "Input: A long text.\nOutput: "
+    )
+
+
 def test_only_a_line_of_its_own_is_left_out() -> None:
     assert omits_definition(LONG) and omits_definition("Task:\n{definition}")
     assert not omits_definition(DataConfig().template)
