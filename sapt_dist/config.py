@@ -100,6 +100,11 @@ class AdapterConfig:
     #: component (|mean| ~7x the spread on SmolLM2) and the paper's routing collapses onto
     #: the first block; centering removes it (docs/ROUTING.md has the measurements).
     router_center: Literal["none", "tasks"] = "none"
+    #: Initialisation of the query network's two linears: ``pytorch`` (nn.Linear's default,
+    #: Kaiming-uniform) or ``normal``: N(0, 0.02), the released code's (its model's
+    #: ``_init_weights`` with LLaMA-2's ``initializer_range``). ``g`` first learns at the
+    #: second task, so this is where it starts from then.
+    query_init: Literal["pytorch", "normal"] = "pytorch"
 
 
 @dataclass
@@ -117,10 +122,18 @@ class DataConfig:
     tasks: list[str] = field(default_factory=list)
     #: Skip tasks of a named order that the data folder lacks (they are listed in the log).
     skip_missing_tasks: bool = True
-    #: Prompt template; ``{definition}`` and ``{input}`` are filled in.
+    #: Prompt template; ``{definition}`` and ``{input}`` are filled in. The default is the
+    #: SuperNI one; the released Long Sequence loader's is ``"{definition}\n{input}\nOutput: "``.
+    #: For a task with no instruction, a line holding only ``{definition}`` is left out,
+    #: newline and all (as that loader does); a template without such a line needs one.
     template: str = (
         "Definition: {definition}\n\nNow complete the following example -\nInput: {input}\nOutput: "
     )
+    #: Instruction file for tasks whose task files have no ``Definition``: a path or a file
+    #: shipped in ``sapt_dist/data/instruction_files/`` (``long_sequence``), in the format of
+    #: the released ``configs/instruction_config.json`` keyed by task name; a task's own
+    #: ``Definition`` wins. ``None``: none.
+    instructions: str | None = None
     #: Max prompt tokens (longer prompts are cut, see ``truncation``; counted).
     max_source_length: int = 1024
     #: A prompt longer than max_source_length loses: ``input`` the end of its input (the
@@ -129,6 +142,11 @@ class DataConfig:
     truncation: Literal["input", "right", "left"] = "input"
     #: Max target tokens (longer targets are cut; counted).
     max_target_length: int = 50
+    #: The end-of-sequence token of a training target: ``appended`` after the target is
+    #: cut to max_target_length (a cut target still learns to stop), or ``cut_with_target``:
+    #: appended first and cut with the target (the released collator: a target of
+    #: max_target_length tokens or more has no EOS).
+    target_eos: Literal["appended", "cut_with_target"] = "appended"
     #: Caps on examples per split (``None``: all).
     max_train: int | None = None
     max_dev: int | None = None
@@ -186,6 +204,14 @@ class ReplayConfig:
     #: Pseudo-samples per task as a share of its training set (at least ``min_samples``).
     ratio: float = 0.02
     min_samples: int = 1
+    #: ``ratio x n`` rounded ``up`` (every task keeps at least its share) or ``down``:
+    #: ``int(ratio x n)``, the released scripts' count (samsum's 160: 4 vs 3).
+    count_rounding: Literal["up", "down"] = "up"
+    #: The definition a replayed pseudo-prompt is built with: ``per_sample``, the one its
+    #: generation wrote; ``per_task``: one for all of a task's pseudo-samples, a seeded pick
+    #: among the distinct definitions its generations wrote (the released scripts sample
+    #: one). Fill-ins (too few well-formed generations) take it too.
+    pseudo_definition: Literal["per_sample", "per_task"] = "per_sample"
     #: Weight of the ARM KL loss.
     kl_ratio: float = 1.0
     #: Generator block: epochs and learning rate.

@@ -183,3 +183,24 @@ def test_per_task_settings_parse_and_are_checked():
             "dbpedia": (200, False),
             "multirc": (500, False),
         }
+
+
+def test_released_choices_line_in_reproduce_loads():
+    """docs/REPRODUCE.md's one override line for the released code's choices is valid on
+    a preset and sets what docs/PAPER_FIDELITY.md says it sets."""
+    text = (ROOT / "docs" / "REPRODUCE.md").read_text()
+    block = text.split("one override line selects the released\nchoices:\n\n```bash\n")[1]
+    overrides = block.split("```")[0].replace("\\\n", " ").split()
+    cfg = load_config(
+        ROOT / "sapt_dist/presets/llama2_7b_long_order3.yaml", ["model.path=/w", *overrides]
+    )
+    got = (
+        cfg.data.truncation,
+        cfg.eval.scoring,
+        cfg.replay.count_rounding,
+        cfg.replay.pseudo_definition,
+        cfg.adapter.query_init,
+        cfg.data.target_eos,
+    )
+    assert got == ("right", "released", "down", "per_task", "normal", "cut_with_target")
+    assert " ".join(overrides) in " ".join((ROOT / "docs/PAPER_FIDELITY.md").read_text().split())

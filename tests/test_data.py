@@ -117,8 +117,7 @@ def test_long_sequence_ids_metric_labels_caps(tmp_path: Path) -> None:
     [
         ('{"Definition": ["x"], "Instances": [', r"not valid JSON: .* line 1 column"),
         ("[1, 2]", r"must hold one JSON object"),
-        ({"Instances": [{"input": "a", "output": "b"}]}, r"missing or empty 'Definition'"),
-        ({"Definition": ["  "], "Instances": [{"input": "a", "output": "b"}]}, r"'Definition'"),
+        ({"Definition": 3, "Instances": [{"input": "a", "output": "b"}]}, r"'Definition' must"),
         ({"Definition": DEF}, r"has no 'Instances' key"),
         ({"Definition": DEF, "Instances": {"input": "a"}}, r"'Instances' must be a list"),
         ({"Definition": DEF, "Instances": []}, r"'Instances' is empty \(an empty task\)"),
@@ -360,6 +359,33 @@ def test_truncation(tokenizer) -> None:
     )
     assert len(encode_prompt(tokenizer, _ids(3), 4, p_stats)) == 3
     assert p_stats == TruncationStats(source_truncated=1, target_truncated=0, total=2)
+
+
+def test_target_eos_cut_with_target_as_released(tokenizer) -> None:
+    """data.target_eos=cut_with_target: EOS is appended before the cut (the released
+    collator tokenises ``label + eos`` and keeps ``max_target_length`` tokens), so a target
+    of max_target_length tokens or more loses it. Hand-built ids (w20 is id 25)."""
+    eos = tokenizer.eos_token_id
+    w = {f"w{i}": 5 + i for i in range(50)}
+
+    def target(e):
+        return e.input_ids[e.prompt_len :]
+
+    for n, appended, released in [
+        (2, [w["w20"], w["w21"], eos], [w["w20"], w["w21"], eos]),
+        (3, [w["w20"], w["w21"], w["w22"], eos], [w["w20"], w["w21"], w["w22"]]),
+        (5, [w["w20"], w["w21"], w["w22"], eos], [w["w20"], w["w21"], w["w22"]]),
+    ]:
+        a, r = TruncationStats(), TruncationStats()
+        e = encode_train(tokenizer, "w1 Output:", _ids(n, 20), 8, 3, a)
+        assert target(e) == appended, n
+        e = encode_train(tokenizer, "w1 Output:", _ids(n, 20), 8, 3, r, "cut_with_target")
+        assert target(e) == released and e.labels[e.prompt_len :] == released, n
+        assert e.input_ids[: e.prompt_len] == [w["w1"], 3]
+        # counted as cut when a target token, or (released) its EOS, was dropped
+        assert (a.target_truncated, r.target_truncated) == (int(n > 3), int(n >= 3)), n
+    with pytest.raises(ValueError, match="'appended' or 'cut_with_target'"):
+        encode_train(tokenizer, "w1", "w2", 8, 3, eos="none")
 
 
 def test_log_truncation(caplog: pytest.LogCaptureFixture) -> None:

@@ -165,8 +165,7 @@ def test_baselines_run(tmp_path, method):
 @pytest.mark.slow
 def test_per_task_steps_and_reflection(tmp_path, monkeypatch):
     """per_task: the second task trains a fixed 3 steps with the reflection off (no ARM
-    batches built for it), the first its epochs; an override naming a task that is not in
-    the sequence is refused before anything loads."""
+    batches built for it), the first its epochs."""
     from sapt_dist.train import run as run_mod
 
     built = []
@@ -186,13 +185,24 @@ def test_per_task_steps_and_reflection(tmp_path, monkeypatch):
         "per-task settings: max_steps=3, reflection=False"
         in (tmp_path / "run" / "run.log").read_text()
     )
-    with pytest.raises(ConfigError, match=r"per_task.task1510_evalution_relation_extraction'"):
-        run_mod.run(
-            _cfg(
-                tmp_path / "other",
-                "per_task={task1510_evalution_relation_extraction: {max_steps: 1}}",
-            )
-        )
+
+
+def test_per_task_names_are_checked_against_the_order(tmp_path, caplog):
+    """per_task naming a task outside the order (a typo) is refused before anything loads;
+    one of the order's tasks that data.tasks leaves out is accepted and logged as unused,
+    so a preset's per_task block works on a subset of its tasks."""
+    from sapt_dist.train.run import ContinualRun
+
+    with pytest.raises(ConfigError, match=r"per_task.cb': no such task in this run's sequence"):
+        ContinualRun(_cfg(tmp_path, "per_task={cb: {max_steps: 1}}"))._load_tasks()
+    left_out = "per_task={task1510_evalution_relation_extraction: {max_steps: 1}}"
+    with caplog.at_level("INFO", logger="sapt_dist.train.run"):
+        tasks = ContinualRun(_cfg(tmp_path, left_out))._load_tasks()
+    assert [t.name for t in tasks] == [
+        "task363_sst2_polarity_classification",
+        "task875_emotion_classification",
+    ]
+    assert "per_task settings not used (tasks not in this run): task1510" in caplog.text
 
 
 def test_arm_kl_against_reference():
@@ -707,3 +717,95 @@ def test_edited_pseudo_samples_are_refused(tmp_path):
     pseudo.write_bytes(good)
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_long_sequence_preset_runs_the_released_recipe(tmp_path):
+    """The Long Sequence order-3 preset end to end on ../shared/data with a tiny backbone:
+    imdb trains the preset's fixed 250 optimizer steps with the reflection off (per_task,
+    from gen_script_long_llama.py), while the other tasks follow train.max_steps and rte
+    reflects on mnli; the prompt is the released one. Read from the run's own files."""
+    from sapt_dist.train.run import run
+
+    from .conftest import shared_data_or_skip
+
+    data = shared_data_or_skip()
+    preset = ROOT / "sapt_dist/presets/llama2_7b_long_order3.yaml"
+    cfg = load_config(
+        preset,
+        [
+            f"output_dir={tmp_path}/run",
+            f"data.root={data / 'CL_Benchmark'}",
+            "data.tasks=[mnli, rte, imdb]",  # imdb: train.json only, dev/test carved
+            "model.builder=demo",
+            "model.dtype=float32",
+            "data.max_train=8",
+            "data.max_dev=2",
+            "data.max_test=2",
+            "data.max_source_length=48",
+            "train.global_batch=2",  # one sequence pair per step: 250 steps in seconds
+            "train.max_steps=2",  # the tasks without per_task settings
+            "train.select_best=false",
+            "train.checkpoint_every=0",
+            "replay.gen_max_steps=2",
+            "replay.gen_max_new_tokens=12",
+            "replay.gen_candidates_per_sample=2",
+            "eval.max_new_tokens=2",
+            "eval.routing_every=0",
+            "tracking.backend=none",
+        ],
+    )
+    assert cfg.per_task["imdb"].max_steps == 250 and cfg.per_task["imdb"].reflection is False
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: a second thread only contends (3 s vs 30+ s)
+    try:
+        run(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    out = tmp_path / "run"
+    progress = run_progress(out)
+    assert progress["tasks"] == ["mnli", "rte", "imdb"]
+    assert {t: len(v) for t, v in progress["losses"].items()} == {"mnli": 2, "rte": 2, "imdb": 250}
+    log = (out / "run.log").read_text()
+    assert "per_task settings not used (tasks not in this run): boolq, cb, copa, dbpedia" in log
+    assert "imdb: per-task settings: max_steps=250, reflection=False" in log
+    assert "task 2/3 rte: attentive reflection on, over 1 earlier task(s)" in log
+    assert "task 3/3 imdb: attentive reflection off (per_task.imdb.reflection=false)" in log
+    assert "task 1/3 mnli: attentive reflection" not in log  # nothing to reflect on yet
+    # pseudo-samples of the earlier tasks exist (reflection is the per-task switch)
+    assert sorted(p.name for p in (out / "pseudo").iterdir()) == ["00_mnli.jsonl", "01_rte.jsonl"]
+    saved = load_config(out / "config.yaml")
+    assert saved.data.template == "{definition}\n{input}\nOutput: "
+    assert saved.data.instructions == "long_sequence"
+
+
+def test_released_pipeline_options_reach_the_run(tmp_path):
+    """replay.count_rounding and data.target_eos are what the run uses: the demo's 5% of
+    48 training examples is 2.4 pseudo-samples (up 3, down 2), and with one target token
+    allowed a released-style target keeps its first token and no EOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from sapt_dist.train.run import ContinualRun
+
+    words = ["<pad>", "<unk>", "</s>"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>")
+    for rounding, eos, count, last in [("up", "appended", 3, 2), ("down", "cut_with_target", 2, 1)]:
+        runner = ContinualRun(
+            _cfg(
+                tmp_path,
+                f"replay.count_rounding={rounding}",
+                f"data.target_eos={eos}",
+                "data.max_target_length=1",
+            )
+        )
+        tasks = runner._load_tasks()
+        assert [runner._n_pseudo(t) for t in tasks] == [count, count]
+        enc = runner._encode(tok, tasks)
+        # every target is unknown words: <unk> (1), then EOS (2) only when appended
+        assert {tuple(ex.input_ids[ex.prompt_len :]) for e in enc for ex in e.train} == (
+            {(1, 2)} if last == 2 else {(1,)}
+        )

@@ -348,6 +348,10 @@ def test_bad_input_files_get_clear_errors(tmp_path, capsys):
         (write("nodef.jsonl", '{"input": "a"}\n'), r"nodef\.jsonl line 1: no definition"),
         (write("int.jsonl", '{"input": 3, "definition": "d"}\n'), r"'input' must be a string"),
         (write("split.json", '{"Definition": ["d"]}'), r"split\.json has no 'Instances' key"),
+        (
+            write("nodef.json", '{"Definition": [], "Instances": [{"input": "a", "output": "b"}]}'),
+            r"nodef\.json has a missing or empty 'Definition'; use --task",
+        ),
         (tmp_path / "missing.jsonl", r"input file not found: .*missing\.jsonl"),
     ]
     for path, msg in cases:

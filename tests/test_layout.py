@@ -77,8 +77,8 @@ _IGNORE = shutil.ignore_patterns(
 @pytest.mark.slow
 def test_wheel_carries_presets_configs_and_demo(tmp_path: Path) -> None:
     """Build the wheel from a copy of this checkout, install it (not editable) into a folder
-    of its own and, from there: every preset loads with its DeepSpeed config, and the demo
-    trains and scores a one-task run."""
+    of its own and, from there: every preset loads with its DeepSpeed config, the shipped
+    instruction file reads, and the demo trains and scores a one-task run."""
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, ignore=_IGNORE, symlinks=True)
     wheels, site = tmp_path / "wheels", tmp_path / "site"
@@ -106,6 +106,8 @@ presets = sorted(p.name for p in (resources.files("sapt_dist") / "presets").iter
 for name in presets:
     cfg = load_config(str(resources.files("sapt_dist") / "presets" / name), ["model.path=/weights"])
     run_engine_config(cfg)
+from sapt_dist.data.instructions import read_instructions
+assert len(read_instructions("long_sequence").by_task) == 14
 print(len(presets), "presets")
 """
     proc = subprocess.run(

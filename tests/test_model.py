@@ -420,3 +420,26 @@ def test_olora_loss_is_the_task_loss_plus_its_regularisers(llama):
     l2 = sum(layer.lora_A.norm() + layer.lora_B.norm() for layer in model.layers.values())
     torch.testing.assert_close(out.loss.detach(), plain + 0.5 * orth.detach() + 0.1 * l2.detach())
     assert model.context.regularizers is None  # collected for this forward only
+
+
+@pytest.mark.parametrize("init", ["pytorch", "normal"])
+def test_query_network_init(llama, init):
+    """adapter.query_init: ``normal`` draws both of g's linears from N(0, 0.02) (the
+    released model's _init_weights with LLaMA-2's initializer_range); ``pytorch`` keeps
+    nn.Linear's Kaiming-uniform, |w| <= 1/sqrt(fan_in) (std = that / sqrt(3)). Checked on
+    the 3,200 weights of each linear (d 32, h 100); LayerNorm starts at (1, 0) either way."""
+    torch.manual_seed(0)
+    model = SAPTModel(llama, AdapterConfig(query_init=init, query_hidden=100), n_slots=2)
+    g = model.router.query
+    for lin, fan_in in ((g.down, 32), (g.up, 100)):
+        w = lin.weight.detach().flatten()
+        assert w.numel() == 3200
+        assert abs(float(w.mean())) < 0.004
+        if init == "normal":
+            assert float(w.std()) == pytest.approx(0.02, rel=0.05)
+            assert float(w.abs().max()) < 0.02 * 5
+        else:
+            bound = fan_in**-0.5
+            assert float(w.abs().max()) <= bound
+            assert float(w.std()) == pytest.approx(bound / 3**0.5, rel=0.05)
+    assert torch.equal(g.norm.weight, torch.ones(32)) and torch.equal(g.norm.bias, torch.zeros(32))

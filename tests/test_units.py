@@ -142,6 +142,56 @@ def test_choose_pseudo_well_formed_first_deduplicated_seeded_then_filled():
     assert sorted(c["input"] for c in fill) == sorted(["no marker here", f"D {INPUT_MARK}"])
 
 
+def test_n_pseudo_rounds_down_as_released():
+    """replay.count_rounding=down: the released scripts' ``int(len * 0.02)``, 0 -> 1."""
+    assert n_pseudo(160, 0.02, 1, "down") == 3  # samsum: 3.2 -> 3 (up: 4)
+    assert n_pseudo(975, 0.02, 1, "down") == 19  # commonsenseqa: 19.5 -> 19 (up: 20)
+    assert n_pseudo(975, 0.02, 1, "up") == 20
+    assert n_pseudo(1000, 0.02, 1, "down") == 20
+    assert n_pseudo(20, 0.02, 1, "down") == 1  # 0.4 -> 0 -> at least 1
+    assert n_pseudo(20, 0.02, 2, "down") == 2
+    with pytest.raises(ValueError, match="'up' or 'down'"):
+        n_pseudo(10, 0.02, 1, "nearest")
+
+
+def test_choose_pseudo_one_definition_per_task():
+    """replay.pseudo_definition=per_task: every kept sample, fill-ins too, carries one of
+    the definitions the generations wrote; the task's own when none wrote one."""
+    cands = [
+        f"Def A {INPUT_MARK} input 0",
+        f"Def B {INPUT_MARK} input 1",
+        "no marker here",
+        f"Def A {INPUT_MARK} input 2",
+        f" {INPUT_MARK} input 3",  # no definition written: not a candidate definition
+    ]
+    own = choose_pseudo(cands, _task(), n=5, seed=3)
+    assert sorted(c["definition"] for c in own) == [
+        "Classify it.",  # the fill-in
+        "Classify it.",  # the well-formed one without a written definition
+        "Def A",
+        "Def A",
+        "Def B",
+    ]
+    one = choose_pseudo(cands, _task(), n=5, seed=3, definition="per_task")
+    (d,) = {c["definition"] for c in one}
+    assert d in {"Def A", "Def B"}
+    # the same samples in the same order, only the definition differs
+    assert [c["input"] for c in one] == [c["input"] for c in own]
+    assert [c["well_formed"] for c in one] == [c["well_formed"] for c in own]
+    # one distinct written definition: it is the one, fill-in included
+    only_b = [f"Def B {INPUT_MARK} input 1", "no marker here"]
+    got = choose_pseudo(only_b, _task(), n=2, seed=0, definition="per_task")
+    assert [c["definition"] for c in got] == ["Def B", "Def B"]
+    # none written: the task's own definition
+    got = choose_pseudo(["no marker"], _task(), n=1, seed=0, definition="per_task")
+    assert got == [{"definition": "Classify it.", "input": "no marker", "well_formed": False}]
+    picks = {
+        choose_pseudo(cands, _task(), n=2, seed=s, definition="per_task")[0]["definition"]
+        for s in range(20)
+    }
+    assert picks == {"Def A", "Def B"}  # a seeded pick, not always the first
+
+
 # --------------------------------------------------------------------------- atomic writes
 def test_atomic_write_text_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
     path = tmp_path / "f.json"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from sapt_dist.config import DataConfig
+from sapt_dist.data.instructions import Instructions, read_instructions
 
 if TYPE_CHECKING:
     import datasets
@@ -49,6 +51,7 @@ __all__ = [
     "format_prompt",
     "load_task",
     "log_truncation",
+    "omits_definition",
     "resolve_data_root",
     "resolve_order",
     "split_sha256",
@@ -269,6 +272,8 @@ class TaskData:
     #: Carved split -> {source, fraction, seed, size, source_size_before, source_size_after}.
     carved: dict[str, dict[str, Any]] = field(default_factory=dict)
     source_dir: Path | None = None
+    #: Where ``definition`` came from: a task file, the instruction file, or ``""`` (none).
+    definition_from: str = ""
 
     def examples(self, split: str) -> list[Example]:
         """The rows of ``split`` as :class:`Example` objects."""
@@ -299,12 +304,16 @@ def _read_split(task: str, split: str, path: Path) -> tuple[str, list[Example]]:
             f"'Instances'), not a {type(raw).__name__}"
         )
     definition = raw.get("Definition")
-    # the format stores a one-element list; a bare string is accepted too
+    # the format stores a one-element list; a bare string is accepted too. A missing or
+    # empty one is "" here (Long Sequence copa has []); load_task decides what that means
     if isinstance(definition, list):
-        definition = definition[0] if definition else None
-    if not isinstance(definition, str) or not definition.strip():
+        definition = definition[0] if definition else ""
+    if definition is None:
+        definition = ""
+    if not isinstance(definition, str):
         raise TaskDataError(
-            f"task {task}: {path} has a missing or empty 'Definition' (the task instruction)"
+            f"task {task}: {path}: 'Definition' must be a string or a list of strings, not "
+            f"a {type(definition).__name__}"
         )
     if "Instances" not in raw:
         raise TaskDataError(f"task {task}: {path} has no 'Instances' key")
@@ -403,32 +412,49 @@ def _carve(
     return record
 
 
-def load_task(root: Path, name: str, cfg: DataConfig, seed: int) -> TaskData:
+def load_task(
+    root: Path,
+    name: str,
+    cfg: DataConfig,
+    seed: int,
+    instructions: Instructions | None = None,
+) -> TaskData:
     """Load and validate one task; carve missing splits when ``cfg`` asks for it.
 
     Args:
         root: the data folder (see :func:`find_task_dir`).
         name: the task folder name.
-        cfg: ``data`` section of the config (caps, carving, metric).
+        cfg: ``data`` section of the config (caps, carving, metric, template, instructions).
         seed: seeds the carving (the run's ``train.seed``).
+        instructions: ``cfg.instructions`` already read (else it is read here).
 
     Caps (``max_train`` ...) keep the first N examples in file order, after carving.
+    The definition is the task files' ``Definition`` (the train file's, where it has
+    one); without one, the instruction file's entry for the task; without that, none,
+    if the template can leave its definition line out (:func:`omits_definition`).
 
     Raises:
-        TaskDataError: naming the task and the file, for any bad or missing data.
+        TaskDataError: naming the task and the file, for any bad or missing data; for a
+            task with no instruction anywhere, naming its file and the instruction file.
+        ConfigError: a bad instruction file, naming it.
     """
     import datasets
 
     folder = find_task_dir(root, name)
     if folder is None:
         raise TaskDataError(f"task {name}: no task folder with split files under {root}")
-    definition: str | None = None
+    definition, source = "", ""
     splits: dict[str, list[Example]] = {}
+    files = []
     for s in SPLITS:
         p = folder / f"{s}.json"
         if p.is_file():
             d, splits[s] = _read_split(name, s, p)
-            definition = definition or d  # the train file's, where it exists
+            files.append(p)
+            if d and not definition:  # the train file's, where it has one
+                definition, source = d, str(p)
+    if not definition:
+        definition, source = _instruction(name, files, cfg, instructions)
     carved = _carve(name, folder, splits, cfg, seed)
 
     caps = {"train": cfg.max_train, "dev": cfg.max_dev, "test": cfg.max_test}
@@ -467,7 +493,6 @@ def load_task(root: Path, name: str, cfg: DataConfig, seed: int) -> TaskData:
         )
         for s in SPLITS
     }
-    assert definition is not None  # at least one split file exists (find_task_dir)
     return TaskData(
         name=name,
         benchmark=benchmark,
@@ -477,6 +502,43 @@ def load_task(root: Path, name: str, cfg: DataConfig, seed: int) -> TaskData:
         labels=labels,
         carved=carved,
         source_dir=folder,
+        definition_from=source,
+    )
+
+
+def _instruction(
+    name: str, files: list[Path], cfg: DataConfig, instructions: Instructions | None
+) -> tuple[str, str]:
+    """(instruction, the file it came from) of a task whose files have no ``Definition``:
+    the instruction file's entry, else ``("", "")`` when the template can do without."""
+    if instructions is None:
+        instructions = read_instructions(cfg.instructions)
+    if instructions is not None and name in instructions.by_task:
+        log.info(
+            "task %s: no 'Definition' in its files; instruction from %s",
+            name,
+            instructions.path,
+        )
+        return instructions.by_task[name], instructions.path
+    where = (
+        f"the instruction file {instructions.path} has no entry {name!r}"
+        if instructions is not None
+        else "no instruction file is set (config key 'data.instructions')"
+    )
+    if omits_definition(cfg.template):
+        log.info(
+            "task %s: no instruction (no 'Definition' in %s; %s): its prompts leave the "
+            "definition line out, as the released Long Sequence loader does",
+            name,
+            files[0],
+            where,
+        )
+        return "", ""
+    raise TaskDataError(
+        f"task {name}: no instruction: {', '.join(map(str, files))} "
+        f"{'have' if len(files) > 1 else 'has'} a missing or empty 'Definition' and {where}. "
+        f"Add the task to an instruction file (data.instructions), or use a data.template "
+        f"with {{definition}} on a line of its own (left out when there is none)"
     )
 
 
@@ -518,15 +580,30 @@ class PromptText(str):
         return obj
 
 
+#: a template line that holds only the definition: left out for a task without one
+_DEFINITION_LINE = re.compile(r"^\{definition\}(?:\n|$)", re.MULTILINE)
+
+
+def omits_definition(template: str) -> bool:
+    """Whether ``template`` has a line holding only ``{definition}``, which a prompt
+    without a definition leaves out (the released Long Sequence loader writes
+    ``definition + "\\n"`` only for a task that has one)."""
+    return _DEFINITION_LINE.search(template) is not None
+
+
 def format_prompt(
     template: str, definition: str, input: str, truncation: str = "input"
 ) -> PromptText:
     """``template`` with ``{definition}`` and ``{input}`` filled in (``str.format``), as a
     :class:`PromptText` that knows where the input is (``truncation``: ``data.truncation``).
+    An empty ``definition`` leaves out a line of the template that holds only
+    ``{definition}`` (newline included).
 
     Raises:
         TaskDataError: naming ``data.template`` for an unknown or malformed placeholder.
     """
+    if not definition.strip():
+        template = _DEFINITION_LINE.sub("", template, count=1)
     try:
         full = template.format(definition=definition, input=input)
         before, mark, after = template.partition("{input}")
@@ -621,14 +698,18 @@ def encode_train(
     max_source_length: int,
     max_target_length: int,
     stats: TruncationStats | None = None,
+    eos: str = "appended",
 ) -> EncodedExample:
     """One training sequence: prompt (cut by :func:`_prompt_ids`) + target (right-cut) + EOS.
 
     The target is stripped and, when the prompt does not end in whitespace, tokenised
     with one leading space, so that it is tokenised as the continuation of the prompt it
-    is generated after (BPE vocabularies fold the space into the next word). At most
-    ``max_target_length`` target tokens are kept; EOS is appended after them, outside
-    the limit, so a cut target still teaches the model to stop.
+    is generated after (BPE vocabularies fold the space into the next word). ``eos``
+    (``data.target_eos``): ``appended`` keeps at most ``max_target_length`` target tokens
+    and appends EOS after them, outside the limit, so a cut target still teaches the
+    model to stop; ``cut_with_target`` appends EOS first and keeps at most
+    ``max_target_length`` tokens of target + EOS (the released collator), so a target of
+    that length or more has none.
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token_id; training targets need one")
@@ -639,8 +720,15 @@ def encode_train(
     if prompt and not prompt[-1].isspace():
         text = " " + text
     t = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    t_cut = len(t) > max_target_length
-    t = t[:max_target_length] + [tokenizer.eos_token_id]
+    if eos == "appended":
+        t_cut = len(t) > max_target_length
+        t = t[:max_target_length] + [tokenizer.eos_token_id]
+    elif eos == "cut_with_target":
+        t = t + [tokenizer.eos_token_id]
+        t_cut = len(t) > max_target_length
+        t = t[:max_target_length]
+    else:
+        raise ValueError(f"eos must be 'appended' or 'cut_with_target' (got {eos!r})")
     if stats is not None:
         stats.total += 1
         stats.source_truncated += int(p_cut)

@@ -51,13 +51,20 @@ def max_pool_prompt(embeds: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Te
 
 
 class QueryNetwork(nn.Module):
-    """``g``: Linear(d->h, no bias) -> Linear(h->d, no bias) -> SiLU -> LayerNorm(d)."""
+    """``g``: Linear(d->h, no bias) -> Linear(h->d, no bias) -> SiLU -> LayerNorm(d).
 
-    def __init__(self, d: int, hidden: int) -> None:
+    ``init_std``: ``None`` keeps nn.Linear's default initialisation; a number draws both
+    linears' weights from N(0, init_std) (the released code: 0.02). LayerNorm: (1, 0).
+    """
+
+    def __init__(self, d: int, hidden: int, init_std: float | None = None) -> None:
         super().__init__()
         self.down = nn.Linear(d, hidden, bias=False)
         self.up = nn.Linear(hidden, d, bias=False)
         self.norm = nn.LayerNorm(d)
+        if init_std is not None:
+            nn.init.normal_(self.down.weight, 0.0, init_std)
+            nn.init.normal_(self.up.weight, 0.0, init_std)
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         return self.norm(F.silu(self.up(self.down(u))))
@@ -89,6 +96,7 @@ class SharedAttention(nn.Module):
         tau: float | None = None,
         mode: RoutingMode = "attention",
         center: Literal["none", "tasks"] = "none",
+        query_init_std: float | None = None,
     ) -> None:
         super().__init__()
         if mode not in ("attention", "sum"):
@@ -97,7 +105,7 @@ class SharedAttention(nn.Module):
         self.n_slots = n_slots
         self.mode = mode
         self.tau = float(tau) if tau is not None else math.sqrt(d)
-        self.query = QueryNetwork(d, hidden)
+        self.query = QueryNetwork(d, hidden, query_init_std)
         self.key = nn.Parameter(torch.empty(d))
         self.register_buffer("key_bank", torch.zeros(n_slots, d))
         self.register_buffer("active", torch.zeros(n_slots, dtype=torch.bool))

@@ -34,6 +34,9 @@ from sapt_dist.method.prompt import PROMPT_BLOCK, MixturePrompt
 __all__ = ["SAPTModel", "SAPTOutput", "find_target_layers"]
 
 IGNORE_INDEX = -100
+#: ``adapter.query_init: normal``: the released model's ``_init_weights`` draws every
+#: nn.Linear from N(0, initializer_range), 0.02 in LLaMA-2's config
+QUERY_INIT_STD = 0.02
 
 
 @dataclass
@@ -150,6 +153,7 @@ class SAPTModel(nn.Module):
             tau=adapter.tau,
             mode=routing,
             center=adapter.router_center if routing == "attention" else "none",
+            query_init_std=QUERY_INIT_STD if adapter.query_init == "normal" else None,
         )
         if dtype is not None:
             self.router.to(dtype)

@@ -203,6 +203,12 @@ def _read_split_file(path: Path) -> list[InputRecord]:
         definition, examples = _read_split(path.parent.name, path.stem, path)
     except TaskDataError as e:
         raise InputError(str(e)) from e
+    if not definition:
+        # the run's instruction file and template are applied by --task, not to a bare file
+        raise InputError(
+            f"{path} has a missing or empty 'Definition'; use --task {path.parent.name} to "
+            f"read it as the run does (its data.instructions and template)"
+        )
     return [
         InputRecord(x.id, x.input, definition, list(x.outputs), task=path.parent.name)
         for x in examples

@@ -52,9 +52,16 @@ GEN_PROMPT = "__gen__"
 INPUT_MARK = "__inp__"
 
 
-def n_pseudo(n_train: int, ratio: float, minimum: int) -> int:
-    """How many samples a task of ``n_train`` examples keeps (2% of 1000 -> 20)."""
-    return max(minimum, math.ceil(ratio * n_train - 1e-9))
+def n_pseudo(n_train: int, ratio: float, minimum: int, rounding: str = "up") -> int:
+    """How many samples a task of ``n_train`` examples keeps (2% of 1000 -> 20), at least
+    ``minimum``. ``rounding`` (``replay.count_rounding``): ``up`` (160 -> 4; float noise
+    ignored: 2% of 100 is 2) or ``down``: ``int(ratio * n_train)`` as the released scripts
+    (160 -> 3)."""
+    if rounding == "up":
+        return max(minimum, math.ceil(ratio * n_train - 1e-9))
+    if rounding == "down":
+        return max(minimum, int(ratio * n_train))
+    raise ValueError(f"rounding must be 'up' or 'down' (got {rounding!r})")
 
 
 def generator_examples(tokenizer, task: TaskData, max_source: int, max_target: int):
@@ -82,8 +89,17 @@ def parse_generated(text: str) -> tuple[str, str] | None:
     return definition, inp
 
 
-def choose_pseudo(candidates: list[str], task: TaskData, n: int, seed: int) -> list[dict]:
-    """Keep ``n`` samples: well-formed candidates first (seeded choice), then fill-ins."""
+def choose_pseudo(
+    candidates: list[str], task: TaskData, n: int, seed: int, definition: str = "per_sample"
+) -> list[dict]:
+    """Keep ``n`` samples: well-formed candidates first (seeded choice), then fill-ins.
+
+    ``definition`` (``replay.pseudo_definition``): ``per_sample`` keeps the definition each
+    generation wrote (fill-ins: the task's); ``per_task`` gives every kept sample one
+    definition, a seeded pick among the distinct non-empty definitions of all well-formed
+    candidates (the task's own when there is none), as the released scripts sample one
+    from the set of generated instructions.
+    """
     rng = random.Random(seed)
     good, rest = [], []
     seen = set()
@@ -103,6 +119,12 @@ def choose_pseudo(candidates: list[str], task: TaskData, n: int, seed: int) -> l
     rng.shuffle(good)
     rng.shuffle(rest)
     chosen = (good + rest)[:n]
+    if definition == "per_task":
+        written = sorted({p[0] for c in candidates if (p := parse_generated(c)) and p[0]})
+        one = random.Random(f"{seed}:definition").choice(written) if written else task.definition
+        chosen = [{**c, "definition": one} for c in chosen]
+    elif definition != "per_sample":
+        raise ValueError(f"definition must be 'per_sample' or 'per_task' (got {definition!r})")
     if len(good) < n:
         log.warning(
             "%s: generator wrote %d well-formed pseudo-samples of %d wanted; %d filled in "

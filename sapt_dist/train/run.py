@@ -32,7 +32,9 @@ from sapt_dist.checkpoint.run_state import (
     unlock_run_folder,
 )
 from sapt_dist.config import ConfigError, RunConfig, resolve_batch, to_dict
+from sapt_dist.data.instructions import read_instructions
 from sapt_dist.data.tasks import (
+    ORDERS,
     EncodedExample,
     TaskData,
     TruncationStats,
@@ -110,13 +112,21 @@ class ContinualRun:
                 cfg.data.order,
                 ", ".join(missing),
             )
-        unknown = sorted(set(cfg.per_task) - set(names))
+        # a name outside the order is a typo; one of its tasks that this run leaves out
+        # (data.tasks, or missing from the data folder) keeps a preset's per_task usable
+        sequence = list(cfg.data.tasks) if cfg.data.order == "custom" else ORDERS[cfg.data.order]
+        unknown = sorted(set(cfg.per_task) - set(sequence))
         if unknown:
             raise ConfigError(
                 f"config key 'per_task.{unknown[0]}': no such task in this run's sequence "
-                f"({', '.join(names)})"
+                f"({', '.join(sequence)})"
             )
-        tasks = [load_task(root, n, cfg.data, cfg.train.seed) for n in names]
+        unused = sorted(set(cfg.per_task) - set(names))
+        if unused:
+            log.info("per_task settings not used (tasks not in this run): %s", ", ".join(unused))
+        # read once; a bad file stops here, naming it, before any task or model loads
+        instructions = read_instructions(cfg.data.instructions)
+        tasks = [load_task(root, n, cfg.data, cfg.train.seed, instructions) for n in names]
         log.info("tasks (%d): %s", len(tasks), ", ".join(t.name for t in tasks))
         return tasks
 
@@ -149,6 +159,7 @@ class ContinualRun:
                     d.max_source_length,
                     d.max_target_length,
                     stats["train"],
+                    d.target_eos,
                 )
                 for ex in task.splits["train"]
             ]
@@ -355,6 +366,12 @@ class ContinualRun:
                 cfg.train.seed,
                 cfg.data.truncation,
             )
+        if method.replay == "arm" and i > 0:  # said per task: the released recipe varies it
+            if replay is not None:
+                log.info("%s: attentive reflection on, over %d earlier task(s)", label, i)
+            else:
+                why = "replay.kl_ratio=0" if reflection else f"per_task.{name}.reflection=false"
+                log.info("%s: attentive reflection off (%s)", label, why)
         params = self.model.named_adapter_params()
         if not method.trains_router:
             params = {n: p for n, p in params.items() if not n.startswith("router.")}
@@ -626,6 +643,7 @@ class ContinualRun:
                     "folder": str(t.source_dir) if t.source_dir else None,
                     "split_sizes": {s: len(t.splits[s]) for s in ("train", "dev", "test")},
                     "train_sha256": split_sha256(t, "train"),
+                    "definition_from": t.definition_from,
                     "carved": t.carved,
                 }
             )
@@ -715,16 +733,16 @@ class ContinualRun:
             )
         return load_jsonl(path)
 
+    def _n_pseudo(self, task: TaskData) -> int:
+        r = self.cfg.replay
+        return n_pseudo(len(task.splits["train"]), r.ratio, r.min_samples, r.count_rounding)
+
     def _real_replay_examples(self, i: int) -> list[EncodedExample]:
         cfg, d = self.cfg, self.cfg.data
         out = []
         for j in range(i):
             task = self.enc[j].data
-            rows = real_samples(
-                task,
-                n_pseudo(len(task.splits["train"]), cfg.replay.ratio, cfg.replay.min_samples),
-                cfg.train.seed + j,
-            )
+            rows = real_samples(task, self._n_pseudo(task), cfg.train.seed + j)
             out += [
                 encode_train(
                     self.tokenizer,
@@ -732,6 +750,7 @@ class ContinualRun:
                     r["output"],
                     d.max_source_length,
                     d.max_target_length,
+                    eos=d.target_eos,
                 )
                 for r in rows
             ]
@@ -741,7 +760,7 @@ class ContinualRun:
         """Task i's pseudo-samples (generative: train the generator block, sample)."""
         cfg, model, task = self.cfg, self.model, self.enc[i].data
         path = self._pseudo_path(i)
-        n = n_pseudo(len(task.splits["train"]), cfg.replay.ratio, cfg.replay.min_samples)
+        n = self._n_pseudo(task)
         seed = cfg.train.seed + 7919 * (i + 1)
         if cfg.replay.kind == "real":
             rows = real_samples(task, n, seed)
@@ -789,7 +808,7 @@ class ContinualRun:
                 top_k=r.gen_top_k,
                 repetition_penalty=r.gen_repetition_penalty,
             )
-            rows = choose_pseudo(texts, task, n, seed)
+            rows = choose_pseudo(texts, task, n, seed, r.pseudo_definition)
         if distributed.is_main_process():
             save_jsonl(path, rows)
         log.info("%s: %d pseudo-samples (%s) -> %s", task.name, len(rows), cfg.replay.kind, path)
