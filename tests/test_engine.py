@@ -809,3 +809,66 @@ def test_released_pipeline_options_reach_the_run(tmp_path):
         assert {tuple(ex.input_ids[ex.prompt_len :]) for e in enc for ex in e.train} == (
             {(1, 2)} if last == 2 else {(1,)}
         )
+
+
+PAPER_PRESETS = sorted((ROOT / "sapt_dist" / "presets").glob("llama2_*.yaml"))
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+@pytest.mark.parametrize("preset", PAPER_PRESETS, ids=[p.stem for p in PAPER_PRESETS])
+def test_every_paper_preset_runs_a_few_steps_on_a_tiny_backbone(tmp_path, preset):
+    """Each LLaMA-2 preset, as written (its template, instructions, per-task block,
+    global batch, scoring), runs its order's first two tasks present in ../shared/data for
+    two steps each on the demo backbone; the second task reflects on the first unless the
+    preset turns its reflection off."""
+    from sapt_dist.data.tasks import resolve_order
+    from sapt_dist.train.run import run
+
+    from .conftest import shared_data_or_skip
+
+    data = shared_data_or_skip() / "CL_Benchmark"
+    base = load_config(preset, ["model.path=/unused"])
+    tasks, _ = resolve_order(base.data, data)
+    first_two = tasks[:2]
+    cfg = load_config(
+        preset,
+        [
+            f"output_dir={tmp_path}/run",
+            f"data.root={data}",
+            f"data.tasks=[{', '.join(first_two)}]",
+            "model.builder=demo",
+            "model.dtype=float32",
+            "distributed.deepspeed_config=null",
+            "data.max_train=8",
+            "data.max_dev=2",
+            "data.max_test=2",
+            "data.max_source_length=48",
+            "data.max_target_length=8",
+            "train.global_batch=2",
+            "train.max_steps=2",
+            f"per_task={{{first_two[1]}: {{max_steps: 2}}}}",
+            "train.select_best=false",
+            "train.checkpoint_every=0",
+            "replay.gen_max_steps=2",
+            "replay.gen_max_new_tokens=12",
+            "replay.gen_candidates_per_sample=2",
+            "eval.max_new_tokens=2",
+            "eval.routing_every=0",
+            "tracking.backend=none",
+        ],
+    )
+    reflects = base.per_task.get(first_two[1]) is None or base.per_task[first_two[1]].reflection
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    out = tmp_path / "run"
+    progress = run_progress(out)
+    assert progress["tasks"] == first_two
+    assert [len(v) for v in progress["losses"].values()] == [2, 2]
+    log = (out / "run.log").read_text()
+    state = "on" if reflects else "off"
+    assert f"task 2/2 {first_two[1]}: attentive reflection {state}" in log
