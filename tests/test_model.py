@@ -491,3 +491,36 @@ def test_plan_is_prepared_once_per_forward(llama, monkeypatch):
     model(ids, am, ids)
     assert len(built) == 2 and model.context._plans.keys() == plans.keys()
     assert all(model.context._plans[k] is not plans[k] for k in plans)
+
+
+def _accumulator(loss: torch.Tensor, param: torch.Tensor):
+    """The AccumulateGrad node of ``param`` in ``loss``'s graph."""
+    seen, todo = set(), [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if getattr(node, "variable", None) is param:
+            return node
+        todo.extend(n for n, _ in node.next_functions)
+    raise AssertionError("parameter not in the graph")
+
+
+def test_a_new_forward_does_not_reuse_the_last_steps_graph(llama):
+    """Capture safety (issue 14's cudaErrorStreamCaptureImplicit): the routing context
+    must not keep the previous step's autograd graph alive into the next forward, or
+    the router's parameters get their old AccumulateGrad nodes back, which remember the
+    (CUDA) stream of the step that made them. Checked on the CPU by marking the node."""
+    model = SAPTModel(llama, AdapterConfig(), n_slots=3)
+    _random_blocks(model, 2)
+    model.train()
+    ids, am = _batch()
+    out = model(ids, am, ids)
+    _accumulator(out.loss, model.router.key).metadata["step"] = 1
+    out.loss.backward()
+    del out
+    # the weights stay set through backward (checkpointed layers recompute with them)
+    assert model.context.weights is not None
+    out = model(ids, am, ids)
+    assert "step" not in _accumulator(out.loss, model.router.key).metadata

@@ -99,6 +99,19 @@ class RoutingContext:
     def x_grad_mask(self, value: torch.Tensor | None) -> None:
         self._x_grad_mask, self._plans = value, {}
 
+    def clear(self) -> None:
+        """Drop the last forward's weights and plans, and with them its autograd graph.
+
+        ``SAPTModel`` calls this before it routes a new batch. Kept alive into the next
+        forward, the previous graph would hand the router's parameters their old
+        ``AccumulateGrad`` nodes, which remember the CUDA stream of the step that made
+        them: a CUDA graph captured after an eager step on the default stream then fails
+        with ``cudaErrorStreamCaptureImplicit`` (the legacy stream would wait on the
+        capturing one). The weights stay set through backward, for the recomputation of
+        checkpointed layers."""
+        self._weights = self._current = self._x_grad_mask = None
+        self._plans = {}
+
     def plan(self, scaling: float, rank: int, dtype: torch.dtype, tokens: int) -> SlotPlan:
         """The forward's shared scales and masks for layers of this rank, scale and compute
         dtype on sequences of ``tokens`` tokens (built on first use, then reused)."""

@@ -311,6 +311,7 @@ class SAPTModel(nn.Module):
             weights: (b, T) mixture weights to use instead of the attention's (oracle
                 routing, diagnostics, tests).
         """
+        self.context.clear()  # the last step's graph goes before this one's is built
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if prompt_mask is None:
@@ -357,6 +358,7 @@ class SAPTModel(nn.Module):
     ) -> torch.Tensor:
         """HF ``generate`` with the weights computed once from the (left-padded) prompt
         (or given) and held fixed through every decoding step."""
+        self.context.clear()
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if weights is None:
