@@ -21,8 +21,11 @@ if [[ "${1:-}" == "--fetch-wheels" ]]; then
   # are downloaded for the GPU machine's Python 3.12 on x86-64
   ds=$("${PYTHON:-python}" -c "import deepspeed; print(deepspeed.__version__)")
   mkdir -p .whl
-  grep -qxF '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> "$(git rev-parse --git-path info/exclude)"
-  DS_BUILD_OPS=0 "${PYTHON:-python}" -m pip wheel --no-deps -w .whl "deepspeed==$ds"
+  exclude=$(git rev-parse --git-path info/exclude)  # .whl/ travels untracked, never committed
+  grep -qxF '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >> "$exclude"
+  # setup.py imports torch: build against the installed one, not an isolated env
+  DS_BUILD_OPS=0 "${PYTHON:-python}" -m pip wheel --no-deps --no-build-isolation -w .whl \
+    "deepspeed==$ds"
   "${PYTHON:-python}" -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .whl hjson pydantic pydantic-core annotated-types typing-inspection
