@@ -192,6 +192,13 @@ class TrainConfig:
     #: Evaluate on the current task's dev split every N epochs and keep the best block.
     select_best: bool = False
     eval_every_epochs: int = 5
+    #: Graph mode of the training step (``sapt_dist/train/compile.py``): ``off``;
+    #: ``graphs``: ``torch.compile(mode="reduce-overhead")``, forward and backward replayed
+    #: as CUDA graphs (CUDA only); ``trace``: the same capture with eager kernels
+    #: (``backend="aot_eager"``, any device: checks on a CPU that the step traces as one
+    #: graph). Batches are padded to length buckets. Not with ZeRO-3, 4-bit backbones or
+    #: gradient checkpointing (a config error says why).
+    compile: Literal["off", "graphs", "trace"] = "off"
 
 
 @dataclass
@@ -475,9 +482,36 @@ class RunConfig:
                 "settings do not apply to it"
             )
         try:
-            resolve_ds_config(self.distributed.deepspeed_config)
+            ds = resolve_ds_config(self.distributed.deepspeed_config)
         except ValueError as e:
             raise ConfigError(f"config key 'distributed.deepspeed_config': {e}") from e
+        self._check_compile(ds.get("zero_optimization", {}).get("stage", 0))
+
+    def _check_compile(self, zero_stage: int) -> None:
+        """Where ``train.compile`` (graph mode, ``sapt_dist/train/compile.py``) cannot apply."""
+        mode = self.train.compile
+        if mode == "off":
+            return
+        why = None
+        if zero_stage == 3:
+            why = (
+                "ZeRO-3 gathers and releases parameters in hooks around every module's "
+                "forward and backward, which dynamo cannot trace into one graph nor a CUDA "
+                "graph replay; use distributed.deepspeed_config=zero0 or zero2 (one GPU: zero0)"
+            )
+        elif self.model.quantization != "none":
+            why = (
+                "4-bit backbones (bitsandbytes kernels) are not traced; use model.quantization=none"
+            )
+        elif self.model.gradient_checkpointing:
+            why = (
+                "gradient checkpointing recomputes layers in backward, outside the captured "
+                "graphs; use model.gradient_checkpointing=false"
+            )
+        if why is not None:
+            raise ConfigError(
+                f"config key 'train.compile' is {mode!r}: {why}, or train.compile=off"
+            )
 
 
 def _floats(obj: Any, prefix: str = "") -> list[tuple[str, float]]:

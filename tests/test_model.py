@@ -443,3 +443,107 @@ def test_query_network_init(llama, init):
             assert float(w.abs().max()) <= bound
             assert float(w.std()) == pytest.approx(bound / 3**0.5, rel=0.05)
     assert torch.equal(g.norm.weight, torch.ones(32)) and torch.equal(g.norm.bias, torch.zeros(32))
+
+
+@pytest.mark.parametrize("gradient", ["cut", "exact"])
+def test_training_step_equals_the_per_slot_loop(llama, gradient):
+    """One SAPT training step (routing + every adapted layer through the shared plan and
+    the fused op) against the same model whose adapted layers run the released code's
+    loop: ``W0 x + sum_j s w_j B_j A_j x`` slot by slot, the trainable block in its slot,
+    and with the cut gradient the frozen slots on a detached x. Loss and the gradients of
+    every trainable parameter (blocks, key, query network) agree (float64; the router
+    scores in fp32)."""
+    from sapt_dist.method.ops import mixture_lora_reference
+
+    model = SAPTModel(
+        llama.double(), AdapterConfig(gradient=gradient), n_slots=4, dtype=torch.float64
+    )
+    _random_blocks(model, 3)
+    with torch.no_grad():
+        for layer in model.layers.values():  # a non-zero trainable block
+            layer.lora_B.normal_(std=0.3)
+    model.train()
+    ids, am = _batch()
+    labels = ids.clone()
+    labels[:, :4] = -100
+    out = model(ids, am, labels)
+    out.loss.backward()
+    got = [p.grad.clone() for p in model.adapter_params()]
+    model.zero_grad()
+
+    def loop(layer, x):
+        ctx, j = layer._context, model.current_slot
+        y = layer.base(x)
+        for k in range(layer.n_slots):
+            a, b = (layer.lora_A, layer.lora_B) if k == j else (layer.A_bank[k], layer.B_bank[k])
+            xk = x if (k == j or gradient == "exact") else x.detach()
+            wk = ctx.weights[:, k : k + 1]
+            y = y + mixture_lora_reference(xk, a[None], b[None], wk, layer.scaling)
+        return y
+
+    for layer in model.layers.values():
+        layer.forward = lambda x, layer=layer: loop(layer, x)
+    ref = model(ids, am, labels)
+    ref.loss.backward()
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-12, atol=1e-12)
+    names = {id(p): n for n, p in model.named_adapter_params().items()}
+    for g, p in zip(got, model.adapter_params()):
+        name = names[id(p)]
+        assert p.grad is not None, name
+        # the router computes its scores in fp32 (attention.py): its gradients are fp32's
+        tol = (1e-5, 1e-8) if name.startswith("router.") else (1e-9, 1e-12)
+        torch.testing.assert_close(
+            g, p.grad, rtol=tol[0], atol=tol[1], msg=lambda m, name=name: f"{name}: {m}"
+        )
+
+
+def test_plan_is_prepared_once_per_forward(llama, monkeypatch):
+    """The scales and masks every adapted layer shares are built once per forward (in
+    ``_route``) and dropped when the weights change; the layers only read them."""
+    import sapt_dist.method.lora as lora_mod
+
+    model = SAPTModel(llama, AdapterConfig(), n_slots=3)
+    _random_blocks(model, 2)
+    built = []
+    real = lora_mod.plan_slots
+    monkeypatch.setattr(lora_mod, "plan_slots", lambda *a, **k: built.append(1) or real(*a, **k))
+    ids, am = _batch()
+    model(ids, am, ids).loss.backward()
+    assert len(built) == 1
+    plans = dict(model.context._plans)
+    model(ids, am, ids)
+    assert len(built) == 2 and model.context._plans.keys() == plans.keys()
+    assert all(model.context._plans[k] is not plans[k] for k in plans)
+
+
+def _accumulator(loss: torch.Tensor, param: torch.Tensor):
+    """The AccumulateGrad node of ``param`` in ``loss``'s graph."""
+    seen, todo = set(), [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if getattr(node, "variable", None) is param:
+            return node
+        todo.extend(n for n, _ in node.next_functions)
+    raise AssertionError("parameter not in the graph")
+
+
+def test_a_new_forward_does_not_reuse_the_last_steps_graph(llama):
+    """Capture safety (issue 14's cudaErrorStreamCaptureImplicit): the routing context
+    must not keep the previous step's autograd graph alive into the next forward, or
+    the router's parameters get their old AccumulateGrad nodes back, which remember the
+    (CUDA) stream of the step that made them. Checked on the CPU by marking the node."""
+    model = SAPTModel(llama, AdapterConfig(), n_slots=3)
+    _random_blocks(model, 2)
+    model.train()
+    ids, am = _batch()
+    out = model(ids, am, ids)
+    _accumulator(out.loss, model.router.key).metadata["step"] = 1
+    out.loss.backward()
+    del out
+    # the weights stay set through backward (checkpointed layers recompute with them)
+    assert model.context.weights is not None
+    out = model(ids, am, ids)
+    assert "step" not in _accumulator(out.loss, model.router.key).metadata

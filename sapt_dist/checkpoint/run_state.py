@@ -61,13 +61,15 @@ class StateDamagedError(ConfigError):
     it and says how to continue (exit 2, like a bad config: nothing is trained)."""
 
 
-#: keys a restart may change: where the folder is, how the run is laid out and where it is
-#: logged (tracking: e.g. offline first, online after a restart), not what it computes
+#: keys a restart may change: where the folder is, how the run is laid out, executed
+#: (train.compile) and logged (tracking: e.g. offline first, online after a restart), not
+#: what it computes
 #: (eval.batch_size is not: it batches the sampling of pseudo-samples, which uses the RNG)
 _MUTABLE_KEYS = {
     "output_dir",
     "train.checkpoint_every",
     "train.nonfinite_tolerance",
+    "train.compile",
     "eval.routing_every",
     "distributed.deepspeed_config",
     "tracking",

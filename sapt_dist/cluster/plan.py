@@ -49,7 +49,9 @@ activations
     ``d_kv = d``); the attention's log-sum-exp (``4 b heads s``) and, with padding, its
     mask (``e b s^2``); the SwiGLU MLP's gate, up and SiLU outputs (``3 e N d_ff``); per
     adapted linear its input (once per tensor read), the stacked blocks
-    ``e T r (in + out)``, ``z = x A^T`` (``e N T r``) and the per-row scales (``e b T r``).
+    ``e T r (in + out)`` and ``z = x A^T`` (``e N T r``); once per forward the scales every
+    adapted linear shares (``SlotPlan``: ``e N T r`` per token, ``e N r`` of the current
+    slot, ``8 r`` of indices; with checkpointing held by the routing context, not saved).
     ZeRO-3's ``memory_efficient_linear`` (DeepSpeed's default) replaces torch's linear by
     one that saves every linear's input, frozen or not: the MLP input (``e N d``), the
     SwiGLU product (``e N d_ff``) and ``lm_head``'s input (``e N d``) are added (o_proj's
@@ -496,7 +498,10 @@ def activation_bytes(inp: PlanInputs) -> dict[str, int]:
         mixture += 2 * e * b * inp.prompt_length * d
     for t in targets:
         d_in, d_out = dims[t]
-        mixture += e * (T * r * (d_in + d_out) + n * T * r + b * T * r) + 8
+        mixture += e * (T * r * (d_in + d_out) + n * T * r)
+    # once per forward, shared by every adapted linear (``SlotPlan``): the per-token
+    # scales, the current slot's columns of them and their int64 indices
+    plan = e * n * T * r + e * n * r + 8 * r
     layer = core + norm + mixture
     layer0 = core + mixture
     rope = 2 * e * S * hd  # cos, sin (shared by every layer)
@@ -522,9 +527,10 @@ def activation_bytes(inp: PlanInputs) -> dict[str, int]:
     def peak_of(held_layer: int, held_top: int) -> tuple[int, int]:
         lay, top_ = layer + held_layer, top + held_top
         if inp.grad_ckpt:
+            # the plan lives in the routing context (the layers that save it are recomputed)
             saved = s.layers * e * n * d + top_ + router_ckpt
-            return saved, saved + logits + max(lay + rope + dequant, loss_backward)
-        saved = (layer0 + held_layer) + (s.layers - 1) * lay + rope + top_ + router
+            return saved, saved + plan + logits + max(lay + rope + dequant, loss_backward)
+        saved = (layer0 + held_layer) + (s.layers - 1) * lay + rope + top_ + router + plan
         return saved, saved + logits + loss_backward
 
     # HF's gradient_checkpointing_enable makes the embedding output require grad, so the

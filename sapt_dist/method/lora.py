@@ -2,10 +2,13 @@
 
 ::
 
-            x ──────────────► base (frozen W0: nn.Linear or bnb Linear4bit) ──► + ──► y
-            │                                                                   ▲
-            └─► dropout ─► mixture_lora( A, B, w ) ─────────────────────────────┘
-                                  ▲   ▲
+    x (b, n, d_in) ─► rows (N, d_in) ─► base (frozen W0: nn.Linear or bnb Linear4bit) ─► y
+                        │                                                               │
+                        └─► dropout ─► mixture_lora_train( A, B, plan ) ◄───────────────┘
+                                         │   y + (x A^T * s w) B^T: one addmm into y
+                                         ▼
+                                       out (N, d_out) ─► (b, n, d_out)
+
                A = [A_bank with slot `current` replaced by lora_A]  (T, r, d_in)
                B = [B_bank with slot `current` replaced by lora_B]  (T, d_out, r)
 
@@ -17,22 +20,26 @@ receive a gradient or be touched by weight decay.
 
 The per-sequence weights ``w`` (batch, T) are not an argument of ``forward`` (the HF model
 calls it); they come from the ``RoutingContext`` that the owning ``SAPTModel`` fills
-before every forward of the backbone.
+before every forward of the backbone, with the ``plan`` every layer shares (the
+per-rank-column scales ``s w`` per token row, the current slot's mask and columns),
+built once per forward rather than once per layer. Per layer and step this leaves about
+as many host ops as one peft LoRA (``bench/bench_op_count.py``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from sapt_dist import distributed
 from sapt_dist.method.ops import (
+    SlotPlan,
     mix_stacked,
     mixture_lora,
-    mixture_lora_slot,
+    mixture_lora_train,
+    plan_slots,
     slot_scales,
     stack_blocks,
 )
@@ -40,26 +47,83 @@ from sapt_dist.method.ops import (
 __all__ = ["MixtureLoRALinear", "RoutingContext", "disable_bnb_cpu_packing", "is_adaptable_linear"]
 
 
-@dataclass
 class RoutingContext:
     """Shared by every adapted layer of one model; filled by ``SAPTModel`` per forward.
 
     Attributes:
         weights: (batch, slots) mixture weights of the sequences in flight.
         current: (slots,) bool, True on the slot whose block is the trainable one.
-        x_grad_mask: (slots,) float, slots whose path passes gradient to hidden states
+        x_grad_mask: (slots,) bool or float, slots whose path passes gradient to hidden states
             (``None``: all of them).
+        inference: set by ``SAPTModel.generate``: layer -> stacked blocks and scales,
+            prepared on the first decoding step and reused by every later one (weights
+            and blocks are fixed).
+        regularizers: O-LoRA training: each adapted layer appends its (orthogonality, L2)
+            terms here (computed where ZeRO-3 has its parameters gathered); ``None``: not
+            collected.
+
+    Setting ``weights``, ``current`` or ``x_grad_mask`` drops the per-forward
+    :class:`~sapt_dist.method.ops.SlotPlan` s (:meth:`plan`): the scales and masks every
+    layer shares are built once per forward, not once per layer.
     """
 
-    weights: torch.Tensor | None = None
-    current: torch.Tensor | None = None
-    x_grad_mask: torch.Tensor | None = None
-    #: set by ``SAPTModel.generate``: layer -> stacked blocks and scales, prepared on the
-    #: first decoding step and reused by every later one (weights and blocks are fixed)
-    inference: dict | None = None
-    #: O-LoRA training: each adapted layer appends its (orthogonality, L2) terms here
-    #: (computed where ZeRO-3 has its parameters gathered); ``None``: not collected
-    regularizers: list | None = None
+    def __init__(self) -> None:
+        self._weights: torch.Tensor | None = None
+        self._current: torch.Tensor | None = None
+        self._x_grad_mask: torch.Tensor | None = None
+        self._plans: dict = {}
+        self.inference: dict | None = None
+        self.regularizers: list | None = None
+
+    @property
+    def weights(self) -> torch.Tensor | None:
+        return self._weights
+
+    @weights.setter
+    def weights(self, value: torch.Tensor | None) -> None:
+        self._weights, self._plans = value, {}
+
+    @property
+    def current(self) -> torch.Tensor | None:
+        return self._current
+
+    @current.setter
+    def current(self, value: torch.Tensor | None) -> None:
+        self._current, self._plans = value, {}
+
+    @property
+    def x_grad_mask(self) -> torch.Tensor | None:
+        return self._x_grad_mask
+
+    @x_grad_mask.setter
+    def x_grad_mask(self, value: torch.Tensor | None) -> None:
+        self._x_grad_mask, self._plans = value, {}
+
+    def clear(self) -> None:
+        """Drop the last forward's weights and plans, and with them its autograd graph.
+
+        ``SAPTModel`` calls this before it routes a new batch. Kept alive into the next
+        forward, the previous graph would hand the router's parameters their old
+        ``AccumulateGrad`` nodes, which remember the CUDA stream of the step that made
+        them: a CUDA graph captured after an eager step on the default stream then fails
+        with ``cudaErrorStreamCaptureImplicit`` (the legacy stream would wait on the
+        capturing one). The weights stay set through backward, for the recomputation of
+        checkpointed layers."""
+        self._weights = self._current = self._x_grad_mask = None
+        self._plans = {}
+
+    def plan(self, scaling: float, rank: int, dtype: torch.dtype, tokens: int) -> SlotPlan:
+        """The forward's shared scales and masks for layers of this rank, scale and compute
+        dtype on sequences of ``tokens`` tokens (built on first use, then reused)."""
+        # grad mode too: a plan built under no_grad carries no gradient to the weights
+        key = (scaling, rank, dtype, tokens, torch.is_grad_enabled())
+        plan = self._plans.get(key)
+        if plan is None:
+            if self._weights is None or self._current is None:
+                raise RuntimeError("RoutingContext.plan needs weights and current set")
+            plan = plan_slots(self._weights, self._current, scaling, rank, dtype, tokens)
+            self._plans[key] = plan
+        return plan
 
 
 def is_adaptable_linear(module: nn.Module) -> bool:
@@ -92,6 +156,12 @@ def disable_bnb_cpu_packing(base: nn.Module) -> None:
         base.weight.data, base.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
             base.weight.data, qs
         )
+
+
+def _tokens(x: torch.Tensor) -> int:
+    """Tokens per sequence of a layer input: (b, n, d) -> n; (b, d) (one decoding
+    position) -> 1."""
+    return x.shape[1] if x.dim() == 3 else 1
 
 
 class MixtureLoRALinear(nn.Module):
@@ -188,36 +258,41 @@ class MixtureLoRALinear(nn.Module):
         ctx = self._context
         if ctx.inference is not None and not torch.is_grad_enabled():
             return self._decode(x, ctx)
-        y = self.base(x)
         if ctx.weights is None:
             raise RuntimeError(
                 "MixtureLoRALinear called without routing weights: run the backbone through "
                 "SAPTModel (forward / generate), which sets them from the prompt"
             )
-        squeeze = x.dim() == 2
+        if ctx.current is None:  # a layer used alone, no trainable slot
+            return self._forward_banks(x, ctx)
+        # the trainable block in its slot, on token rows: the base computes them and the
+        # mixture is added into its output; gradients for the current block only, SAPTModel
+        # sets ``x_grad_mask`` to the current-slot mask (cut) or None (exact)
+        rows = x.reshape(-1, self.in_features)
+        plan = ctx.plan(self.scaling, self.rank, self.A_bank.dtype, _tokens(x))
+        out = mixture_lora_train(
+            self.dropout(rows).to(self.A_bank.dtype),
+            self.base(rows),
+            self.A_bank,
+            self.B_bank,
+            self.lora_A,
+            self.lora_B,
+            plan,
+            cut=ctx.x_grad_mask is not None,
+        )
+        if ctx.regularizers is not None and torch.is_grad_enabled():
+            ctx.regularizers.append(self.olora_terms(ctx.current))
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def _forward_banks(self, x: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
+        """The banks alone (``mixture_lora``): a layer outside ``SAPTModel`` with no
+        current slot set."""
+        y = self.base(x)
+        h = self.dropout(x).to(self.A_bank.dtype)
+        squeeze = h.dim() == 2
         if squeeze:
-            x = x.unsqueeze(1)
-        if ctx.current is not None and torch.is_grad_enabled():
-            # training: gradients for the current block only; SAPTModel sets ``x_grad_mask``
-            # to the current-slot mask (cut) or None (exact)
-            h = self.dropout(x).to(self.A_bank.dtype)
-            out = mixture_lora_slot(
-                h,
-                self.A_bank,
-                self.B_bank,
-                self.lora_A,
-                self.lora_B,
-                ctx.current,
-                ctx.weights,
-                self.scaling,
-                cut=ctx.x_grad_mask is not None,
-            )
-            if ctx.regularizers is not None:
-                ctx.regularizers.append(self.olora_terms(ctx.current))
-        else:
-            A, B = self.stacked()
-            h = self.dropout(x).to(A.dtype)
-            out = mixture_lora(h, A, B, ctx.weights, self.scaling, ctx.x_grad_mask)
+            h = h.unsqueeze(1)
+        out = mixture_lora(h, self.A_bank, self.B_bank, ctx.weights, self.scaling, ctx.x_grad_mask)
         if squeeze:
             out = out.squeeze(1)
         return y + out.to(y.dtype)

@@ -283,15 +283,23 @@ class SAPTModel(nn.Module):
         :meth:`SharedAttention.scores`), from the same pooled prompt as the weights."""
         return self.router(max_pool_prompt(self.embed(input_ids), prompt_mask), output="scores")
 
-    def _route(self, weights: torch.Tensor) -> None:
-        """Hand the (batch, T) or (batch, layer slots) weights to every adapted layer."""
+    def _route(self, weights: torch.Tensor, tokens: int | None = None) -> None:
+        """Hand the (batch, T) or (batch, layer slots) weights to every adapted layer.
+
+        With ``tokens`` (the sequence length of the forward to come) the scales and masks
+        every layer shares are prepared here, once, outside any layer: a layer under
+        gradient checkpointing then only reads them.
+        """
         extra = self.n_layer_slots - weights.shape[-1]
         if extra > 0:
             weights = torch.nn.functional.pad(weights, (0, extra))
         ctx = self.context
         ctx.weights = weights
         ctx.current = self.layer_current
-        ctx.x_grad_mask = self.x_grad_mask()
+        ctx.x_grad_mask = None if self.adapter_config.gradient == "exact" else self.layer_current
+        if tokens is not None and self.prompts is None:
+            for kind in {(m.scaling, m.rank, m.A_bank.dtype) for m in self.layers.values()}:
+                ctx.plan(*kind, tokens)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -320,6 +328,7 @@ class SAPTModel(nn.Module):
             weights: (b, T) mixture weights to use instead of the attention's (oracle
                 routing, diagnostics, tests).
         """
+        self.context.clear()  # the last step's graph goes before this one's is built
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if prompt_mask is None:
@@ -329,7 +338,8 @@ class SAPTModel(nn.Module):
         embeds = self.embed(input_ids)
         if weights is None:
             weights = self.routing_weights(input_ids, prompt_mask, embeds=embeds)
-        self._route(weights)
+        # LoRA layers' shared scales are prepared once here (prompt blocks have none)
+        self._route(weights, tokens=None if self.prompts is not None else input_ids.shape[1])
         if self.prompts is not None:
             embeds, attention_mask, labels = self._prepend_prompt(embeds, attention_mask, labels)
         olora = self.olora if (self.olora is not None and labels is not None) else None
@@ -388,6 +398,7 @@ class SAPTModel(nn.Module):
     ) -> torch.Tensor:
         """HF ``generate`` with the weights computed once from the (left-padded) prompt
         (or given) and held fixed through every decoding step."""
+        self.context.clear()
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if weights is None:

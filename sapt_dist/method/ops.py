@@ -28,6 +28,13 @@ the mixture weights through them but does not flow back into the hidden states a
 their path. ``x_grad_mask`` selects, per slot, whether the block's path carries gradient
 back to ``x`` (the paper's "cut" behaviour is a one-hot mask on the trainable slot; the
 exact gradient is a mask of ones or ``None``). The forward value never depends on it.
+
+Training runs ``mixture_lora_train``: the same value on token rows, added into the frozen
+layer's output with one ``addmm``, for banks plus the one trainable block (gradients for
+that block only). What every layer of a forward shares (the per-rank-column scales per
+token, the current slot's mask and columns: a :class:`SlotPlan`) is built once per
+forward by ``plan_slots``, so a layer adds about as many host ops per step as one peft
+LoRA (issue 14: the step's cost on a GPU was the host's op count, not arithmetic).
 """
 
 from __future__ import annotations
@@ -35,8 +42,11 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "SlotPlan",
     "mixture_lora",
     "mixture_lora_slot",
+    "mixture_lora_train",
+    "plan_slots",
     "mixture_lora_reference",
     "mix_stacked",
     "slot_scales",
@@ -135,51 +145,209 @@ class _MixtureLoRA(torch.autograd.Function):
         return gx, gA, gB, gw, None, None
 
 
-class _MixtureLoRASlot(torch.autograd.Function):
-    """Training form: frozen banks plus one trainable block, gradients for that block only."""
+class SlotPlan:
+    """What every adapted layer of one forward shares while one slot trains, prepared once
+    per forward (``plan_slots``) instead of once per layer: the per-rank-column scales,
+    their per-token rows, the current slot's mask and columns.
+
+    Attributes:
+        scales: (b, T*r) ``s * w_j`` per rank column in float32 (float64 weights: float64),
+            built from the weights with autograd: the weights' gradient enters here
+            (summed over layers in that precision, then over each slot's r columns).
+        scales_tok: (N, T*r) the same per token row in the compute dtype, detached (the
+            forward's scale; ``N = b * tokens``).
+        current_tok: (N, r) the current slot's columns of ``scales_tok``.
+        select: (T, 1, 1) bool, the current slot (splices ``lora_A`` into the A bank).
+        columns: (r,) int64, the current slot's columns in ``T*r`` (on the device: no sync).
+        tokens: tokens per sequence.
+    """
+
+    def __init__(
+        self,
+        weights: torch.Tensor,
+        current: torch.Tensor,
+        scaling: float,
+        rank: int,
+        dtype: torch.dtype,
+        tokens: int,
+    ) -> None:
+        slots = current.shape[0]
+        if weights.dim() != 2 or weights.shape[1] != slots:
+            raise ValueError(
+                f"plan_slots: weights must be (batch, slots={slots}), got {tuple(weights.shape)}"
+            )
+        self.rank, self.tokens, self.dtype = rank, tokens, dtype
+        acc = torch.promote_types(weights.dtype, torch.float32)  # fp32 at least
+        self.scales = (weights.to(acc) * scaling).repeat_interleave(rank, dim=1)
+        scales = self.scales.detach().to(dtype)
+        self.scales_tok = scales.repeat_interleave(tokens, dim=0)
+        self.select = current.view(-1, 1, 1)
+        first = current.to(torch.int64).argmax()  # stays on the device: no sync
+        self.columns = first * rank + torch.arange(rank, device=current.device)
+        self.current_tok = self.scales_tok.index_select(1, self.columns)
+        self._b_select: dict[int, torch.Tensor] = {}
+
+    def b_select(self, d_out: int) -> torch.Tensor:
+        """(T, d_out, r) bool, the current slot, with (d_out, T, r) memory: ``torch.where``
+        allocates its output in this layout, so the spliced ``B`` stack transposed,
+        (T*r, d_out), is a view of it (no copy)."""
+        sel = self._b_select.get(d_out)
+        if sel is None:
+            slots = self.select.shape[0]
+            sel = self.select.view(1, slots, 1).expand(d_out, slots, self.rank)
+            sel = sel.contiguous().transpose(0, 1)
+            self._b_select[d_out] = sel
+        return sel
+
+
+def plan_slots(
+    weights: torch.Tensor,
+    current: torch.Tensor,
+    scaling: float,
+    rank: int,
+    dtype: torch.dtype,
+    tokens: int,
+) -> SlotPlan:
+    """The per-forward :class:`SlotPlan` of (b, T) ``weights`` and the (T,) bool
+    ``current`` mask (exactly one True) for layers of rank ``rank`` and scale ``scaling``
+    computing in ``dtype`` on inputs of ``tokens`` tokens per sequence."""
+    return SlotPlan(weights, current, scaling, rank, dtype, tokens)
+
+
+class _MixtureLoRATrain(torch.autograd.Function):
+    """Training form on token rows: ``y + mixture`` with frozen banks plus one trainable
+    block, gradients for that block only. Per call: the two bank splices (``torch.where``
+    into layouts where the stacks are views), ``x A^T``, one scale and one ``addmm`` into
+    the base output; everything the layers share comes from the plan."""
 
     @staticmethod
-    def forward(ctx, x, A_bank, B_bank, lora_A, lora_B, current, weights, scaling, cut):
+    def forward(
+        ctx,
+        x,
+        y,
+        A_bank,
+        B_bank,
+        lora_A,
+        lora_B,
+        scales,
+        s_tok,
+        cur_tok,
+        select,
+        columns,
+        b_select,
+        cut,
+    ):
         slots, r, d_in = A_bank.shape
         d_out = B_bank.shape[1]
-        sel = current.view(-1, 1, 1)
-        A = torch.where(sel, lora_A.unsqueeze(0), A_bank)
-        B = torch.where(sel, lora_B.unsqueeze(0), B_bank)
-        a2, b2 = stack_blocks(A, B)
-        wr = slot_scales(weights, scaling, r, x.dtype)
-        y, z = mix_stacked(x, a2, b2, wr)
-        idx = current.to(torch.int64).argmax().view(1)  # stays on the device: no sync
-        ctx.save_for_backward(x, a2, wr, z, b2, lora_A, idx)
-        ctx.shape = (slots, r, d_in, d_out)
-        ctx.scaling, ctx.cut, ctx.weights_dtype = scaling, cut, weights.dtype
-        return y
+        a2 = torch.where(select, lora_A, A_bank).reshape(slots * r, d_in)
+        # b_select's layout makes (T, r, d_out) -> (T*r, d_out) a view
+        b2t = torch.where(b_select, lora_B, B_bank).transpose(1, 2).reshape(slots * r, d_out)
+        z = torch.mm(x, a2.t())  # (N, T*r)
+        zw = z * s_tok
+        # the mixture lands in the base output: one addmm (an add when dtypes differ)
+        same = y.dtype == zw.dtype
+        out = torch.addmm(y, zw, b2t) if same else y + torch.mm(zw, b2t).to(y.dtype)
+        ctx.save_for_backward(x, a2, b2t, z, lora_A, s_tok, cur_tok, columns)
+        ctx.cut, ctx.batch, ctx.acc = cut, scales.shape[0], scales.dtype
+        return out
 
     @staticmethod
     def backward(ctx, gy):
-        x, a2, wr, z, b2, lora_A, idx = ctx.saved_tensors
-        slots, r, d_in, d_out = ctx.shape
-        gx = gA = gB = gw = None
-
-        def pick(t: torch.Tensor) -> torch.Tensor:  # (..., T*r) -> (..., r) of the slot
-            return t.unflatten(-1, (slots, r)).index_select(-2, idx).flatten(-2)
-
-        gzw = torch.matmul(gy, b2)  # (b, n, T*r): every slot, for the weights' gradient
-        wr_cur = pick(wr).unsqueeze(1)  # (b, 1, r)
-        gz_cur = pick(gzw) * wr_cur  # (b, n, r)
-        if ctx.needs_input_grad[0]:
-            if ctx.cut:  # only the trainable block's path reaches x
-                gx = torch.matmul(gz_cur, lora_A.to(gz_cur.dtype))
+        x, a2, b2t, z, lora_A, s_tok, cur_tok, columns = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        gx = gA = gB = gs = None
+        gyc = gy.to(b2t.dtype)
+        gzw = torch.mm(gyc, b2t.t())  # d(zw): (N, T*r), every slot (for the weights)
+        if need[0] or need[4]:
+            gz_cur = gzw.index_select(1, columns) * cur_tok  # dz of the current slot (N, r)
+        if need[0]:
+            # cut: only the trainable block's path reaches x; exact: every slot's
+            gx = torch.mm(gz_cur, lora_A) if ctx.cut else torch.mm(gzw * s_tok, a2)
+        if need[4]:
+            gA = torch.mm(gz_cur.t(), x)
+        if need[5]:
+            zw_cur = z.index_select(1, columns) * cur_tok
+            if gyc.device.type == "cpu":
+                # (r, N) @ (N, d_out), transposed: CPU BLAS is up to 13x slower on the
+                # (d_out, N) @ (N, r) orientation; contiguous as the parameter is
+                gB = torch.mm(zw_cur.t(), gyc).t().contiguous()
             else:
-                gx = torch.matmul(gzw * wr.unsqueeze(1), a2)
-        if ctx.needs_input_grad[3]:
-            gA = torch.matmul(gz_cur.reshape(-1, r).t(), x.reshape(-1, d_in))
-        if ctx.needs_input_grad[4]:
-            zw_cur = pick(z) * wr_cur
-            gB = torch.matmul(zw_cur.reshape(-1, r).t(), gy.reshape(-1, d_out)).t()
-        if ctx.needs_input_grad[6]:
-            prod = (gzw.float() * z.float()).sum(dim=1)  # (b, T*r)
-            gw = (prod.reshape(-1, slots, r).sum(-1) * ctx.scaling).to(ctx.weights_dtype)
-        return gx, None, None, gA, gB, None, gw, None, None
+                gB = torch.mm(gyc.t(), zw_cur)
+        if need[6]:
+            # d/d(s w_j) per column: sum over each sequence's tokens of gzw * z, in fp32+
+            prod = gzw.to(ctx.acc) * z.to(ctx.acc)
+            gs = prod.view(ctx.batch, -1, prod.shape[1]).sum(1)
+        gy_out = gy if need[1] else None
+        return gx, gy_out, None, None, gA, gB, gs, None, None, None, None, None, None
+
+
+def mixture_lora_train(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    A_bank: torch.Tensor,
+    B_bank: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    plan: SlotPlan,
+    cut: bool = True,
+) -> torch.Tensor:
+    """``y + mixture_lora(x, A, B, w, s)`` while one slot trains, on token rows: the same
+    value, the mixture added into the base output ``y`` (one ``addmm``), a cheaper backward.
+
+    ``x`` (N, d_in) are the tokens' inputs (after LoRA dropout, in the plan's dtype) and
+    ``y`` (N, d_out) the frozen layer's outputs (any dtype), ``N = batch * plan.tokens``
+    rows, sequence by sequence. The plan's current slot uses the trainable ``lora_A``
+    (r, d_in) / ``lora_B`` (d_out, r) instead of its bank entry; the banks get no gradient,
+    so ``A``/``B`` gradients are computed for that slot only, and with ``cut`` (the paper)
+    only its path carries gradient back to ``x``; the weights (through ``plan.scales``) get
+    their gradient through every slot. ``cut=False`` is the exact gradient.
+    """
+    _check_train_shapes(x, y, A_bank, B_bank, plan)
+    return _MixtureLoRATrain.apply(
+        x,
+        y,
+        A_bank,
+        B_bank,
+        lora_A,
+        lora_B,
+        plan.scales,
+        plan.scales_tok,
+        plan.current_tok,
+        plan.select,
+        plan.columns,
+        plan.b_select(B_bank.shape[1]),
+        bool(cut),
+    )
+
+
+def _check_train_shapes(x, y, A_bank, B_bank, plan: SlotPlan) -> None:
+    """Shape checks of ``mixture_lora_train`` from sizes alone (no tensor ops)."""
+    if A_bank.dim() != 3:
+        raise ValueError(
+            f"mixture_lora_train: A must be (slots, r, d_in), got {tuple(A_bank.shape)}"
+        )
+    slots, r, d_in = A_bank.shape
+    rows = plan.scales.shape[0] * plan.tokens
+    if x.dim() != 2 or x.shape != (rows, d_in):
+        raise ValueError(
+            f"mixture_lora_train: x must be (tokens={rows}, d_in={d_in}) (the plan's "
+            f"{plan.scales.shape[0]} sequences x {plan.tokens} tokens), got {tuple(x.shape)}"
+        )
+    if B_bank.dim() != 3 or B_bank.shape[0] != slots or B_bank.shape[2] != r:
+        raise ValueError(
+            f"mixture_lora_train: B shape {tuple(B_bank.shape)} does not match A shape "
+            f"{tuple(A_bank.shape)}; expected ({slots}, d_out, {r})"
+        )
+    if plan.rank != r or plan.scales.shape[1] != slots * r or plan.dtype != x.dtype:
+        raise ValueError(
+            f"mixture_lora_train: the plan is for rank {plan.rank}, "
+            f"{plan.scales.shape[1] // max(plan.rank, 1)} slots, {plan.dtype}; the layer has "
+            f"rank {r}, {slots} slots, input {x.dtype}"
+        )
+    if y.shape != (rows, B_bank.shape[1]):
+        raise ValueError(
+            f"mixture_lora_train: y shape {tuple(y.shape)}, expected {(rows, B_bank.shape[1])}"
+        )
 
 
 def mixture_lora_slot(
@@ -193,18 +361,17 @@ def mixture_lora_slot(
     scaling: float,
     cut: bool = True,
 ) -> torch.Tensor:
-    """``mixture_lora`` while one slot trains: the same value, cheaper backward.
-
-    Slot ``current`` (a (slots,) bool mask with exactly one True) uses the trainable
-    ``lora_A`` (r, d_in) / ``lora_B`` (d_out, r) instead of its bank entry; the banks get no
-    gradient, so ``A``/``B`` gradients are computed for that slot only, and with ``cut``
-    (the paper) only its path carries gradient back to ``x``; the weights get their
-    gradient through every slot. ``cut=False`` is the exact gradient.
+    """The mixture alone (no base output) of :func:`mixture_lora_train`, with its plan
+    built here: ``mixture_lora`` on the spliced stacks, gradients for the current block
+    only. Convenience for tests and benchmarks; layers use the plan shared by a forward.
     """
     _check_shapes(x, A_bank, B_bank, weights)
-    return _MixtureLoRASlot.apply(
-        x, A_bank, B_bank, lora_A, lora_B, current, weights, float(scaling), bool(cut)
+    plan = plan_slots(weights, current, scaling, A_bank.shape[1], x.dtype, x.shape[1])
+    y = x.new_zeros(x.shape[0] * x.shape[1], B_bank.shape[1])
+    out = mixture_lora_train(
+        x.reshape(-1, x.shape[-1]), y, A_bank, B_bank, lora_A, lora_B, plan, cut
     )
+    return out.view(*x.shape[:-1], B_bank.shape[1])
 
 
 def mixture_lora(

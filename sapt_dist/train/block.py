@@ -23,6 +23,13 @@ from tqdm.auto import tqdm
 
 from sapt_dist import distributed
 from sapt_dist.data.tasks import EncodedExample, collate_train
+from sapt_dist.train.compile import (
+    bucket_length,
+    compiled_forward,
+    pad_left,
+    pad_right,
+    replay_length,
+)
 
 __all__ = [
     "BlockJob",
@@ -230,101 +237,116 @@ def train_block(
     )
     n = len(job.examples)
     rank, world = distributed.rank(), distributed.world_size()
-    for step in range(start, job.steps):
-        acc_task, acc_arm = 0.0, 0.0
-        t_step, tokens = time.perf_counter(), 0
-        for micro in range(step * ga, (step + 1) * ga):
-            # rank r of W reads global micro-batch micro * W + r of the stream
-            idx = batch_positions(n, mbs, micro * world + rank, job.seed)
-            batch = collate_train([job.examples[i] for i in idx], pad_id)
-            kwargs = {k: v.to(device) for k, v in batch.items()}
-            if job.weights is not None:
-                kwargs["weights"] = job.weights(len(idx)).to(device)
-            if job.replay is not None:  # the ARM batch follows the same global numbering
-                replay = job.replay(micro * world + rank)
-                kwargs.update({k: v.to(device) for k, v in replay.items()})
-                kwargs["kl_ratio"] = job.kl_ratio
-            if log_step is not None:  # tokens this rank reads: prompts + targets + ARM, no pads
-                tokens += sum(
-                    int(v.sum()) for k, v in kwargs.items() if k.endswith("attention_mask")
+    mode = getattr(train_cfg, "compile", "off")
+    longest = max(len(e.input_ids) for e in job.examples)
+    with compiled_forward(model, mode):
+        for step in range(start, job.steps):
+            acc_task, acc_arm = 0.0, 0.0
+            t_step, tokens = time.perf_counter(), 0
+            for micro in range(step * ga, (step + 1) * ga):
+                # rank r of W reads global micro-batch micro * W + r of the stream
+                idx = batch_positions(n, mbs, micro * world + rank, job.seed)
+                batch = collate_train([job.examples[i] for i in idx], pad_id)
+                if mode != "off":  # static shapes: one of a few padded lengths
+                    width = bucket_length(batch["input_ids"].shape[1], longest)
+                    batch = pad_right(batch, width, pad_id)
+                kwargs = {k: v.to(device) for k, v in batch.items()}
+                if job.weights is not None:
+                    kwargs["weights"] = job.weights(len(idx)).to(device)
+                if job.replay is not None:  # the ARM batch follows the same global numbering
+                    replay = job.replay(micro * world + rank)
+                    if mode != "off":  # every ARM batch of the task: one length
+                        have = replay["replay_input_ids"].shape[1]
+                        width = replay_length(have, getattr(job.replay, "longest", None))
+                        replay = pad_left(replay, width, pad_id)
+                    kwargs.update({k: v.to(device) for k, v in replay.items()})
+                    kwargs["kl_ratio"] = job.kl_ratio
+                if log_step is not None:  # tokens this rank reads: prompts + targets + ARM, no pads
+                    tokens += sum(
+                        int(v.sum()) for k, v in kwargs.items() if k.endswith("attention_mask")
+                    )
+                if mode != "off":
+                    # a new step for the CUDA-graph trees: the last replay's outputs (read
+                    # above) may be overwritten now
+                    torch.compiler.cudagraph_mark_step_begin()
+                out = engine(**kwargs)
+                engine.backward(out.loss)
+                engine.step()
+                acc_task += float(out.task_loss.detach()) / ga
+                if out.arm_loss is not None:
+                    acc_arm += float(out.arm_loss.detach()) / ga
+            # the step's loss over the global batch (the mean of the ranks' micro-batch means)
+            acc_task, acc_arm = distributed.mean_over_ranks([acc_task, acc_arm])
+            state = snapshot_at(step + 1)()  # collective under ZeRO-3: every rank, every step
+            if not _finite(acc_task, acc_arm, state):
+                bad = acc_task if not math.isfinite(acc_task) else acc_arm
+                what = (
+                    "the weights or optimizer moments became non-finite"
+                    if math.isfinite(bad)
+                    else f"the loss became {bad}"
                 )
-            out = engine(**kwargs)
-            engine.backward(out.loss)
-            engine.step()
-            acc_task += float(out.task_loss.detach()) / ga
-            if out.arm_loss is not None:
-                acc_arm += float(out.arm_loss.detach()) / ga
-        # the step's loss over the global batch (the mean of the ranks' micro-batch means)
-        acc_task, acc_arm = distributed.mean_over_ranks([acc_task, acc_arm])
-        state = snapshot_at(step + 1)()  # collective under ZeRO-3: every rank, every step
-        if not _finite(acc_task, acc_arm, state):
-            bad = acc_task if not math.isfinite(acc_task) else acc_arm
-            what = (
-                "the weights or optimizer moments became non-finite"
-                if math.isfinite(bad)
-                else f"the loss became {bad}"
-            )
-            skipped += 1
-            if skipped > tolerance:
-                bar.close()
-                distributed.release_engine(engine)
-                if on_diverge is not None:
-                    on_diverge(good)
-                kept = (
-                    f"The state of step {good.step} (the last good one) is checkpointed. To go "
-                    f"on, run the same command with train.nonfinite_tolerance={skipped} (the "
-                    f"bad batch is then skipped); if"
-                    if on_diverge is not None
-                    else "Nothing of this block is saved. If"
+                skipped += 1
+                if skipped > tolerance:
+                    bar.close()
+                    distributed.release_engine(engine)
+                    if on_diverge is not None:
+                        on_diverge(good)
+                    kept = (
+                        f"The state of step {good.step} (the last good one) is checkpointed. To go "
+                        f"on, run the same command with train.nonfinite_tolerance={skipped} (the "
+                        f"bad batch is then skipped); if"
+                        if on_diverge is not None
+                        else "Nothing of this block is saved. If"
+                    )
+                    raise TrainingDiverged(
+                        f"{job.name}: {what} at optimizer step {step + 1}/{job.steps} (lr "
+                        f"{job.lr:g}; {skipped} non-finite step(s), train.nonfinite_tolerance="
+                        f"{tolerance}). {kept} every step diverges, start a new output_dir with a "
+                        f"lower train.lr (replay.gen_lr for the generator) or train.max_grad_norm set."
+                    )
+                log.warning(
+                    "%s: %s at optimizer step %d/%d: step undone, its batch skipped (%d of %d "
+                    "tolerated)",
+                    job.name,
+                    what,
+                    step + 1,
+                    job.steps,
+                    skipped,
+                    tolerance,
                 )
-                raise TrainingDiverged(
-                    f"{job.name}: {what} at optimizer step {step + 1}/{job.steps} (lr "
-                    f"{job.lr:g}; {skipped} non-finite step(s), train.nonfinite_tolerance="
-                    f"{tolerance}). {kept} every step diverges, start a new output_dir with a "
-                    f"lower train.lr (replay.gen_lr for the generator) or train.max_grad_norm set."
+                distributed.load_full_optimizer_state(
+                    optimizer, job.params, good.params, good.optimizer
                 )
-            log.warning(
-                "%s: %s at optimizer step %d/%d: step undone, its batch skipped (%d of %d "
-                "tolerated)",
-                job.name,
-                what,
-                step + 1,
-                job.steps,
-                skipped,
-                tolerance,
-            )
-            distributed.load_full_optimizer_state(
-                optimizer, job.params, good.params, good.optimizer
-            )
-            losses.append(None)
-            # the weights and moments of the last good step, at this step's position
-            good = replace(
-                good,
-                step=step + 1,
-                scheduler=copy.deepcopy(scheduler.state_dict()),
-                rng=torch.get_rng_state(),
-                losses=list(losses),
-            )
+                losses.append(None)
+                # the weights and moments of the last good step, at this step's position
+                good = replace(
+                    good,
+                    step=step + 1,
+                    scheduler=copy.deepcopy(scheduler.state_dict()),
+                    rng=torch.get_rng_state(),
+                    losses=list(losses),
+                )
+                bar.update(1)
+                continue
+            losses.append(acc_task + job.kl_ratio * acc_arm)
+            state.losses = list(losses)
+            good = state
+            postfix = {"loss": f"{acc_task:.3f}"}
+            if job.replay is not None:
+                postfix["arm"] = f"{acc_arm:.4f}"
+            bar.set_postfix(postfix, refresh=False)
             bar.update(1)
-            continue
-        losses.append(acc_task + job.kl_ratio * acc_arm)
-        state.losses = list(losses)
-        good = state
-        postfix = {"loss": f"{acc_task:.3f}"}
-        if job.replay is not None:
-            postfix["arm"] = f"{acc_arm:.4f}"
-        bar.set_postfix(postfix, refresh=False)
-        bar.update(1)
-        if log_step is not None:
-            arm = acc_arm if job.replay is not None else None
-            seconds = time.perf_counter() - t_step
-            log_step(
-                step + 1, _step_stats(losses[-1], acc_task, arm, scheduler, tokens * world, seconds)
-            )
-        if on_step is not None:
-            # the RNG as it is when the caller saves (after any evaluation it ran)
-            on_step(step + 1, lambda state=state: replace(state, rng=torch.get_rng_state()))
-            model.train()  # the callback may have evaluated
+            if log_step is not None:
+                arm = acc_arm if job.replay is not None else None
+                seconds = time.perf_counter() - t_step
+                log_step(
+                    step + 1,
+                    _step_stats(losses[-1], acc_task, arm, scheduler, tokens * world, seconds),
+                )
+            if on_step is not None:
+                # the RNG as it is when the caller saves (after any evaluation it ran)
+                on_step(step + 1, lambda state=state: replace(state, rng=torch.get_rng_state()))
+                model.train()  # the callback may have evaluated
     bar.close()
     distributed.release_engine(engine)
     model.eval()

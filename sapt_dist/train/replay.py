@@ -206,6 +206,11 @@ class ReplayBatches:
             random.Random(seed + slot).shuffle(order)
             self.orders[slot] = order
 
+    @property
+    def longest(self) -> int:
+        """Tokens of the longest pseudo-prompt (graph mode pads every ARM batch to it)."""
+        return max(len(p) for prompts in self.prompts.values() for p in prompts)
+
     def __call__(self, micro_step: int) -> dict[str, torch.Tensor]:
         ids, tasks = [], []
         for slot, prompts in self.prompts.items():

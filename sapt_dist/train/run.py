@@ -53,6 +53,7 @@ from sapt_dist.outputs.metrics import routing_summary, score_predictions
 from sapt_dist.outputs.report import write_report
 from sapt_dist.outputs.tracking import Tracker, final_pending, open_tracker
 from sapt_dist.train.block import BlockJob, num_steps, train_block
+from sapt_dist.train.compile import check_device
 from sapt_dist.train.evaluation import (
     attention_target,
     generate_texts,
@@ -230,6 +231,10 @@ class ContinualRun:
                 self.tracker.log_final(self._global_step(progress), results, self.out / "metrics")
             return results
         n_slots = self._n_slots(len(tasks))
+        # graph mode's CUDA graphs need a GPU: say so before any model loads
+        check_device(
+            cfg.train.compile, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        )
         # read (and checked) once, before the model loads
         self.ds_config = distributed.run_engine_config(cfg)
         # before the process group: a tracking config error stops every rank alike
