@@ -6,7 +6,8 @@ a subprocess (``--jobs`` at a time, the cores shared out between them), into
 ``<out>/<method>_s<seed>``; a finished run is read, not retrained, and a killed one resumes.
 Methods: ``sapt`` (the preset: centered router input), ``sapt_paper`` (the paper's router
 input, ``adapter.router_center=none``), ``seq_lora``, ``inc_lora``, ``replay``, ``mtl``,
-``single_task`` (gives ``b_j`` for FWT). The zero-shot row is the backbone without blocks
+``single_task`` (gives ``b_j`` for FWT), ``sapt_prompt`` (SAPT with prompt-tuning blocks,
+``adapter.kind=prompt``, lr 3e-2; no FWT: its reference would be LoRA blocks). The zero-shot row is the backbone without blocks
 on the same prompts (``<out>/zero_shot.json``).
 
 Printed (markdown, also written to ``<out>/table.md``): per method the mean and every
@@ -34,7 +35,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-METHODS = ["sapt", "sapt_paper", "seq_lora", "mtl", "single_task", "inc_lora", "replay"]
+METHODS = [
+    "sapt",
+    "sapt_paper",
+    "seq_lora",
+    "mtl",
+    "single_task",
+    "inc_lora",
+    "replay",
+    "sapt_prompt",
+]
+#: settings of the methods that are SAPT with something changed
+VARIANTS = {
+    "sapt_paper": ["method=sapt", "adapter.router_center=none"],
+    "sapt_prompt": [
+        "method=sapt",
+        "adapter.kind=prompt",
+        "train.lr=3.0e-2",
+        "replay.gen_lr=3.0e-2",
+    ],
+}
 PRESET = "smollm2_superni"
 
 
@@ -53,11 +73,8 @@ def command(out: Path, method: str, seed: int, extra: list[str]) -> list[str]:
         f"output_dir={folder}",
         f"train.seed={seed}",
     ]
-    if method == "sapt_paper":
-        args += ["method=sapt", "adapter.router_center=none"]
-    else:
-        args.append(f"method={method}")
-    if method not in ("single_task", "mtl"):
+    args += VARIANTS.get(method, [f"method={method}"])
+    if method not in ("single_task", "mtl", "sapt_prompt"):
         args.append(f"single_task_run={run_dir(out, 'single_task', seed)}")
     return args + extra
 
