@@ -230,13 +230,15 @@ def train_block(
     )
     n = len(job.examples)
     rank, world = distributed.rank(), distributed.world_size()
+    # an encoder-decoder (T5) reads the prompt in its encoder, the target in its decoder
+    seq2seq = bool(getattr(model, "is_encoder_decoder", False))
     for step in range(start, job.steps):
         acc_task, acc_arm = 0.0, 0.0
         t_step, tokens = time.perf_counter(), 0
         for micro in range(step * ga, (step + 1) * ga):
             # rank r of W reads global micro-batch micro * W + r of the stream
             idx = batch_positions(n, mbs, micro * world + rank, job.seed)
-            batch = collate_train([job.examples[i] for i in idx], pad_id)
+            batch = collate_train([job.examples[i] for i in idx], pad_id, seq2seq)
             kwargs = {k: v.to(device) for k, v in batch.items()}
             if job.weights is not None:
                 kwargs["weights"] = job.weights(len(idx)).to(device)
@@ -248,6 +250,8 @@ def train_block(
                 tokens += sum(
                     int(v.sum()) for k, v in kwargs.items() if k.endswith("attention_mask")
                 )
+                if seq2seq:  # the decoder's targets (+ EOS), outside the encoder's mask
+                    tokens += int((kwargs["labels"] != -100).sum())
             out = engine(**kwargs)
             engine.backward(out.loss)
             engine.step()
