@@ -83,7 +83,9 @@ class AdapterConfig:
     prompt_length: int = 20
 
     #: Names of the linear layers to adapt (matched on the last component of the module
-    #: path, e.g. ``q_proj`` adapts ``model.layers.*.self_attn.q_proj``).
+    #: path, e.g. ``q_proj`` adapts ``model.layers.*.self_attn.q_proj``; on a T5, ``q``
+    #: adapts the q of the encoder's self-attention and the decoder's self- and
+    #: cross-attention).
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     #: LoRA rank ``r`` of every block.
     rank: int = 4

@@ -309,6 +309,11 @@ def test_demo_t5_backbone_and_a_pretrained_t5_folder(tmp_path):
     assert cfg.pad_token_id == tok.pad_token_id == cfg.decoder_start_token_id
     assert cfg.eos_token_id == tok.eos_token_id and cfg.d_model == 128 and cfg.dropout_rate == 0
     assert tok.convert_tokens_to_ids("__inp__") != tok.unk_token_id
+    from sapt_dist.outputs.study import backbone_params  # sapt-report's model size
+
+    assert backbone_params({"builder": "demo", "demo_arch": "t5"}) == sum(
+        p.numel() for p in model.parameters()
+    )
     # the same folder as a user's pretrained model (a tiny random one, its tokenizer)
     t5 = tiny_t5()
     t5.config.vocab_size = VOCAB
