@@ -45,11 +45,12 @@ class ConfigError(ValueError):
 class ModelConfig:
     """The frozen backbone."""
 
-    #: Folder of a Hugging Face causal LM (``config.json`` + weights). Required unless
+    #: Folder of a Hugging Face causal LM or encoder-decoder (T5-style seq2seq LM; told apart
+    #: by its config's ``is_encoder_decoder``), ``config.json`` + weights. Required unless
     #: ``builder`` is ``demo``.
     path: str | None = None
     #: ``pretrained``: load ``path`` with ``from_pretrained``. ``demo``: build (and cache) the
-    #: tiny LLaMA-family backbone and tokenizer of the CPU demo, no network needed.
+    #: tiny backbone (``demo_arch``) and tokenizer of the CPU demo, no network needed.
     builder: Literal["pretrained", "demo"] = "pretrained"
     #: Tokenizer folder; defaults to ``path``.
     tokenizer: str | None = None
@@ -64,6 +65,10 @@ class ModelConfig:
     #: 128 and 2), so a scaling study can compare tiny model sizes on a CPU.
     demo_hidden_size: int | None = None
     demo_layers: int | None = None
+    #: ``demo`` builder only: ``llama`` (a decoder-only LLaMA-family model) or ``t5`` (a T5
+    #: encoder-decoder, ``demo_layers`` encoder and as many decoder layers); both use the
+    #: BPE tokenizer trained on the demo data.
+    demo_arch: Literal["llama", "t5"] = "llama"
 
 
 @dataclass
@@ -78,7 +83,9 @@ class AdapterConfig:
     prompt_length: int = 20
 
     #: Names of the linear layers to adapt (matched on the last component of the module
-    #: path, e.g. ``q_proj`` adapts ``model.layers.*.self_attn.q_proj``).
+    #: path, e.g. ``q_proj`` adapts ``model.layers.*.self_attn.q_proj``; on a T5, ``q``
+    #: adapts the q of the encoder's self-attention and the decoder's self- and
+    #: cross-attention).
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     #: LoRA rank ``r`` of every block.
     rank: int = 4

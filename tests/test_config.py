@@ -85,9 +85,19 @@ def test_presets_load_and_headers_are_commands(preset):
     # the paper presets need the model path, and say so
     with pytest.raises(ConfigError, match="'model.path' is required"):
         load_config(preset)
-    cfg = load_config(preset, ["model.path=/models/llama"])
-    assert cfg.adapter.rank == 4 and cfg.adapter.alpha == 32 and cfg.train.lr == 5e-5
-    assert cfg.model.dtype == "bfloat16" and cfg.train.select_best
+    cfg = load_config(preset, ["model.path=/models/m"])
+    assert cfg.adapter.alpha == 32 and cfg.train.select_best
+    if preset.stem.startswith("t5"):  # SAPT.md's T5 setting: q, v (encoder, decoder, cross)
+        superni = "superni" in preset.stem
+        assert cfg.adapter.target_modules == ["q", "v"] and cfg.train.lr == 3e-4
+        assert cfg.data.max_source_length == 512 and cfg.train.global_batch == 32
+        assert (cfg.adapter.rank, cfg.train.epochs, cfg.train.micro_batch_size) == (
+            (4, 100, 8) if superni else (8, 10, 16)
+        )
+        assert cfg.replay.kl_ratio == (0.5 if superni else 0.1)
+        return
+    assert cfg.adapter.rank == 4 and cfg.train.lr == 5e-5
+    assert cfg.model.dtype == "bfloat16"
 
 
 def test_deepspeed_config_names_and_files(tmp_path):

@@ -436,3 +436,83 @@ def test_gpu_plan_check_dry_run_on_cpu():
     for line in rows:
         err = float(line.split()[-1].rstrip("%"))
         assert abs(err) < 5.0, line
+
+
+# --------------------------------------------------------------------------- T5
+def _t5_sapt(targets=("q", "v"), slots=3, gated=False, dtype=torch.float32):
+    from sapt_dist.backbone.load import random_t5
+
+    extra = {"feed_forward_proj": "gated-gelu"} if gated else {}
+    backbone = random_t5(96, 32, 2, 4, num_decoder_layers=3, **extra).to(dtype)
+    adapter = AdapterConfig(rank=4, target_modules=list(targets))
+    model = SAPTModel(backbone, adapter, n_slots=slots, dtype=dtype, generator_slot=True)
+    shape = shape_from_dict(backbone.config.to_dict(), name="tiny-t5")
+    return model, shape
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["relu", "gated"])
+def test_t5_parameter_side_matches_a_real_t5_sapt_model(gated):
+    """T5's tensors, the replicated block stack and the trainable count against a real
+    T5 SAPTModel (2 encoder, 3 decoder layers): q, v are adapted in the encoder's
+    self-attention and the decoder's self- and cross-attention."""
+    targets = ("q", "v", "wo") + (("wi_0",) if gated else ("wi",))
+    model, shape = _t5_sapt(targets, gated=gated)
+    assert shape.is_t5 and shape.decoder_layers == 3 and shape.gated_ff == gated
+    real = {
+        n.replace(".base.", "."): tuple(p.shape)
+        for n, p in model.backbone.named_parameters()
+        if "lora_" not in n
+    }
+    assert {t.name: t.shape for t in backbone_tensors(shape)} == real
+    p = plan(_inputs(shape, targets=targets, seq_len=24, target_len=8))
+    sapt_buffers = sum(
+        b.numel() * b.element_size()
+        for n, b in model.named_buffers()
+        if n.endswith(("A_bank", "B_bank")) or n.startswith("router.") or n == "layer_current"
+    )
+    assert p["bytes"]["block_stack"] == sapt_buffers
+    assert p["detail"]["trainable_numel"] == sum(q.numel() for q in model.adapter_params())
+    frozen = [q for n, q in model.backbone.named_parameters() if "lora_" not in n]
+    assert p["bytes"]["backbone_shard"] == sum(q.numel() * 4 for q in frozen)
+
+
+def test_t5_presets_and_configs_plan_and_say_what_is_estimated(tmp_path, capsys):
+    from sapt_dist.backbone.load import load_backbone
+    from sapt_dist.config import ModelConfig
+
+    assert main(["--run-config", "t5_large_superni_order1", "--model", "t5-large"]) == 0
+    out = capsys.readouterr().out
+    assert "t5-large fp32 x8" in out and "(512 encoder + 50 decoder) tokens" in out
+    assert "activations are an estimate, not measured" in out
+    for preset in ("t5_large_superni_order2", "t5_large_long_order3", "t5_large_long_order4"):
+        assert main(["--run-config", preset, "--model", "t5-large", "--format", "json"]) == 0
+        j = json.loads(capsys.readouterr().out)
+        assert j["shape"]["arch"] == "t5" and j["inputs"]["targets"] == ["q", "v"]
+    # the demo preset's shape is the demo T5's own config
+    assert main(["--run-config", "demo_t5", "--format", "json"]) == 0
+    j = json.loads(capsys.readouterr().out)
+    backbone, _ = load_backbone(ModelConfig(builder="demo", demo_arch="t5"))
+    want = shape_from_dict(backbone.config.to_dict())
+    assert {k: j["shape"][k] for k in ("hidden", "layers", "decoder_layers", "vocab")} == {
+        "hidden": want.hidden,
+        "layers": want.layers,
+        "decoder_layers": want.decoder_layers,
+        "vocab": want.vocab,
+    }
+    # a T5 config file, a checkpointed estimate below the plain one
+    backbone.config.save_pretrained(tmp_path / "t5")
+    shape = shape_from_config(tmp_path / "t5")
+    plain = activation_bytes(
+        _inputs(shape, targets=("q", "v"), seq_len=80, target_len=16, grad_ckpt=False)
+    )
+    ckpt = activation_bytes(
+        _inputs(shape, targets=("q", "v"), seq_len=80, target_len=16, grad_ckpt=True)
+    )
+    assert 0 < ckpt["peak"] < plain["peak"]
+    # errors name what a T5 has
+    assert main(["--model", "t5-large", "--targets", "q_proj"]) == 2
+    assert "not linear layers of a T5 model" in capsys.readouterr().err
+    assert main(["--model", "t5-large", "--seq-len", "40", "--target-len", "50"]) == 2
+    assert "--target-len (50) must be below --seq-len" in capsys.readouterr().err
+    with pytest.raises(PlanError, match="'bart'.*LLaMA-style decoders and T5"):
+        shape_from_dict({"model_type": "bart", "is_encoder_decoder": True, "d_model": 16})

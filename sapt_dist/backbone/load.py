@@ -1,15 +1,17 @@
 """Loading the frozen backbone and its tokenizer.
 
 ``pretrained``: any Hugging Face causal LM folder (LLaMA-2 7B/13B/70B, Mistral, Qwen2,
-...), optionally quantized to 4-bit NF4 with bitsandbytes. Nothing is fetched from a
-hub: the folder must hold the weights.
+...) or encoder-decoder folder (T5-style: ``AutoModelForSeq2SeqLM`` when the config says
+``is_encoder_decoder``), optionally quantized to 4-bit NF4 with bitsandbytes. Nothing is
+fetched from a hub: the folder must hold the weights.
 
-``demo``: a tiny LLaMA-family model and a byte-level BPE tokenizer built locally,
-deterministically, from the demo data shipped in the package (no network). It is saved as
-an ordinary HF folder and then loaded by the same ``pretrained`` code path. Its weights
-are random: it is never pre-trained on the tasks' labelled text (that would leak the
-tasks into the frozen backbone), so what it can learn in a CPU budget is each task's
-answer format and vocabulary, and whatever a LoRA on a random network picks up.
+``demo``: a tiny LLaMA-family model (``model.demo_arch: llama``) or T5 encoder-decoder
+(``t5``) and a byte-level BPE tokenizer built locally, deterministically, from the demo
+data shipped in the package (no network). It is saved as an ordinary HF folder and then
+loaded by the same ``pretrained`` code path. Its weights are random: it is never
+pre-trained on the tasks' labelled text (that would leak the tasks into the frozen
+backbone), so what it can learn in a CPU budget is each task's answer format and
+vocabulary, and whatever a LoRA on a random network picks up.
 """
 
 from __future__ import annotations
@@ -31,10 +33,14 @@ from sapt_dist.config import ConfigError, ModelConfig
 
 __all__ = [
     "DEMO_SPEC",
+    "DEMO_T5_SPEC",
     "GGUF_ARCHITECTURES",
     "build_demo_backbone",
     "llama_config",
+    "model_class",
     "random_llama",
+    "random_t5",
+    "t5_config",
     "check_gguf",
     "demo_spec",
     "gguf_as_folder",
@@ -57,6 +63,25 @@ DEMO_SPEC = {
     # HF's default init (std 0.02) caps a d=128 model's logits near +-2.6 over 2k tokens:
     # nothing a LoRA does can make it confident. std 1/sqrt(d) gives it the range to.
     "initializer_range": 0.09,
+    "seed": 1234,
+}
+#: The T5 demo backbone's recipe (``model.demo_arch: t5``), the LLaMA demo's size: T5 v1.0
+#: layout as t5-large (ReLU MLP, input and output embeddings tied, the decoder's output
+#: scaled by d^-0.5, which keeps random logits near unit scale), no dropout (the demo and
+#: the multi-rank tests compare runs step by step). Changing it changes the cache key.
+DEMO_T5_SPEC = {
+    "arch": "t5",
+    "vocab_size": 2048,
+    "d_model": 128,
+    "d_ff": 256,
+    "d_kv": 32,
+    "num_layers": 2,
+    "num_decoder_layers": 2,
+    "num_heads": 4,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "dropout_rate": 0.0,
+    "feed_forward_proj": "relu",
     "seed": 1234,
 }
 #: Markers of the pseudo-sample generator's format (kept whole by the demo tokenizer).
@@ -116,9 +141,63 @@ def random_llama(*shape: int, seed: int | None = 0, train: bool = False, **kwarg
     return LlamaForCausalLM(llama_config(*shape, **kwargs)).train(train)
 
 
-def demo_spec(hidden_size: int | None = None, layers: int | None = None) -> dict:
-    """:data:`DEMO_SPEC` with another width / depth (``model.demo_hidden_size`` /
-    ``model.demo_layers``); the MLP stays twice the width, the heads stay 4."""
+def t5_config(vocab: int, d_model: int, layers: int, heads: int, **extra: Any):
+    """A T5 ``T5Config`` by its shape (tests, benchmarks): ``layers`` encoder and as many
+    decoder layers, MLP twice the width, ``d_kv = d_model / heads``, no dropout, pad 0 (the
+    decoder's start token, as in T5) and EOS 2 unless given."""
+    from transformers import T5Config
+
+    extra.setdefault("pad_token_id", 0)
+    extra.setdefault("eos_token_id", 2)
+    extra.setdefault("decoder_start_token_id", extra["pad_token_id"])
+    extra.setdefault("dropout_rate", 0.0)
+    extra.setdefault("d_ff", 2 * d_model)
+    extra.setdefault("num_decoder_layers", layers)
+    return T5Config(
+        vocab_size=vocab,
+        d_model=d_model,
+        d_kv=d_model // heads,
+        num_layers=layers,
+        num_heads=heads,
+        **extra,
+    )
+
+
+def random_t5(*shape: int, seed: int | None = 0, train: bool = False, **kwargs: Any):
+    """A randomly initialised ``T5ForConditionalGeneration`` of :func:`t5_config`
+    (``seed``: torch's seed first), in eval mode unless ``train``."""
+    from transformers import T5ForConditionalGeneration
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    return T5ForConditionalGeneration(t5_config(*shape, **kwargs)).train(train)
+
+
+def model_class(config: Any):
+    """The ``transformers`` auto class that loads a model of ``config``: sequence-to-sequence
+    LM for an encoder-decoder (``is_encoder_decoder``, e.g. T5), else causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    if getattr(config, "is_encoder_decoder", False):
+        return AutoModelForSeq2SeqLM
+    return AutoModelForCausalLM
+
+
+def demo_spec(
+    hidden_size: int | None = None, layers: int | None = None, arch: str = "llama"
+) -> dict:
+    """:data:`DEMO_SPEC` (``arch`` ``llama``) or :data:`DEMO_T5_SPEC` (``t5``) with another
+    width / depth (``model.demo_hidden_size`` / ``model.demo_layers``); the MLP stays twice
+    the width, the heads stay 4."""
+    if arch == "t5":
+        spec = dict(DEMO_T5_SPEC)
+        if hidden_size is not None and hidden_size != spec["d_model"]:
+            spec.update(d_model=hidden_size, d_ff=2 * hidden_size, d_kv=hidden_size // 4)
+        if layers is not None:
+            spec.update(num_layers=layers, num_decoder_layers=layers)
+        return spec
+    if arch != "llama":
+        raise ValueError(f"unknown demo architecture {arch!r} (llama or t5)")
     spec = dict(DEMO_SPEC)
     if hidden_size is not None and hidden_size != DEMO_SPEC["hidden_size"]:
         spec.update(
@@ -135,10 +214,10 @@ def build_demo_backbone(
     data_dir: Path | None = None, cache: Path | None = None, spec: dict | None = None
 ) -> Path:
     """Build (once; cached) the demo backbone folder and return its path (``spec``: a
-    :func:`demo_spec`; default the demo's)."""
+    :func:`demo_spec`, LLaMA or T5; default the LLaMA demo's)."""
     spec_in = DEMO_SPEC if spec is None else spec
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     from sapt_dist.data.tasks import DEMO_DATA_DIR
 
@@ -167,16 +246,31 @@ def build_demo_backbone(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
     )
     torch.manual_seed(spec_in["seed"])
-    spec = {k: v for k, v in spec_in.items() if k != "seed"}
+    spec = {k: v for k, v in spec_in.items() if k not in ("seed", "arch")}
     spec["vocab_size"] = len(hf_tok)
-    cfg = LlamaConfig(
-        **spec,
-        pad_token_id=hf_tok.pad_token_id,
-        bos_token_id=hf_tok.bos_token_id,
-        eos_token_id=hf_tok.eos_token_id,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(cfg)
+    if spec_in.get("arch", "llama") == "t5":
+        from transformers import T5Config, T5ForConditionalGeneration
+
+        # T5 starts decoding from the pad token; its tokenizer has no BOS
+        cfg = T5Config(
+            **spec,
+            pad_token_id=hf_tok.pad_token_id,
+            eos_token_id=hf_tok.eos_token_id,
+            decoder_start_token_id=hf_tok.pad_token_id,
+            tie_word_embeddings=True,
+        )
+        model = T5ForConditionalGeneration(cfg)
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(
+            **spec,
+            pad_token_id=hf_tok.pad_token_id,
+            bos_token_id=hf_tok.bos_token_id,
+            eos_token_id=hf_tok.eos_token_id,
+            tie_word_embeddings=False,
+        )
+        model = LlamaForCausalLM(cfg)
     # several ranks (or jobs) may build it at once: each writes its own temporary folder
     # and renames it into place; a rename onto a finished folder fails and that copy is
     # dropped (the build is deterministic). A finished folder is never moved, so a rank
@@ -197,16 +291,18 @@ def build_demo_backbone(
 
 
 def load_backbone(cfg: ModelConfig, data_root: Path | None = None):
-    """Return ``(model, tokenizer)``: the frozen HF causal LM and its tokenizer.
+    """Return ``(model, tokenizer)``: the frozen HF causal LM (or encoder-decoder, e.g. T5:
+    see :func:`model_class`) and its tokenizer.
 
     Raises:
         ConfigError: naming ``model.path`` when the folder is missing or not a model.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if cfg.builder == "demo":
+        spec = demo_spec(cfg.demo_hidden_size, cfg.demo_layers, cfg.demo_arch)
         with distributed.rank0_first():  # one rank builds the cache, the others read it
-            path = build_demo_backbone(spec=demo_spec(cfg.demo_hidden_size, cfg.demo_layers))
+            path = build_demo_backbone(spec=spec)
     else:
         path = resolve_model_path(cfg.path or "")
     gguf = path.suffix == ".gguf"
@@ -250,8 +346,10 @@ def load_backbone(cfg: ModelConfig, data_root: Path | None = None):
         kwargs["gguf_file"] = path.name
         path = path.parent
         log.info("loading GGUF %s (dequantized to %s)", Path(path) / kwargs["gguf_file"], cfg.dtype)
+    # a GGUF file holds a LLaMA-family decoder (check_gguf); a folder says what it holds
+    auto = AutoModelForCausalLM if gguf else model_class(AutoConfig.from_pretrained(path))
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = auto.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         if not gguf:
             raise

@@ -448,7 +448,8 @@ def export_peft(
     tuning for prompt blocks.
 
     ``PeftModel.from_pretrained(plain_backbone, folder)`` then gives exactly the backbone
-    with that one block (SAPT with one-hot weights on ``slot``).
+    with that one block (SAPT with one-hot weights on ``slot``); the task type is
+    ``SEQ_2_SEQ_LM`` for an encoder-decoder backbone (T5), else ``CAUSAL_LM``.
     """
     folder = Path(folder)
     if not 0 <= slot < model.n_slots:
@@ -464,7 +465,7 @@ def export_peft(
     alpha = int(ac.alpha) if float(ac.alpha).is_integer() else ac.alpha
     config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": _peft_task_type(model),
         "base_model_name_or_path": base_model_name_or_path,
         "r": ac.rank,
         "lora_alpha": alpha,
@@ -484,17 +485,23 @@ def export_peft(
     return folder
 
 
+def _peft_task_type(model: SAPTModel) -> str:
+    return "SEQ_2_SEQ_LM" if model.is_encoder_decoder else "CAUSAL_LM"
+
+
 def _export_peft_prompt(
     model: SAPTModel, block: dict[str, torch.Tensor], folder: Path, base: str | None
 ) -> Path:
-    """A prompt block as peft's prompt tuning (``PROMPT_TUNING``, ``prompt_embeddings``)."""
+    """A prompt block as peft's prompt tuning (``PROMPT_TUNING``, ``prompt_embeddings``).
+    On an encoder-decoder the prompt goes before the encoder's input only: one transformer
+    submodule (peft's seq2seq default of 2 would read a second, decoder-side prompt)."""
     from sapt_dist.method.prompt import PROMPT_BLOCK
 
     hf = getattr(model.backbone, "config", None)
     prompt = block[f"{PROMPT_BLOCK}.P"]
     config = {
         "peft_type": "PROMPT_TUNING",
-        "task_type": "CAUSAL_LM",
+        "task_type": _peft_task_type(model),
         "base_model_name_or_path": base,
         "num_virtual_tokens": int(prompt.shape[0]),
         "token_dim": int(prompt.shape[1]),

@@ -66,6 +66,22 @@ activations
     embedding output require grad, so the prompt max-pool saves ``e N d`` more. Batches
     are taken to be padded (SAPT's collation pads); ``--no-padding`` drops the mask.
 
+T5 encoder-decoders (``--model t5-large``, a T5 ``config.json``, or a run config whose
+model folder holds one): the parameter side (backbone shard, gathered working set, block
+stack, trainable + optimizer) is counted from T5's own tensors as above (shared embedding,
+per encoder layer self-attention q/k/v/o + MLP ``wi``/``wo`` (``wi_0``/``wi_1`` gated),
+per decoder layer self- and cross-attention + MLP, relative position biases, the
+RMS norms; an adapted leaf name such as ``q`` counts once per encoder layer and twice per
+decoder layer) and checked against a real T5 SAPTModel in ``tests/test_plan.py``. The
+activations are an **estimate, not measured** (``bench/bench_plan.py`` measures
+LLaMA-style models only): ``--seq-len`` tokens minus ``--target-len`` go through the
+encoder, ``--target-len`` through the decoder; per layer it counts the norms, q/k/v and
+the attention output, T5's eager attention probabilities (fp32 softmax output, plus a
+copy in a 2-byte dtype) for self- and cross-attention, the cross-attention's k/v over the
+encoder's tokens, the MLP's activation output, the mixture terms as for LLaMA, and
+logits / loss over the decoder's tokens; dropout masks (T5 checkpoints ship dropout 0.1,
+active in training), the position-bias tensors and allocator effects are not counted.
+
 Not counted: the CUDA context and NCCL buffers (about 0.5-1 GiB per GPU), allocator
 fragmentation, DeepSpeed's reduce/all-gather bucket buffers (``reduce_bucket_size``), the
 ARM replay micro-batches (embedding lookups and the router only: small), evaluation and
@@ -106,6 +122,10 @@ GiB = 1024**3
 
 #: Linear layers of a LLaMA-style decoder layer, by the leaf name SAPT matches targets on.
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+#: Linear layers of a T5 layer (attention q, k, v, o; the MLP's ``wi``, ``wo``, or with a
+#: gated activation ``wi_0``, ``wi_1``, ``wo``).
+T5_ATTENTION = ("q", "k", "v", "o")
+T5_LINEAR_NAMES = (*T5_ATTENTION, "wi", "wi_0", "wi_1", "wo")
 #: Adapted linears that read the same input tensor (its saved copy is counted once).
 _INPUT_GROUPS = {
     "q_proj": "attn_in",
@@ -124,7 +144,10 @@ class PlanError(ValueError):
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The shapes of a LLaMA-style causal LM (LLaMA, Mistral, Qwen2 without biases)."""
+    """The shapes of a LLaMA-style causal LM (LLaMA, Mistral, Qwen2 without biases) or, with
+    ``arch="t5"``, of a T5 encoder-decoder: ``hidden`` = d_model, ``intermediate`` = d_ff,
+    ``layers`` = encoder layers, ``decoder_layers``, ``heads`` (= ``kv_heads``),
+    ``head_dim`` = d_kv, ``gated_ff`` (``gated-gelu`` MLP), ``rel_buckets``."""
 
     name: str
     hidden: int
@@ -136,13 +159,31 @@ class ModelShape:
     tie_embeddings: bool = False
     head_dim: int | None = None
     attention_bias: bool = False
+    arch: str = "llama"
+    decoder_layers: int = 0
+    gated_ff: bool = False
+    rel_buckets: int = 32
 
     @property
     def hd(self) -> int:
         return self.head_dim or self.hidden // self.heads
 
+    @property
+    def is_t5(self) -> bool:
+        return self.arch == "t5"
+
+    @property
+    def linear_names(self) -> tuple[str, ...]:
+        """The leaf names of the linear layers (what ``--targets`` may name)."""
+        if not self.is_t5:
+            return LINEAR_NAMES
+        return (*T5_ATTENTION, *(("wi_0", "wi_1") if self.gated_ff else ("wi",)), "wo")
+
     def validate(self) -> None:
-        for key in ("hidden", "intermediate", "layers", "heads", "kv_heads", "vocab"):
+        if self.arch not in ("llama", "t5"):
+            raise PlanError(f"model {self.name}: arch must be llama or t5 (got {self.arch!r})")
+        keys = ["hidden", "intermediate", "layers", "heads", "kv_heads", "vocab"]
+        for key in keys + (["decoder_layers", "rel_buckets"] if self.is_t5 else []):
             if getattr(self, key) < 1:
                 raise PlanError(f"model {self.name}: {key} must be >= 1 (got {getattr(self, key)})")
         if self.heads % self.kv_heads:
@@ -162,6 +203,10 @@ PRESETS: dict[str, ModelShape] = {
     "llama2-7b": ModelShape("llama2-7b", 4096, 11008, 32, 32, 32, 32000),
     "llama2-13b": ModelShape("llama2-13b", 5120, 13824, 40, 40, 40, 32000),
     "llama2-70b": ModelShape("llama2-70b", 8192, 28672, 80, 64, 8, 32000),
+    # google-t5/t5-large's config.json (T5 v1.0: ReLU MLP, embeddings tied)
+    "t5-large": ModelShape(
+        "t5-large", 1024, 4096, 24, 16, 16, 32128, True, 64, arch="t5", decoder_layers=24
+    ),
 }
 
 
@@ -233,6 +278,9 @@ class PlanInputs:
     double_quant: bool = False
     micro_batch: int = 2
     seq_len: int = 1074
+    #: T5 only: tokens of ``seq_len`` that are the decoder's (the target); the rest go
+    #: through the encoder
+    target_len: int = 50
     slots: int = 15
     generator_slot: bool = True
     rank: int = 4
@@ -271,6 +319,7 @@ class PlanInputs:
             ("--nodes", self.nodes),
             ("--micro-batch", self.micro_batch),
             ("--seq-len", self.seq_len),
+            ("--target-len", self.target_len),
             ("--slots", self.slots),
             ("--rank", self.rank),
             ("--query-hidden", self.query_hidden),
@@ -288,11 +337,18 @@ class PlanInputs:
             return  # prompt blocks: no adapted linear layer
         if not self.targets:
             raise PlanError("--targets must name at least one linear layer")
-        bad = [t for t in self.targets if t not in LINEAR_NAMES]
+        names = self.shape.linear_names
+        bad = [t for t in self.targets if t not in names]
         if bad:
+            kind = "T5" if self.shape.is_t5 else "LLaMA-style"
             raise PlanError(
-                f"--targets: {bad} are not linear layers of a LLaMA-style model "
-                f"(its linears: {list(LINEAR_NAMES)})"
+                f"--targets: {bad} are not linear layers of a {kind} model "
+                f"(its linears: {list(names)})"
+            )
+        if self.shape.is_t5 and self.target_len >= self.seq_len:
+            raise PlanError(
+                f"--target-len ({self.target_len}) must be below --seq-len ({self.seq_len}): "
+                "a T5's encoder reads seq_len - target_len tokens, its decoder target_len"
             )
         if not self.gpu_mem_gib > 0:
             raise PlanError(f"--gpu-mem must be > 0 GiB (got {self.gpu_mem_gib})")
@@ -320,8 +376,18 @@ def shape_from_config(path: str | Path) -> ModelShape:
 
 
 def shape_from_dict(cfg: dict, name: str = "model", where: str = "config") -> ModelShape:
-    """A ``ModelShape`` from the keys of an HF config (``PretrainedConfig.to_dict()``)."""
+    """A ``ModelShape`` from the keys of an HF config (``PretrainedConfig.to_dict()``): a
+    LLaMA-style decoder or a T5 encoder-decoder."""
     cfg = cfg.get("text_config", cfg)
+    if cfg.get("model_type") in ("t5", "mt5") or (
+        cfg.get("is_encoder_decoder") and "d_model" in cfg and "d_kv" in cfg
+    ):
+        return _t5_shape(cfg, name, where)
+    if cfg.get("is_encoder_decoder"):
+        raise PlanError(
+            f"{where}: a {cfg.get('model_type', 'encoder-decoder')!r} model; sapt-plan knows "
+            "LLaMA-style decoders and T5 encoder-decoders"
+        )
 
     def need(key: str) -> int:
         if key not in cfg:
@@ -349,6 +415,35 @@ def shape_from_dict(cfg: dict, name: str = "model", where: str = "config") -> Mo
     return shape
 
 
+def _t5_shape(cfg: dict, name: str, where: str) -> ModelShape:
+    def need(key: str) -> int:
+        if key not in cfg:
+            raise PlanError(f"{where}: key '{key}' missing (a T5 config has it)")
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise PlanError(f"{where}: key '{key}' must be an integer (got {v!r})")
+        return v
+
+    heads, layers = need("num_heads"), need("num_layers")
+    shape = ModelShape(
+        name=str(cfg.get("_name_or_path") or name),
+        hidden=need("d_model"),
+        intermediate=need("d_ff"),
+        layers=layers,
+        heads=heads,
+        kv_heads=heads,
+        vocab=need("vocab_size"),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),  # T5's default
+        head_dim=need("d_kv"),
+        arch="t5",
+        decoder_layers=int(cfg.get("num_decoder_layers") or layers),
+        gated_ff=str(cfg.get("feed_forward_proj", "relu")).startswith("gated-"),
+        rel_buckets=int(cfg.get("relative_attention_num_buckets", 32)),
+    )
+    shape.validate()
+    return shape
+
+
 @dataclass(frozen=True)
 class Tensor:
     """One backbone parameter: name, leaf kind and full shape (out, in) or (n,)."""
@@ -363,7 +458,9 @@ class Tensor:
 
 
 def backbone_tensors(shape: ModelShape) -> list[Tensor]:
-    """Every parameter of the HF LLaMA-style model, in module order."""
+    """Every parameter of the HF LLaMA-style model (or T5), in module order."""
+    if shape.is_t5:
+        return _t5_tensors(shape)
     d, hd = shape.hidden, shape.hd
     q, kv, ff = shape.heads * hd, shape.kv_heads * hd, shape.intermediate
     out = [Tensor("model.embed_tokens.weight", "embed", (shape.vocab, d))]
@@ -391,8 +488,69 @@ def backbone_tensors(shape: ModelShape) -> list[Tensor]:
     return out
 
 
+def _t5_tensors(shape: ModelShape) -> list[Tensor]:
+    """Every parameter of ``T5ForConditionalGeneration`` (one shared embedding; the
+    encoder's and decoder's ``embed_tokens`` and a tied ``lm_head`` are the same tensor)."""
+    d = shape.hidden
+    dims = _linear_dims(shape)
+    out = [Tensor("shared.weight", "embed", (shape.vocab, d))]
+
+    def attention(pre: str, first: bool) -> None:
+        for leaf in T5_ATTENTION:
+            d_in, d_out = dims[leaf]
+            out.append(Tensor(f"{pre}.{leaf}.weight", leaf, (d_out, d_in)))
+        if first:  # the relative position bias lives in each stack's first layer
+            rel = (shape.rel_buckets, shape.heads)
+            out.append(Tensor(f"{pre}.relative_attention_bias.weight", "norm", rel))
+
+    def mlp(pre: str) -> None:
+        for leaf in shape.linear_names[len(T5_ATTENTION) :]:
+            d_in, d_out = dims[leaf]
+            out.append(Tensor(f"{pre}.DenseReluDense.{leaf}.weight", leaf, (d_out, d_in)))
+
+    for stack, n in (("encoder", shape.layers), ("decoder", shape.decoder_layers)):
+        for i in range(n):
+            pre = f"{stack}.block.{i}.layer"
+            attention(f"{pre}.0.SelfAttention", i == 0)
+            out.append(Tensor(f"{pre}.0.layer_norm.weight", "norm", (d,)))
+            k = 1
+            if stack == "decoder":
+                attention(f"{pre}.1.EncDecAttention", False)
+                out.append(Tensor(f"{pre}.1.layer_norm.weight", "norm", (d,)))
+                k = 2
+            mlp(f"{pre}.{k}")
+            out.append(Tensor(f"{pre}.{k}.layer_norm.weight", "norm", (d,)))
+        out.append(Tensor(f"{stack}.final_layer_norm.weight", "norm", (d,)))
+    if not shape.tie_embeddings:
+        out.append(Tensor("lm_head.weight", "lm_head", (shape.vocab, d)))
+    return out
+
+
+def linear_count(shape: ModelShape, leaf: str) -> int:
+    """How many linear layers of the model carry the leaf name ``leaf``: one per layer for
+    LLaMA; for T5 an attention leaf (q, k, v, o) is in every encoder layer and twice in
+    every decoder layer (self- and cross-attention), an MLP leaf once per layer."""
+    if not shape.is_t5:
+        return shape.layers
+    if leaf in T5_ATTENTION:
+        return shape.layers + 2 * shape.decoder_layers
+    return shape.layers + shape.decoder_layers
+
+
 def _linear_dims(shape: ModelShape) -> dict[str, tuple[int, int]]:
     """(in, out) of each linear of one decoder layer."""
+    if shape.is_t5:
+        d, inner, ff = shape.hidden, shape.heads * shape.hd, shape.intermediate
+        return {
+            "q": (d, inner),
+            "k": (d, inner),
+            "v": (d, inner),
+            "o": (inner, d),
+            "wi": (d, ff),
+            "wi_0": (d, ff),
+            "wi_1": (d, ff),
+            "wo": (ff, d),
+        }
     d, hd = shape.hidden, shape.hd
     q, kv, ff = shape.heads * hd, shape.kv_heads * hd, shape.intermediate
     return {
@@ -414,12 +572,12 @@ def trainable_tensors(inp: PlanInputs) -> list[Tensor]:
     out = []
     if inp.prompt_length:
         out.append(Tensor("prompts.prompt", "prompt", (inp.prompt_length, shape.hidden)))
-    for i in range(shape.layers if not inp.prompt_length else 0):
-        for leaf in LINEAR_NAMES:
-            if leaf in inp.targets:
-                d_in, d_out = dims[leaf]
-                out.append(Tensor(f"layers.{i}.{leaf}.lora_A", "lora", (r, d_in)))
-                out.append(Tensor(f"layers.{i}.{leaf}.lora_B", "lora", (d_out, r)))
+    for leaf in shape.linear_names if not inp.prompt_length else ():
+        if leaf in inp.targets:
+            d_in, d_out = dims[leaf]
+            for i in range(linear_count(shape, leaf)):
+                out.append(Tensor(f"{leaf}.{i}.lora_A", "lora", (r, d_in)))
+                out.append(Tensor(f"{leaf}.{i}.lora_B", "lora", (d_out, r)))
     d, h = shape.hidden, inp.query_hidden
     out += [
         Tensor("router.key", "router", (d,)),
@@ -432,7 +590,7 @@ def trainable_tensors(inp: PlanInputs) -> list[Tensor]:
 
 
 def _quantized(inp: PlanInputs, t: Tensor) -> bool:
-    return inp.quant != "none" and t.kind in LINEAR_NAMES
+    return inp.quant != "none" and t.kind in inp.shape.linear_names
 
 
 def storage_numel(inp: PlanInputs, t: Tensor) -> int:
@@ -467,8 +625,11 @@ def activation_bytes(inp: PlanInputs) -> dict[str, int]:
     keeps), ``top`` (final norm + loss log-probs + targets), ``router``, ``logits``
     (returned), ``loss_backward`` (the loss's backward peak), ``saved`` (what autograd
     holds at the end of the forward: without checkpointing every layer, with it the
-    stored inputs) and ``peak`` (the activations' peak in forward + backward).
+    stored inputs) and ``peak`` (the activations' peak in forward + backward). For T5 see
+    :func:`_t5_activation_bytes` (an estimate).
     """
+    if inp.shape.is_t5:
+        return _t5_activation_bytes(inp)
     s = inp.shape
     S = inp.tokens  # positions per sequence (a prompt block's virtual tokens included)
     e, b, n = inp.e, inp.micro_batch, inp.micro_batch * S
@@ -554,6 +715,104 @@ def activation_bytes(inp: PlanInputs) -> dict[str, int]:
     }
 
 
+def _t5_activation_bytes(inp: PlanInputs) -> dict[str, int]:
+    """T5's activations per rank: an estimate from the code that runs (HF ``T5Attention``,
+    eager; ``T5LayerNorm``; ``MixtureLoRALinear``), not checked against measurement. The
+    encoder reads ``S = seq_len - target_len`` tokens per sequence, the decoder
+    ``U = target_len``; keys as :func:`activation_bytes` (``layer``: a decoder layer,
+    ``layer0``: an encoder layer). Dropout masks and position-bias tensors not counted."""
+    s = inp.shape
+    e, b = inp.e, inp.micro_batch
+    # prompt blocks: the encoder reads the virtual tokens too; no adapted linear
+    S, U = inp.seq_len - inp.target_len + inp.prompt_length, inp.target_len
+    ns, nu = b * S, b * U
+    d, ff, heads, inner = s.hidden, s.intermediate, s.heads, s.heads * s.hd
+    T, r = inp.layer_slots, inp.rank
+    dims = _linear_dims(s)
+    targets = set() if inp.prompt_length else set(inp.targets)
+    zero_linear = inp.knobs.memory_efficient_linear
+    soft = 4 + (e if e != 4 else 0)  # fp32 softmax output (+ its copy in a 2-byte dtype)
+    ff_leaves = s.linear_names[len(T5_ATTENTION) :]
+
+    def norm(n: int) -> int:  # fp32 copy of the input + rsqrt per row
+        return 4 * (n * d + n)
+
+    def saved_input(n: int, width: int, leaves) -> int:
+        """A linear's input is kept when it is adapted (the mixture reads it in backward)
+        or when ZeRO-3's memory-efficient linear keeps every linear's input."""
+        return e * n * width if zero_linear or targets & set(leaves) else 0
+
+    def blocks(rows: dict[str, int]) -> int:
+        """Per adapted linear: the stacked blocks, z = x A^T and the per-row scales."""
+        out = 0
+        for t, n in rows.items():
+            if t in targets:
+                d_in, d_out = dims[t]
+                out += e * (T * r * (d_in + d_out) + n * T * r + b * T * r) + 8
+        return out
+
+    def self_attention(n: int, length: int) -> int:
+        return (
+            e * 3 * n * inner  # q, k, v
+            + soft * b * heads * length * length  # the attention probabilities
+            + saved_input(n, d, ("q", "k", "v"))
+            + saved_input(n, inner, ("o",))
+            + blocks(dict.fromkeys(T5_ATTENTION, n))
+        )
+
+    def mlp(n: int) -> int:
+        act = e * n * ff * (3 if s.gated_ff else 1)  # wo's input is the activation's output
+        return act + saved_input(n, d, ff_leaves[:-1]) + blocks(dict.fromkeys(ff_leaves, n))
+
+    cross = (
+        e * (nu * inner + 2 * ns * inner)  # q over the decoder's tokens, k and v over the encoder's
+        + soft * b * heads * U * S
+        + saved_input(nu, d, ("q",))
+        + saved_input(nu, inner, ("o",))  # k, v read the encoder output (counted once, top)
+        + blocks({"q": nu, "k": ns, "v": ns, "o": nu})
+    )
+    enc = 2 * norm(ns) + self_attention(ns, S) + mlp(ns)
+    dec = 3 * norm(nu) + self_attention(nu, U) + cross + mlp(nu)
+    h = inp.query_hidden
+    router = e * (b * (4 * d + h) + d * inp.slots) + 8 * b * inp.slots
+    encoder_out = e * ns * d  # the encoder's output, read by every cross-attention
+    top = norm(ns) + norm(nu) + encoder_out + 4 * nu * s.vocab + 8 * nu + 4
+    if zero_linear:
+        top += e * nu * d  # lm_head's input
+    logits = e * nu * s.vocab
+    loss_backward = 8 * nu * s.vocab
+    held = 0  # torch's linear keeps each gathered frozen weight alive until backward
+    if not zero_linear and inp.world > 1 and inp.quant == "none":
+        held = e * (
+            2 * sum(dims[t][0] * dims[t][1] for t in T5_ATTENTION)
+            + sum(dims[t][0] * dims[t][1] for t in ff_leaves)
+        )  # a decoder layer's weights (the largest layer)
+    stored_ckpt = e * d * (s.layers * ns + s.decoder_layers * nu)
+    if inp.grad_ckpt:
+        router += e * ns * d + ns + b * (1 + e * d)  # the pool's saved copy (see LLaMA's)
+        saved = stored_ckpt + top + router
+        peak = saved + logits + max(max(enc, dec) + held, loss_backward)
+        held_total = held
+    else:
+        saved = s.layers * enc + s.decoder_layers * (dec + held) + top + router
+        peak = saved + logits + loss_backward
+        held_total = held * s.decoder_layers
+    return {
+        "layer": dec,
+        "layer0": enc,
+        "stored_ckpt": stored_ckpt,
+        "held_weights": held_total,
+        "top": top,
+        "router": router,
+        "rope": 0,
+        "dequant": 0,
+        "logits": logits,
+        "loss_backward": loss_backward,
+        "saved": saved,
+        "peak": peak,
+    }
+
+
 # --------------------------------------------------------------------------- the plan
 def plan(inp: PlanInputs) -> dict[str, Any]:
     """Per-GPU bytes of each component, the total and whether it fits ``gpu_mem_gib``."""
@@ -588,9 +847,9 @@ def plan(inp: PlanInputs) -> dict[str, Any]:
     if inp.prompt_length:
         banks = inp.layer_slots * inp.prompt_length * inp.shape.hidden * e
     else:
-        banks = (
-            sum(inp.layer_slots * inp.rank * (dims[t][0] + dims[t][1]) * e for t in inp.targets)
-            * inp.shape.layers
+        banks = sum(
+            inp.layer_slots * inp.rank * (dims[t][0] + dims[t][1]) * e * linear_count(inp.shape, t)
+            for t in inp.targets
         )
     # key_bank, targets, task_means, center; active / current / has_mean (bool) and
     # SAPTModel.layer_current (bool)
@@ -691,8 +950,18 @@ def format_table(results: list[dict], markdown: bool = False) -> str:
 
 def assumptions(inp: PlanInputs) -> str:
     k = inp.knobs
+    tokens = f"{inp.seq_len} tokens"
+    if inp.shape.is_t5:
+        enc = inp.seq_len - inp.target_len
+        tokens = f"({enc} encoder + {inp.target_len} decoder) tokens"
+    t5 = (
+        " T5: the activations are an estimate, not measured (dropout masks and position "
+        "biases not counted; see sapt_dist/cluster/plan.py)."
+        if inp.shape.is_t5
+        else ""
+    )
     return (
-        f"per GPU, GiB; micro-batch {inp.micro_batch} x {inp.seq_len} tokens (padded), "
+        f"per GPU, GiB; micro-batch {inp.micro_batch} x {tokens} (padded), "
         f"{inp.slots} task slots{' + generator slot' if inp.generator_slot else ''}, "
         + (
             f"prompt blocks of {inp.prompt_length} virtual tokens, AdamW, "
@@ -704,7 +973,7 @@ def assumptions(inp: PlanInputs) -> str:
         f"ZeRO-3 prefetch {k.prefetch_bucket_size:.3g}, max live {k.max_live_parameters:.3g}, "
         f"reuse distance {k.max_reuse_distance:.3g}, persistence {k.param_persistence_threshold:.3g} "
         f"elements, memory_efficient_linear {str(k.memory_efficient_linear).lower()}. Not counted: CUDA context/NCCL (~0.5-1 GiB), fragmentation, "
-        "communication buckets."
+        f"communication buckets.{t5}"
     )
 
 
@@ -742,6 +1011,7 @@ def _from_run_config(path: str) -> dict[str, Any]:
 
     tree = yaml.safe_load(p.read_text()) or {}
     overrides = []
+    demo = (tree.get("model") or {}).get("builder") == "demo"
     if not (tree.get("model") or {}).get("path"):
         overrides.append("model.builder=demo")  # the shape then comes from --model/--config
     try:
@@ -756,6 +1026,7 @@ def _from_run_config(path: str) -> dict[str, Any]:
         "quant": cfg.model.quantization,
         "micro_batch": cfg.train.micro_batch_size,
         "seq_len": cfg.data.max_source_length + cfg.data.max_target_length,
+        "target_len": cfg.data.max_target_length,
         "rank": cfg.adapter.rank,
         "targets": tuple(cfg.adapter.target_modules),
         "prompt_length": cfg.adapter.prompt_length if cfg.adapter.kind == "prompt" else 0,
@@ -769,6 +1040,14 @@ def _from_run_config(path: str) -> dict[str, Any]:
         out["slots"] = slots
     if cfg.model.path and (Path(cfg.model.path) / "config.json").is_file():
         out["shape"] = shape_from_config(cfg.model.path)
+    elif demo:  # the demo backbone's recipe gives its shape (nothing is built)
+        from sapt_dist.backbone.load import demo_spec
+
+        m = cfg.model
+        spec = demo_spec(m.demo_hidden_size, m.demo_layers, m.demo_arch)
+        hf = {k: v for k, v in spec.items() if k not in ("seed", "arch")}
+        hf.update(model_type=m.demo_arch, tie_word_embeddings=m.demo_arch == "t5")
+        out["shape"] = shape_from_dict(hf, name=f"demo-{m.demo_arch}")
     if cfg.distributed.deepspeed_config:
         from sapt_dist.config import resolve_ds_config
         from sapt_dist.distributed import zero_stage
@@ -794,7 +1073,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--model", help=f"built-in shape: {', '.join(PRESETS)}")
-    src.add_argument("--config", help="an HF config.json (or model folder) of a LLaMA-style model")
+    src.add_argument(
+        "--config", help="an HF config.json (or model folder) of a LLaMA-style model or a T5"
+    )
     ap.add_argument(
         "--run-config",
         help="a run config YAML or preset name (e.g. llama2_13b_superni_order1): dtype, "
@@ -810,12 +1091,20 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--seq-len", type=int, default=None, help="tokens per sequence (prompt + target)"
     )
+    ap.add_argument(
+        "--target-len",
+        type=int,
+        default=None,
+        help="T5: the target's tokens of --seq-len (the decoder's; the rest are the encoder's)",
+    )
     ap.add_argument("--slots", type=int, default=None, help="task slots (tasks in the sequence)")
     ap.add_argument(
         "--no-generator-slot", dest="generator_slot", action="store_false", default=None
     )
     ap.add_argument("--rank", type=int, default=None)
-    ap.add_argument("--targets", default=None, help="comma-separated linear names (q_proj,v_proj)")
+    ap.add_argument(
+        "--targets", default=None, help="comma-separated linear names (q_proj,v_proj; T5: q,v)"
+    )
     ap.add_argument(
         "--prompt-length",
         type=int,
@@ -852,9 +1141,7 @@ def inputs_from_args(args: argparse.Namespace) -> PlanInputs:
         if args.sweep:
             values["shape"] = PRESETS["llama2-7b"]
         else:
-            raise PlanError(
-                "give the model: --model {llama2-7b,llama2-13b,llama2-70b} or --config PATH"
-            )
+            raise PlanError(f"give the model: --model {{{','.join(PRESETS)}}} or --config PATH")
     if args.ds_config:
         values["knobs"] = DeepSpeedKnobs.from_ds_config(args.ds_config)
     flags = {
@@ -865,6 +1152,7 @@ def inputs_from_args(args: argparse.Namespace) -> PlanInputs:
         "double_quant": args.double_quant,
         "micro_batch": args.micro_batch,
         "seq_len": args.seq_len,
+        "target_len": args.target_len,
         "slots": args.slots,
         "generator_slot": args.generator_slot,
         "rank": args.rank,
@@ -878,6 +1166,8 @@ def inputs_from_args(args: argparse.Namespace) -> PlanInputs:
     values.update({k: v for k, v in flags.items() if v is not None})
     if args.targets is not None:
         values["targets"] = tuple(t.strip() for t in args.targets.split(",") if t.strip())
+    elif "targets" not in values and values["shape"].is_t5:
+        values["targets"] = ("q", "v")  # the paper's T5 setting (the default names LLaMA's)
     inp = PlanInputs(**values)
     inp.validate()
     return inp

@@ -11,7 +11,9 @@ words). Every problem is a :class:`TaskDataError` naming the task and the file, 
 when the task loads, i.e. before any model does.
 
 Tokenisation never adds special tokens: a training sequence is
-``prompt tokens + target tokens + [EOS]`` with labels ``-100`` on the prompt.
+``prompt tokens + target tokens + [EOS]`` with labels ``-100`` on the prompt. For an
+encoder-decoder backbone (T5) :func:`collate_train` splits it: the prompt is the encoder
+input, target + EOS the decoder's labels.
 """
 
 from __future__ import annotations
@@ -736,26 +738,47 @@ def encode_train(
     return EncodedExample(input_ids=p + t, labels=[IGNORE_INDEX] * len(p) + t, prompt_len=len(p))
 
 
-def collate_train(examples: list[EncodedExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch.
+def collate_train(
+    examples: list[EncodedExample], pad_id: int, seq2seq: bool = False
+) -> dict[str, torch.Tensor]:
+    """Right-padded batch, for a causal LM or (``seq2seq``) an encoder-decoder.
+
+    One :class:`EncodedExample` serves both: its ``prompt_len`` splits it into the prompt
+    and the target (+ EOS). A causal LM reads them as one sequence; an encoder-decoder
+    (T5) reads the prompt in its encoder and learns the target in its decoder (the
+    backbone shifts the labels right behind its decoder start token), no concatenation.
 
     Returns:
         ``input_ids`` (B, T) long, ``attention_mask`` (B, T) long (1 on real tokens),
-        ``labels`` (B, T) long (-100 on prompt and padding); T = longest sequence.
+        ``labels`` long, -100 on padding. Causal: T = longest prompt + target, labels
+        (B, T) with -100 on the prompt too. ``seq2seq``: T = longest prompt (the encoder
+        input), labels (B, U), U = longest target + EOS.
     """
     if not examples:
         raise ValueError("collate_train: empty batch")
-    n = max(len(e.input_ids) for e in examples)
+    for i, e in enumerate(examples):
+        if len(e.labels) != len(e.input_ids):
+            raise ValueError(
+                f"collate_train: example {i} has {len(e.input_ids)} ids but {len(e.labels)} labels"
+            )
+    if seq2seq:
+        sources = [e.input_ids[: e.prompt_len] for e in examples]
+        targets = [e.input_ids[e.prompt_len :] for e in examples]
+    else:
+        sources = [e.input_ids for e in examples]
+        targets = [e.labels for e in examples]
+    n = max(len(s) for s in sources)
     ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), n), dtype=torch.long)
-    labels = torch.full((len(examples), n), IGNORE_INDEX, dtype=torch.long)
-    for i, e in enumerate(examples):
-        k = len(e.input_ids)
-        if len(e.labels) != k:
-            raise ValueError(f"collate_train: example {i} has {k} ids but {len(e.labels)} labels")
-        ids[i, :k] = torch.tensor(e.input_ids, dtype=torch.long)
-        mask[i, :k] = 1
-        labels[i, :k] = torch.tensor(e.labels, dtype=torch.long)
+    labels = torch.full(
+        (len(examples), max(len(t) for t in targets)), IGNORE_INDEX, dtype=torch.long
+    )
+    for i, (src, tgt) in enumerate(zip(sources, targets, strict=True)):
+        if seq2seq and not src:
+            raise ValueError(f"collate_train: example {i} has an empty prompt (encoder input)")
+        ids[i, : len(src)] = torch.tensor(src, dtype=torch.long)
+        mask[i, : len(src)] = 1
+        labels[i, : len(tgt)] = torch.tensor(tgt, dtype=torch.long)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 

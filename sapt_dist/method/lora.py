@@ -205,6 +205,16 @@ class MixtureLoRALinear(nn.Module):
         object.__setattr__(self, "_context", context)
         self.reset_current()
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight: model code reads a linear's ``weight`` (T5's MLP casts
+        its input to ``wo.weight.dtype``), as it does through peft's LoRA layers."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
     def adapter_params(self) -> list[nn.Parameter]:
         """The trainable parameters of this layer (the current task's block)."""
         return [self.lora_A, self.lora_B]

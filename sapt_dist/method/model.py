@@ -1,4 +1,4 @@
-"""SAPT around an unmodified Hugging Face causal LM.
+"""SAPT around an unmodified Hugging Face causal LM or encoder-decoder (T5).
 
 ``SAPTModel`` replaces the target linear layers of the backbone in place with
 :class:`~sapt_dist.method.lora.MixtureLoRALinear` (the backbone's code is neither copied nor
@@ -8,6 +8,13 @@ patched), owns the :class:`~sapt_dist.method.attention.SharedAttention`, and on 
 2. max-pools the prompt's embeddings and computes the mixture weights ``w`` (batch, T),
 3. puts ``w`` in the routing context every adapted layer reads,
 4. runs the backbone on the embeddings (``inputs_embeds``), so the table is read once.
+
+An encoder-decoder backbone (``config.is_encoder_decoder``, e.g. T5) is the one branch,
+kept inside ``forward`` / ``generate``: the batch's ``input_ids`` are then the encoder
+input (the prompt, all of it routed on) and ``labels`` the decoder's targets; the weights
+come from the encoder input and hold for the encoder and every decoder step (LoRA on the
+encoder's and the decoder's self- and cross-attention alike); prompt blocks go before the
+encoder's input embeddings. ``collate_train(seq2seq=True)`` builds such batches.
 
 The task life cycle is ``start_task(slot)`` -> train -> ``file_current()`` ->
 ``set_target(slot, a*)``; see ``sapt_dist.train.run`` for the loop.
@@ -80,10 +87,12 @@ def find_target_layers(model: nn.Module, targets: list[str]) -> dict[str, nn.Mod
 
 
 class SAPTModel(nn.Module):
-    """A frozen HF causal LM with ``n_slots`` per-task LoRA blocks and SAPT's routing.
+    """A frozen HF causal LM or encoder-decoder with ``n_slots`` per-task blocks (LoRA or
+    soft prompts) and SAPT's routing.
 
     Args:
-        backbone: a Hugging Face ``*ForCausalLM`` (its parameters are frozen here).
+        backbone: a Hugging Face ``*ForCausalLM`` or ``*ForConditionalGeneration``
+            encoder-decoder (T5-style); its parameters are frozen here.
         adapter: rank, alpha, dropout, targets, query width, temperature, gradient mode.
         n_slots: number of task slots, fixed for the model's life.
         routing: ``attention`` (SAPT) or ``sum`` (IncLoRA: every active block, weight 1).
@@ -104,6 +113,10 @@ class SAPTModel(nn.Module):
         #: O-LoRA's (lambda_1, lambda_2), set by the run for ``method=olora``; None: off
         self.olora: tuple[float, float] | None = None
         self.backbone = backbone
+        #: T5-style encoder-decoder: prompt -> encoder, target -> decoder (see the module doc)
+        self.is_encoder_decoder = bool(
+            getattr(getattr(backbone, "config", None), "is_encoder_decoder", False)
+        )
         self.adapter_config = adapter
         self.n_slots = n_slots
         # The generator of pseudo-samples is one more block on the same backbone: an extra
@@ -313,27 +326,35 @@ class SAPTModel(nn.Module):
         replay_task: torch.Tensor | None = None,
         kl_ratio: float = 1.0,
         weights: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
     ) -> SAPTOutput:
         """One SAPT forward: task loss (if ``labels``) plus the ARM loss (if replay given).
 
         Args:
-            input_ids: (b, L) prompt + target tokens.
+            input_ids: (b, L) prompt + target tokens; encoder-decoder: the prompt (the
+                encoder input).
             attention_mask: (b, L), 0 on padding.
-            labels: (b, L) target token ids, ``-100`` on prompt and padding.
+            labels: (b, L) target token ids, ``-100`` on prompt and padding;
+                encoder-decoder: (b, U) the decoder's targets, ``-100`` on padding.
             prompt_mask: (b, L) 1 on prompt tokens; derived from ``attention_mask`` and
-                ``labels`` when omitted.
+                ``labels`` when omitted (encoder-decoder: the whole encoder input).
             replay_input_ids / replay_attention_mask: (n, Lr) pseudo-sample prompts.
             replay_task: (n,) the earlier task (slot) of each pseudo-sample.
             kl_ratio: weight of the ARM loss.
             weights: (b, T) mixture weights to use instead of the attention's (oracle
                 routing, diagnostics, tests).
+            decoder_input_ids: encoder-decoder only: the decoder's input (default: the
+                labels shifted right behind the decoder start token, as HF does).
         """
+        if decoder_input_ids is not None and not self.is_encoder_decoder:
+            raise ValueError("decoder_input_ids is for an encoder-decoder backbone")
         self.context.clear()  # the last step's graph goes before this one's is built
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if prompt_mask is None:
             prompt_mask = attention_mask.bool()
-            if labels is not None:
+            if labels is not None and not self.is_encoder_decoder:
+                # causal LM: one sequence, prompt + target; the target is not routed on
                 prompt_mask = prompt_mask & (labels == IGNORE_INDEX)
         embeds = self.embed(input_ids)
         if weights is None:
@@ -344,8 +365,13 @@ class SAPTModel(nn.Module):
             embeds, attention_mask, labels = self._prepend_prompt(embeds, attention_mask, labels)
         olora = self.olora if (self.olora is not None and labels is not None) else None
         self.context.regularizers = [] if olora is not None and torch.is_grad_enabled() else None
+        extra = {"decoder_input_ids": decoder_input_ids} if self.is_encoder_decoder else {}
         out = self.backbone(
-            inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            labels=labels,
+            use_cache=False,
+            **extra,
         )
         task_loss = out.loss
         terms, self.context.regularizers = self.context.regularizers, None
@@ -365,7 +391,9 @@ class SAPTModel(nn.Module):
         if arm is not None:
             loss = arm * kl_ratio if loss is None else loss + kl_ratio * arm
         logits = out.logits
-        if self.prompts is not None:  # the virtual tokens' positions are not the input's
+        if self.prompts is not None and not self.is_encoder_decoder:
+            # the virtual tokens' positions are not the input's (an encoder-decoder's logits
+            # are the decoder's: no virtual tokens there)
             logits = logits[:, self.prompts.length :]
         return SAPTOutput(
             loss=loss, logits=logits, weights=weights, task_loss=task_loss, arm_loss=arm
@@ -378,13 +406,15 @@ class SAPTModel(nn.Module):
         labels: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Prompt blocks: the mixed prompt (routing weights already set) before the input
-        embeddings; the attention mask sees it, the labels ignore it (as peft does)."""
+        embeddings; the attention mask sees it, the labels ignore it (as peft does). On an
+        encoder-decoder these are the encoder's embeddings and the decoder's labels are
+        left alone (peft's prompt tuning of a seq2seq LM does the same)."""
         assert self.prompts is not None
         mixed = self.prompts(self.context.weights).to(embeds.dtype)
         b, L = embeds.shape[0], self.prompts.length
         embeds = torch.cat([mixed, embeds], dim=1)
         attention_mask = torch.cat([attention_mask.new_ones(b, L), attention_mask], dim=1)
-        if labels is not None:
+        if labels is not None and not self.is_encoder_decoder:
             labels = torch.cat([labels.new_full((b, L), IGNORE_INDEX), labels], dim=1)
         return embeds, attention_mask, labels
 
@@ -397,18 +427,22 @@ class SAPTModel(nn.Module):
         **kwargs: Any,
     ) -> torch.Tensor:
         """HF ``generate`` with the weights computed once from the (left-padded) prompt
-        (or given) and held fixed through every decoding step."""
+        (or given) and held fixed through every decoding step.
+
+        Returns HF's output: the prompt ids followed by the new tokens (causal LM) or the
+        decoder's tokens from its start token on (encoder-decoder); :meth:`new_tokens`
+        takes the generated part of either."""
         self.context.clear()
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if weights is None:
             weights = self.routing_weights(input_ids, attention_mask)
+        if self.is_encoder_decoder:
+            return self._generate_seq2seq(input_ids, attention_mask, weights, kwargs)
         if self.prompts is not None:  # HF expands the embeddings (beams) itself
             self._route(weights)
             return self._generate_with_prompt(input_ids, attention_mask, kwargs)
-        # HF expands each prompt num_beams times for beam search, else num_return_sequences
-        beams = int(kwargs.get("num_beams", 1) or 1)
-        expand = beams if beams > 1 else int(kwargs.get("num_return_sequences", 1) or 1)
+        expand = self._expansion(kwargs)
         if expand > 1:
             weights = weights.repeat_interleave(expand, dim=0)
         self._route(weights)
@@ -419,6 +453,51 @@ class SAPTModel(nn.Module):
             )
         finally:
             self.context.inference = None
+
+    @staticmethod
+    def _expansion(kwargs: dict[str, Any]) -> int:
+        """How many rows HF makes of each prompt: num_beams for beam search, else
+        num_return_sequences."""
+        beams = int(kwargs.get("num_beams", 1) or 1)
+        return beams if beams > 1 else int(kwargs.get("num_return_sequences", 1) or 1)
+
+    def _generate_seq2seq(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        weights: torch.Tensor,
+        kwargs: dict[str, Any],
+    ) -> torch.Tensor:
+        """Encoder-decoder: the encoder runs once, here, with the prompt's weights (and, for
+        prompt blocks, the mixed prompt before its embeddings); HF ``generate`` decodes
+        from its output (``encoder_outputs``, the encoder cache), expanding it for beams or
+        several return sequences as the weights are expanded here; the weights hold for
+        every decoder step (self- and cross-attention)."""
+        self._route(weights)
+        self.context.inference = {}
+        try:
+            embeds = self.embed(input_ids)
+            if self.prompts is not None:
+                embeds, attention_mask, _ = self._prepend_prompt(embeds, attention_mask, None)
+            encoder_outputs = self.backbone.get_encoder()(
+                inputs_embeds=embeds, attention_mask=attention_mask, return_dict=True
+            )
+            expand = self._expansion(kwargs)
+            if expand > 1:  # the decoder's rows; the encoder layers are done
+                self._route(weights.repeat_interleave(expand, dim=0))
+            return self.backbone.generate(
+                encoder_outputs=encoder_outputs, attention_mask=attention_mask, **kwargs
+            )
+        finally:
+            self.context.inference = None
+
+    def new_tokens(self, output: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """The generated tokens of :meth:`generate`'s ``output`` for prompts ``input_ids``:
+        after the prompt (causal LM) or after the decoder's start token (encoder-decoder,
+        whose output never holds the prompt)."""
+        if self.is_encoder_decoder:
+            return output[:, 1:]
+        return output[:, input_ids.shape[1] :]
 
     def _generate_with_prompt(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, kwargs: dict[str, Any]

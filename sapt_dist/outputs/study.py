@@ -68,14 +68,19 @@ _PARAMS_CACHE: dict[str, int] = {}
 def backbone_params(model_cfg: dict) -> int | None:
     """Parameter count of the run's frozen backbone, from its HF ``config.json``."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
+
+    from sapt_dist.backbone.load import model_class
 
     if model_cfg.get("builder") == "demo":
         from sapt_dist.backbone.load import build_demo_backbone, demo_spec
 
-        folder = build_demo_backbone(
-            spec=demo_spec(model_cfg.get("demo_hidden_size"), model_cfg.get("demo_layers"))
+        spec = demo_spec(
+            model_cfg.get("demo_hidden_size"),
+            model_cfg.get("demo_layers"),
+            model_cfg.get("demo_arch") or "llama",
         )
+        folder = build_demo_backbone(spec=spec)
     else:
         folder = Path(model_cfg.get("path") or "")
     if not (folder / "config.json").is_file():
@@ -85,7 +90,7 @@ def backbone_params(model_cfg: dict) -> int | None:
     if key not in _PARAMS_CACHE:
         hf = AutoConfig.from_pretrained(folder)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(hf)
+            model = model_class(hf).from_config(hf)
         _PARAMS_CACHE[key] = sum(p.numel() for p in model.parameters())
     return _PARAMS_CACHE[key]
 

@@ -238,6 +238,13 @@ def train_block(
     n = len(job.examples)
     rank, world = distributed.rank(), distributed.world_size()
     mode = getattr(train_cfg, "compile", "off")
+    # an encoder-decoder (T5) reads the prompt in its encoder, the target in its decoder
+    seq2seq = bool(getattr(model, "is_encoder_decoder", False))
+    if seq2seq and mode != "off":
+        raise ValueError(
+            f"train.compile={mode}: graph mode pads decoder-only batches to fixed lengths; "
+            f"an encoder-decoder backbone trains with train.compile=off"
+        )
     longest = max(len(e.input_ids) for e in job.examples)
     with compiled_forward(model, mode):
         for step in range(start, job.steps):
@@ -246,7 +253,7 @@ def train_block(
             for micro in range(step * ga, (step + 1) * ga):
                 # rank r of W reads global micro-batch micro * W + r of the stream
                 idx = batch_positions(n, mbs, micro * world + rank, job.seed)
-                batch = collate_train([job.examples[i] for i in idx], pad_id)
+                batch = collate_train([job.examples[i] for i in idx], pad_id, seq2seq)
                 if mode != "off":  # static shapes: one of a few padded lengths
                     width = bucket_length(batch["input_ids"].shape[1], longest)
                     batch = pad_right(batch, width, pad_id)
@@ -265,6 +272,8 @@ def train_block(
                     tokens += sum(
                         int(v.sum()) for k, v in kwargs.items() if k.endswith("attention_mask")
                     )
+                    if seq2seq:  # the decoder's targets (+ EOS), outside the encoder's mask
+                        tokens += int((kwargs["labels"] != -100).sum())
                 if mode != "off":
                     # a new step for the CUDA-graph trees: the last replay's outputs (read
                     # above) may be overwritten now

@@ -1,4 +1,5 @@
-"""Evaluation: batched greedy generation with the KV cache, routing fixed from the prompt.
+"""Evaluation: batched greedy generation with the KV cache (an encoder-decoder's encoder
+output computed once), routing fixed from the prompt.
 
 Prompts are sorted by length into left-padded batches (less padding, same results: every
 sequence's weights and tokens depend only on itself) and the outputs put back in order.
@@ -92,7 +93,9 @@ def generate_texts(
         )
         if shared_out and k >= len(real):
             continue  # a repeated batch that only kept this rank in step
-        texts = tokenizer.batch_decode(gen[:, ids.shape[1] :], skip_special_tokens=True)
+        # the new tokens only: a causal LM's output starts with the prompt, an
+        # encoder-decoder's with the decoder start token
+        texts = tokenizer.batch_decode(model.new_tokens(gen, ids), skip_special_tokens=True)
         for i, t in zip(idx, texts, strict=True):
             texts_of[i] = t.strip()
     if shared_out:
