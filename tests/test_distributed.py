@@ -501,3 +501,14 @@ def test_dead_build_lock_does_not_hang_start_up(tmp_path, monkeypatch, caplog):
     t0 = time.time()
     distributed.guard_op_build_lock(stale_after=60, poll=0.05)
     assert time.time() - t0 < 5
+
+
+def test_leave_together_keeps_a_single_process_usable(tmp_path):
+    """A tool's successful exit in one process (sapt-predict called in-process, as the
+    tests and a notebook do) keeps the process group: a later run in the same process
+    builds its DeepSpeed engine (the group destroyed here broke the next engine)."""
+    from sapt_dist import distributed
+
+    distributed.init()
+    distributed.leave_together()
+    assert torch.distributed.is_initialized()

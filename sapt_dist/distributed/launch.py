@@ -159,9 +159,12 @@ def leave_together() -> None:
     its process group, so no rank exits while a peer still works (rank 0 writing a report
     or predictions). Exiting alone can abort in gloo's destructor (SIGABRT, "terminate
     called without an active exception") and the launcher then fails a finished job. Only
-    on success: a rank leaving on an error must not wait for peers that may never come."""
-    barrier()
-    close()
+    on success: a rank leaving on an error must not wait for peers that may never come.
+    One process has no peer and keeps its group: a caller in the same process (a test, a
+    notebook) may build more engines, and DeepSpeed caches groups made from it."""
+    if world_size() > 1:
+        barrier()
+        close()
 
 
 def all_gather_objects(obj: Any) -> list[Any]:
