@@ -395,9 +395,10 @@ def part_graph(s: Setup) -> list[Row]:
 def zero3_step(stage: int, dry: bool, device: torch.device) -> dict:
     """SAPT-15 steps on a random LLaMA under the shipped ``zero{stage}`` config in this
     (started) process group: the median step time and the backbone's size."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from sapt_dist import distributed
+    from sapt_dist.backbone.load import llama_config
     from sapt_dist.config import AdapterConfig, resolve_ds_config
     from sapt_dist.method.model import SAPTModel
 
@@ -413,15 +414,8 @@ def zero3_step(stage: int, dry: bool, device: torch.device) -> dict:
     )
     distributed.configure(config)
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=d,
-        intermediate_size=ff,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=2 * seq,
-    )
+    # no pad id: zero.Init cannot zero a padding row of a partitioned embedding
+    cfg = llama_config(vocab, d, layers, heads, heads, ff, max_positions=2 * seq, pad_token_id=None)
     if stage == 3:
         import deepspeed
 
