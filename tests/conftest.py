@@ -75,6 +75,28 @@ def llama():
     return tiny_llama()
 
 
+def nf4_tiny_llama(folder: Path):
+    """A tiny LLaMA (d 128: bnb's CPU kernels want d >= 64) saved to ``folder`` and loaded
+    in NF4, and a deep copy of it as the plain reference on the same bnb CPU kernel that
+    the wrapped layers keep (see method/lora.py). Skips without bitsandbytes."""
+    pytest.importorskip("bitsandbytes")
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_llama(hidden=128).save_pretrained(folder)
+    q = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    quant = AutoModelForCausalLM.from_pretrained(folder, quantization_config=q)
+    plain = copy.deepcopy(quant)
+    for m in plain.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    return quant, plain
+
+
 def shared_data_or_skip() -> Path:
     if not (SHARED_DATA / "CL_Benchmark").is_dir():
         pytest.skip(f"needs the shared benchmarks at {SHARED_DATA} (absent on this machine)")

@@ -143,8 +143,9 @@ TINY = [
 ]
 
 
-def _cmd(procs: int, out: Path, *overrides: str) -> list[str]:
-    entry = [str(ROOT / "launch/train.py"), "--preset", "demo", f"output_dir={out}", *TINY]
+def _cmd(procs: int, out: Path, *overrides: str, preset: str = "demo") -> list[str]:
+    """``preset`` with the tiny 2-task settings (TINY), on 1 or ``procs`` ranks."""
+    entry = [str(ROOT / "launch/train.py"), "--preset", preset, f"output_dir={out}", *TINY]
     if procs == 1:
         return [sys.executable, *entry, *overrides]
     return [
@@ -168,13 +169,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(procs: int, out: Path, *overrides: str) -> subprocess.CompletedProcess:
+def _run(
+    procs: int, out: Path, *overrides: str, preset: str = "demo", timeout: int = 900
+) -> subprocess.CompletedProcess:
     res = subprocess.run(
-        _cmd(procs, out, *overrides),
+        _cmd(procs, out, *overrides, preset=preset),
         env=subprocess_env(),
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=timeout,
     )
     assert res.returncode == 0, res.stderr[-4000:]
     return res
@@ -512,3 +515,35 @@ def test_leave_together_keeps_a_single_process_usable(tmp_path):
     distributed.init()
     distributed.leave_together()
     assert torch.distributed.is_initialized()
+
+
+_LEAVE = """
+import sys
+import torch.distributed as dist
+from sapt_dist import distributed
+
+dist.init_process_group("gloo")
+print(f"rank {dist.get_rank()} done")  # block-buffered: stdout is a pipe
+sys.stderr.write(f"rank {dist.get_rank()} log\\n")
+distributed.leave_together()
+print("after leave_together")
+raise SystemExit(5)
+"""
+
+
+def test_leave_together_ends_every_rank_with_its_output_flushed(tmp_path):
+    """On 2 ranks leave_together ends each process with exit 0 right there (no interpreter
+    teardown, where gloo's destructors aborted finished jobs), after writing out what the
+    rank had buffered: nothing after the call runs."""
+    script = tmp_path / "leave.py"
+    script.write_text(_LEAVE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    cmd += ["--master_port", str(_free_port()), str(script)]
+    res = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    assert sorted(line for line in res.stdout.splitlines() if "done" in line) == [
+        "rank 0 done",
+        "rank 1 done",
+    ]
+    assert "rank 0 log" in res.stderr and "rank 1 log" in res.stderr
+    assert "after leave_together" not in res.stdout

@@ -719,6 +719,28 @@ def test_edited_pseudo_samples_are_refused(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
 
 
+#: a paper preset, as written otherwise, on the demo backbone for 2 steps a task (tasks
+#: with a per_task max_steps keep it), with tiny caps and short generation
+PRESET_ON_TINY = [
+    "model.builder=demo",
+    "model.dtype=float32",
+    "data.max_train=8",
+    "data.max_dev=2",
+    "data.max_test=2",
+    "data.max_source_length=48",
+    "train.global_batch=2",
+    "train.max_steps=2",
+    "train.select_best=false",
+    "train.checkpoint_every=0",
+    "replay.gen_max_steps=2",
+    "replay.gen_max_new_tokens=12",
+    "replay.gen_candidates_per_sample=2",
+    "eval.max_new_tokens=2",
+    "eval.routing_every=0",
+    "tracking.backend=none",
+]
+
+
 @pytest.mark.slow
 @pytest.mark.shared_data
 def test_long_sequence_preset_runs_the_released_recipe(tmp_path):
@@ -738,22 +760,7 @@ def test_long_sequence_preset_runs_the_released_recipe(tmp_path):
             f"output_dir={tmp_path}/run",
             f"data.root={data / 'CL_Benchmark'}",
             "data.tasks=[mnli, rte, imdb]",  # imdb: train.json only, dev/test carved
-            "model.builder=demo",
-            "model.dtype=float32",
-            "data.max_train=8",
-            "data.max_dev=2",
-            "data.max_test=2",
-            "data.max_source_length=48",
-            "train.global_batch=2",  # one sequence pair per step: 250 steps in seconds
-            "train.max_steps=2",  # the tasks without per_task settings
-            "train.select_best=false",
-            "train.checkpoint_every=0",
-            "replay.gen_max_steps=2",
-            "replay.gen_max_new_tokens=12",
-            "replay.gen_candidates_per_sample=2",
-            "eval.max_new_tokens=2",
-            "eval.routing_every=0",
-            "tracking.backend=none",
+            *PRESET_ON_TINY,  # global batch 2: imdb's 250 steps in seconds
         ],
     )
     assert cfg.per_task["imdb"].max_steps == 250 and cfg.per_task["imdb"].reflection is False
@@ -837,28 +844,17 @@ def test_every_paper_preset_runs_a_few_steps_on_a_tiny_backbone(tmp_path, preset
             f"output_dir={tmp_path}/run",
             f"data.root={data}",
             f"data.tasks=[{', '.join(first_two)}]",
-            "model.builder=demo",
-            "model.dtype=float32",
             "distributed.deepspeed_config=null",
-            "data.max_train=8",
-            "data.max_dev=2",
-            "data.max_test=2",
-            "data.max_source_length=48",
             "data.max_target_length=8",
-            "train.global_batch=2",
-            "train.max_steps=2",
-            f"per_task={{{first_two[1]}: {{max_steps: 2}}}}",
-            "train.select_best=false",
-            "train.checkpoint_every=0",
-            "replay.gen_max_steps=2",
-            "replay.gen_max_new_tokens=12",
-            "replay.gen_candidates_per_sample=2",
-            "eval.max_new_tokens=2",
-            "eval.routing_every=0",
-            "tracking.backend=none",
+            f"per_task.{first_two[1]}.max_steps=2",  # merged into the preset's block
+            *PRESET_ON_TINY,
         ],
     )
-    reflects = base.per_task.get(first_two[1]) is None or base.per_task[first_two[1]].reflection
+    second = cfg.per_task.get(first_two[1])
+    assert second is not None and second.max_steps == 2
+    base_second = base.per_task.get(first_two[1])
+    assert second.reflection == (base_second.reflection if base_second else None)
+    reflects = second.reflection is not False
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

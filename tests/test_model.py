@@ -10,7 +10,7 @@ import torch
 from sapt_dist.config import AdapterConfig
 from sapt_dist.method.model import SAPTModel
 
-from .conftest import tiny_llama
+from .conftest import nf4_tiny_llama, tiny_llama
 
 
 def _random_blocks(model: SAPTModel, n_tasks: int, seed: int = 1) -> None:
@@ -300,18 +300,7 @@ def test_other_architectures(make):
 
 
 def test_4bit_base(tmp_path):
-    pytest.importorskip("bitsandbytes")
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    tiny_llama(hidden=128).save_pretrained(tmp_path / "m")  # bnb CPU kernels want d >= 64
-    q = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
-    )
-    quant = AutoModelForCausalLM.from_pretrained(tmp_path / "m", quantization_config=q)
-    plain = copy.deepcopy(quant)
-    for m in plain.modules():  # same bnb CPU kernel as the wrapped layers (see lora.py)
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False
+    quant, plain = nf4_tiny_llama(tmp_path / "m")
     model = SAPTModel(quant, AdapterConfig(), n_slots=2, dtype=torch.float32)
     layer = next(iter(model.layers.values()))
     assert "Linear4bit" in type(layer.base).__name__

@@ -12,7 +12,7 @@ from sapt_dist.config import AdapterConfig
 from sapt_dist.method.model import SAPTModel
 from sapt_dist.method.prompt import PROMPT_BLOCK
 
-from .conftest import tiny_llama
+from .conftest import nf4_tiny_llama, tiny_llama
 
 L = 5
 
@@ -193,18 +193,7 @@ def test_config_refuses_olora_on_prompts():
 def test_prompt_blocks_on_a_4bit_backbone(tmp_path):
     """NF4 backbone: one-hot weights equal the plain 4-bit model fed [P_j; E(x)] by hand,
     and the prompt learns through the quantized layers."""
-    pytest.importorskip("bitsandbytes")
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    tiny_llama(hidden=128).save_pretrained(tmp_path / "m")  # bnb CPU kernels want d >= 64
-    q = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
-    )
-    quant = AutoModelForCausalLM.from_pretrained(tmp_path / "m", quantization_config=q)
-    plain = copy.deepcopy(quant)
-    for m in plain.modules():  # the same bnb CPU kernel as SAPTModel keeps
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False
+    quant, plain = nf4_tiny_llama(tmp_path / "m")
     model = _prompt_model(quant, n_slots=2)
     _random_prompts(model, 2)
     ids, am = _batch()

@@ -18,7 +18,9 @@ from sapt_dist.config import AdapterConfig
 from sapt_dist.method.model import SAPTModel
 
 from .conftest import run_progress, subprocess_env, wait_for_step_checkpoint
-from .test_distributed import TINY, ZERO3, _assert_same_results, _free_port, _kill_tree
+from .test_distributed import TINY, ZERO3, _assert_same_results, _kill_tree
+from .test_distributed import _cmd as _dist_cmd
+from .test_distributed import _run as _dist_run
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 128
@@ -370,28 +372,11 @@ T1, T2 = "task363_sst2_polarity_classification", "task875_emotion_classification
 
 def _cmd(procs: int, out: Path, *overrides: str) -> list[str]:
     """``demo_t5`` with test_distributed's tiny 2-task settings, on 1 or ``procs`` ranks."""
-    entry = [str(ROOT / "launch/train.py"), "--preset", "demo_t5", f"output_dir={out}", *TINY]
-    entry += ["tracking.backend=none", *overrides]
-    if procs == 1:
-        return [sys.executable, *entry]
-    port = str(_free_port())
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs)] + [
-        "--master_port",
-        port,
-        *entry,
-    ]
+    return _dist_cmd(procs, out, "tracking.backend=none", *overrides, preset="demo_t5")
 
 
 def _run(procs: int, out: Path, *overrides: str) -> subprocess.CompletedProcess:
-    res = subprocess.run(
-        _cmd(procs, out, *overrides),
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-4000:]
-    return res
+    return _dist_run(procs, out, "tracking.backend=none", *overrides, preset="demo_t5", timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if distributed.is_main_process():
             print(res["report"])
+        distributed.leave_together()  # several ranks: the process ends here (exit 0)
         return 0
     from sapt_dist.checkpoint.atomic import UnreadableFileError
     from sapt_dist.train.block import TrainingDiverged

@@ -155,16 +155,39 @@ def close() -> None:
 
 
 def leave_together() -> None:
-    """End a successful multi-rank command: every rank waits for the others, then closes
-    its process group, so no rank exits while a peer still works (rank 0 writing a report
-    or predictions). Exiting alone can abort in gloo's destructor (SIGABRT, "terminate
-    called without an active exception") and the launcher then fails a finished job. Only
-    on success: a rank leaving on an error must not wait for peers that may never come.
-    One process has no peer and keeps its group: a caller in the same process (a test, a
-    notebook) may build more engines, and DeepSpeed caches groups made from it."""
-    if world_size() > 1:
-        barrier()
-        close()
+    """End a successful multi-rank command. Every rank waits for the others (no rank exits
+    while a peer still works: rank 0 writing a report or predictions), flushes its output
+    and logs, and the process ends here with exit status 0 through ``os._exit``.
+
+    Why not a normal exit: the interpreter's teardown then runs the C++ destructors of
+    gloo's, torch's and DeepSpeed's objects, and one of them can destroy a thread that was
+    never joined: the process aborts ("terminate called without an active exception",
+    SIGABRT) and the launcher fails a finished job. Seen twice in CI, once even after
+    barrier + ``destroy_process_group``; ``_exit`` skips that teardown. Call it only when
+    everything the command writes is done: files closed (atomic writes are fsynced), the
+    W&B run finished, the run folder's lock released; atexit handlers do not run.
+
+    Only on success: a rank leaving on an error must not wait for peers that may never
+    come. One process has no peer: it returns and keeps its group, since a caller in the
+    same process (a test, a notebook) may build more engines, and DeepSpeed caches groups
+    made from it."""
+    if world_size() <= 1:
+        return
+    barrier()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    _exit_now(0)
+
+
+def _exit_now(code: int) -> None:
+    import logging
+    import sys
+
+    logging.shutdown()  # flush and close every handler (run.log, the console)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def all_gather_objects(obj: Any) -> list[Any]:
