@@ -631,18 +631,50 @@ def test_diverged_run_keeps_its_last_good_step_and_resumes_past_it(tmp_path, mon
     assert results["matrix"][0][0] is not None
 
 
+#: ``sapt-train`` with a kill switch inside the atomic folder swap, for the chaos test:
+#: SAPT_TEST_KILL_AT=step kills the process as a complete step checkpoint is about to replace
+#: the last one (the old one about to be moved aside); =blocks kills it halfway through a
+#: blocks swap (the old folder moved aside, the new one not yet in place). The code under
+#: test is unchanged: only ``os.replace`` is watched.
+_KILL_IN_SWAP = """
+import os, signal, sys
+from pathlib import Path
+
+_replace, _at = os.replace, os.environ["SAPT_TEST_KILL_AT"]
+
+
+def replace(src, dst, *args, **kwargs):
+    s, d = Path(src), Path(dst)
+    if _at == "step" and d.name == "step.old":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if _at == "blocks" and d.name == "blocks" and d.with_name("blocks.old").exists():
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _replace(src, dst, *args, **kwargs)
+
+
+os.replace = replace
+from sapt_dist.cli.train import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.slow
 def test_chaos_kills_resume_byte_identical(tmp_path, uninterrupted):
-    """Chaos: the same tiny run SIGKILLed at 5 moments of its life, restarted each time with
+    """Chaos: the same tiny run SIGKILLed at 7 moments of its life, restarted each time with
     the same command: during start-up, mid-training of task 1 (right after a step
-    checkpoint), while task 1's pseudo-samples are sampled, mid-training of task 2, and
-    during the final evaluation. The moments are events seen in the run folder (so they
-    do not depend on the machine's speed). It must end with byte-identical blocks,
-    router, pseudo-samples, predictions and accuracy matrix."""
+    checkpoint), as a step checkpoint replaces the last one, while task 1's pseudo-samples
+    are sampled, mid-training of task 2, halfway through a blocks swap (filing a block),
+    and during the final evaluation. The moments are events seen in the run folder or
+    inside the swap itself (so they do not depend on the machine's speed). It must end
+    with byte-identical blocks, router, pseudo-samples, predictions and accuracy matrix."""
     env = subprocess_env()
 
-    def cmd(out):
-        return cli_cmd(out, *KILL_ARGS, "train.checkpoint_every=1")
+    def cmd(out, kill_at=None):
+        args = cli_cmd(out, *KILL_ARGS, "train.checkpoint_every=1")
+        if kill_at is None:
+            return args
+        return [args[0], "-c", _KILL_IN_SWAP, *args[args.index("--config") :]]
 
     out = tmp_path / "chaos"
     log = out / "run.log"
@@ -657,27 +689,34 @@ def test_chaos_kills_resume_byte_identical(tmp_path, uninterrupted):
         except (OSError, ValueError, KeyError):
             return False
 
+    never = lambda n0: False  # noqa: E731  (the process kills itself)
     moments = [
-        ("start-up", lambda n0: time.sleep(1.0) or True),
-        ("task 1 training", lambda n0: step_of_task(0)),
-        ("pseudo-samples of task 1", lambda n0: lines("generator task363") > n0),
-        ("task 2 training", lambda n0: step_of_task(1)),
-        ("final evaluation", lambda n0: lines("after 01_task875") > n0),
+        ("start-up", None, lambda n0: time.sleep(1.0) or True),
+        ("task 1 training", None, lambda n0: step_of_task(0)),
+        ("step checkpoint swap", "step", never),
+        ("pseudo-samples of task 1", None, lambda n0: lines("generator task363") > n0),
+        ("task 2 training", None, lambda n0: step_of_task(1)),
+        ("blocks swap, half done", "blocks", never),
+        ("final evaluation", None, lambda n0: lines("after 01_task875") > n0),
     ]
     landed = []
-    for name, reached in moments:
+    for name, kill_at, reached in moments:
         n0 = lines("generator task363") if "pseudo" in name else lines("after 01_task875")
+        run_env = dict(env, SAPT_TEST_KILL_AT=kill_at) if kill_at else env
         proc = subprocess.Popen(
-            cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            cmd(out, kill_at), env=run_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         deadline = time.time() + 300
         while proc.poll() is None and time.time() < deadline and not reached(n0):
             time.sleep(0.02)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
+        if proc.wait() == -signal.SIGKILL:
             landed.append(name)
-        proc.wait()
-    assert len(landed) >= 4, f"kills landed only in {landed}"
+    # the two kills inside the swap are certain; the watched ones land unless the machine
+    # is so slow that a poll misses the window (a run that ended early fails below anyway)
+    assert "step checkpoint swap" in landed and "blocks swap, half done" in landed, landed
+    assert len(landed) >= 6, f"kills landed only in {landed}"
     res = subprocess.run(cmd(out), env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     root = uninterrupted
