@@ -224,6 +224,26 @@ def test_tracked_run_reads_back_complete(tmp_path, monkeypatch):
         arm = r.get("train/arm_loss", 0.0)
         assert r["train/loss"] == pytest.approx(r["train/task_loss"] + arm, rel=1e-9)
 
+    # the routing trajectory on the dashboard: train/routing_own/<task> is the run folder's
+    # metrics/routing_trajectory.json (each seen task's weight on its own block)
+    traj = json.loads((out / "metrics/routing_trajectory.json").read_text())
+    expected = {
+        (p["global_step"], name): p["mean"][name][j]
+        for points in traj.values()
+        for p in points.values()
+        for j, name in enumerate(TASKS)
+        if name in p["mean"]
+    }
+    prefix = "train/routing_own/"
+    got = {
+        (r[STEP_KEY], k[len(prefix) :]): v
+        for r in train
+        for k, v in r.items()
+        if k.startswith(prefix)
+    }
+    assert len(got) >= 4 and {t for _, t in got} == set(TASKS)
+    assert got == pytest.approx(expected)
+
     # per task: the new matrix row, routing heatmap + table, pseudo-sample table
     matrix = json.loads((out / "metrics/accuracy_matrix.json").read_text())["matrix"]
     task_rows = [r for r in wb.history if "task/completed" in r]
