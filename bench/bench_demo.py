@@ -9,6 +9,11 @@ folders under ``--out``) and prints both F.Ra values, AP, and SAPT's routing acc
 against chance. Targets: SAPT's F.Ra clearly below SeqLoRA's; routing accuracy well above
 1 / number of tasks.
 
+``seeds``: SAPT on the demo over ``--seeds`` with the paper's router input
+(``adapter.router_center=none``) and the centered one (``tasks``), one table: routing
+accuracy, F.Ra and AP per seed, and how many seeds route above 90%. A finished run folder
+under ``--out/demo_seeds`` is read, not rerun.
+
 ``gen``: greedy generation of the same prompts (adapter: the paper's q_proj/v_proj, r 4
 by default; ``--targets demo`` for the demo preset's seven projections at r 8) (the demo's test prompts, ``--new``
 tokens each, EOS disabled so every run decodes the same number of tokens) by the plain HF
@@ -71,6 +76,49 @@ def part_cl(out: Path, overrides: list[str]) -> None:
     print(
         f"RESULT routing_accuracy={100 * sapt['routing_accuracy']:.1f}% chance={100 / n:.1f}% {'PASS' if ok_route else 'FAIL'}"
     )
+
+
+def part_seeds(out: Path, seeds: list[int], overrides: list[str]) -> None:
+    import json
+
+    from sapt_dist.cli.train import preset_path, setup_logging
+    from sapt_dist.config import load_config
+    from sapt_dist.train.run import run
+
+    setup_logging()
+    rows: dict[tuple[str, int], dict] = {}
+    for seed in seeds:
+        for center in ("none", "tasks"):
+            folder = out / "demo_seeds" / f"{center}_s{seed}"
+            done = folder / "metrics" / "results.json"
+            if not done.is_file():
+                cfg = load_config(
+                    preset_path("demo"),
+                    [
+                        f"output_dir={folder}",
+                        f"train.seed={seed}",
+                        f"adapter.router_center={center}",
+                        "tracking.backend=none",
+                        *overrides,
+                    ],
+                )
+                t0 = time.time()
+                run(cfg)
+                print(f"[bench] {center} seed {seed}: {time.time() - t0:.0f} s", flush=True)
+            rows[(center, seed)] = json.loads(done.read_text())
+    print(f"\n## demo: SAPT's router input over seeds (CPU, {torch.get_num_threads()} threads)\n")
+    print("| seed | routing, paper's input | F.Ra | AP | routing, centered | F.Ra | AP |")
+    print("|---|---|---|---|---|---|---|")
+    for seed in seeds:
+        cells = []
+        for center in ("none", "tasks"):
+            r = rows[(center, seed)]
+            m = r["metrics"]
+            cells += [f"{100 * r['routing_accuracy']:.1f}%", f"{m['F.Ra']:.2f}", f"{m['AP']:.2f}"]
+        print(f"| {seed} | " + " | ".join(cells) + " |")
+    for center, label in (("none", "paper's input"), ("tasks", "centered")):
+        good = sum(rows[(center, s)]["routing_accuracy"] >= 0.9 for s in seeds)
+        print(f"RESULT {label}: routing >= 90% on {good} of {len(seeds)} seeds")
 
 
 def part_gen(
@@ -158,7 +206,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--part", choices=["cl", "gen", "all"], default="all")
+    ap.add_argument("--part", choices=["cl", "gen", "seeds", "all"], default="all")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2, 3, 7], help="(seeds)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--new", type=int, default=24, help="new tokens per prompt (gen)")
@@ -181,6 +230,8 @@ def main() -> None:
         part_gen(args.reps, args.new, args.batch, args.slots, targets, rank)
     if args.part in ("cl", "all"):
         part_cl(args.out, args.overrides)
+    if args.part == "seeds":
+        part_seeds(args.out, args.seeds, args.overrides)
 
 
 if __name__ == "__main__":
