@@ -71,6 +71,9 @@ def test_presets_load_and_headers_are_commands(preset):
         cfg = load_config(preset)
         assert cfg.model.builder == "demo" and cfg.data.root == "demo"
         assert (cfg.adapter.kind == "prompt") == (preset.stem == "demo_prompt")
+        # the LoRA demos route on the centered input (measured over seeds, in the header)
+        centered = preset.stem in ("demo", "demo_t5")
+        assert (cfg.adapter.router_center == "tasks") == centered
         return
     if preset.stem.startswith("smollm2"):
         # the real-model preset names a model sapt-models fetches on first use, keeps the
