@@ -137,10 +137,15 @@ def test_routing_explanation_equals_engine_diagnostics(run_dir, tmp_path):
     for k in (0, 9, 23):
         e = expl[k]
         w = torch.tensor(list(e["weights"].values()), dtype=torch.float64)
-        # key scores: the formula of the paper, computed plainly for one unpadded prompt
+        # key scores: the paper's formula, computed plainly for one unpadded prompt, with
+        # the router input's center (adapter.router_center=tasks: the mean of the seen
+        # tasks' mean pooled prompts, from the saved task means; 0 with the paper's input)
         emb = model.embed(torch.tensor([prompts[k]]))[0]
+        u = emb.max(dim=0).values
+        if loaded.cfg.adapter.router_center == "tasks":
+            u = u - r.task_means[r.has_mean].mean(dim=0)
         with torch.no_grad():
-            q = r.query(emb.max(dim=0).values)
+            q = r.query(u)
             z_ref = (q @ r.key_bank.t() / r.tau).double()
         z = torch.tensor(list(e["scores"].values()), dtype=torch.float64)
         torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-5)
@@ -201,6 +206,11 @@ def _model_without(loaded, drop: int):
                 layer.B_bank[new].copy_(block[f"{name}.B"])
             ref.router.key_bank[new].copy_(block["key"])
     ref.start_task(len(keep) - 1, fresh=False)
+    if cfg.adapter.router_center == "tasks":
+        # the router's input center is the data's, not a block's: the run's (every seen
+        # task's mean pooled prompt, the dropped one's too) stays
+        seen = router["has_mean"]
+        ref.router.center.copy_(router["task_means"][seen].mean(dim=0))
     return ref.eval(), keep
 
 
