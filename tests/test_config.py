@@ -196,6 +196,12 @@ def test_per_task_settings_parse_and_are_checked():
             "dbpedia": (200, False),
             "multirc": (500, False),
         }
+    # a dotted override changes one field of a preset's per_task entry and keeps the rest
+    # (the every-preset run test sets per_task.<task>.max_steps this way)
+    preset = ROOT / "sapt_dist/presets/llama2_7b_long_order3.yaml"
+    cfg = load_config(preset, ["model.path=/w", "per_task.imdb.max_steps=2"])
+    assert (cfg.per_task["imdb"].max_steps, cfg.per_task["imdb"].reflection) == (2, False)
+    assert cfg.per_task["cb"].max_steps == 100
 
 
 def test_released_choices_line_in_reproduce_loads():

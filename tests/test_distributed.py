@@ -518,32 +518,44 @@ def test_leave_together_keeps_a_single_process_usable(tmp_path):
 
 
 _LEAVE = """
-import sys
+import logging, logging.handlers, sys
 import torch.distributed as dist
 from sapt_dist import distributed
 
 dist.init_process_group("gloo")
-print(f"rank {dist.get_rank()} done")  # block-buffered: stdout is a pipe
-sys.stderr.write(f"rank {dist.get_rank()} log\\n")
-distributed.leave_together()
+r = dist.get_rank()
+log = logging.getLogger("leave")
+# held in memory until the handler is flushed or closed (logging.shutdown)
+log.addHandler(logging.handlers.MemoryHandler(
+    100, logging.CRITICAL, logging.FileHandler(sys.argv[1] + f".rank{r}")
+))
+log.warning(f"rank {r} logged")
+print(f"rank {r} done")  # block-buffered: stdout is a pipe
+sys.stderr.write(f"rank {r} err")  # no newline: still in the line buffer
+distributed.leave_together(7)
 print("after leave_together")
 raise SystemExit(5)
 """
 
 
 def test_leave_together_ends_every_rank_with_its_output_flushed(tmp_path):
-    """On 2 ranks leave_together ends each process with exit 0 right there (no interpreter
-    teardown, where gloo's destructors aborted finished jobs), after writing out what the
-    rank had buffered: nothing after the call runs."""
+    """On 2 ranks leave_together ends each process right there with the code it is given
+    (no interpreter teardown, where gloo's destructors aborted finished jobs), after
+    writing out what the rank had buffered (stdout, stderr, logging handlers' files):
+    nothing after the call runs."""
     script = tmp_path / "leave.py"
     script.write_text(_LEAVE)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    cmd += ["--master_port", str(_free_port()), str(script)]
-    res = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    assert sorted(line for line in res.stdout.splitlines() if "done" in line) == [
-        "rank 0 done",
-        "rank 1 done",
-    ]
-    assert "rank 0 log" in res.stderr and "rank 1 log" in res.stderr
+    cmd += ["--master_port", str(_free_port()), str(script), str(tmp_path / "log")]
+    env = subprocess_env()
+    env.pop("PYTHONUNBUFFERED", None)  # the flush is what is tested
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    # torchrun reports a worker's non-zero code as a failure: 7 from both ranks, not 5
+    assert res.returncode != 0
+    assert "exitcode  : 7" in res.stderr and "exitcode  : 5" not in res.stderr, res.stderr[-3000:]
+    # both ranks write into one pipe: their lines may interleave, so look for each
+    assert "rank 0 done" in res.stdout and "rank 1 done" in res.stdout, res.stdout
+    assert "rank 0 err" in res.stderr and "rank 1 err" in res.stderr
     assert "after leave_together" not in res.stdout
+    for r in (0, 1):
+        assert (tmp_path / f"log.rank{r}").read_text() == f"rank {r} logged\n"

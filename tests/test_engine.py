@@ -632,10 +632,10 @@ def test_diverged_run_keeps_its_last_good_step_and_resumes_past_it(tmp_path, mon
 
 
 #: ``sapt-train`` with a kill switch inside the atomic folder swap, for the chaos test:
-#: SAPT_TEST_KILL_AT=step kills the process as a complete step checkpoint is about to replace
-#: the last one (the old one about to be moved aside); =blocks kills it halfway through a
-#: blocks swap (the old folder moved aside, the new one not yet in place). The code under
-#: test is unchanged: only ``os.replace`` is watched.
+#: SAPT_TEST_KILL_AT=step / blocks kills the process halfway through a swap of the step
+#: checkpoint / the blocks folder: the old folder moved aside (``<name>.old``), the new one
+#: complete but not yet in place. The code under test is unchanged: only ``os.replace`` is
+#: watched.
 _KILL_IN_SWAP = """
 import os, signal, sys
 from pathlib import Path
@@ -645,9 +645,7 @@ _replace, _at = os.replace, os.environ["SAPT_TEST_KILL_AT"]
 
 def replace(src, dst, *args, **kwargs):
     s, d = Path(src), Path(dst)
-    if _at == "step" and d.name == "step.old":
-        os.kill(os.getpid(), signal.SIGKILL)
-    if _at == "blocks" and d.name == "blocks" and d.with_name("blocks.old").exists():
+    if d.name == _at and d.with_name(_at + ".old").exists():
         os.kill(os.getpid(), signal.SIGKILL)
     return _replace(src, dst, *args, **kwargs)
 
@@ -663,7 +661,7 @@ sys.exit(main(sys.argv[1:]))
 def test_chaos_kills_resume_byte_identical(tmp_path, uninterrupted):
     """Chaos: the same tiny run SIGKILLed at 7 moments of its life, restarted each time with
     the same command: during start-up, mid-training of task 1 (right after a step
-    checkpoint), as a step checkpoint replaces the last one, while task 1's pseudo-samples
+    checkpoint), halfway through a step checkpoint's swap, while task 1's pseudo-samples
     are sampled, mid-training of task 2, halfway through a blocks swap (filing a block),
     and during the final evaluation. The moments are events seen in the run folder or
     inside the swap itself (so they do not depend on the machine's speed). It must end
@@ -689,14 +687,13 @@ def test_chaos_kills_resume_byte_identical(tmp_path, uninterrupted):
         except (OSError, ValueError, KeyError):
             return False
 
-    never = lambda n0: False  # noqa: E731  (the process kills itself)
     moments = [
         ("start-up", None, lambda n0: time.sleep(1.0) or True),
         ("task 1 training", None, lambda n0: step_of_task(0)),
-        ("step checkpoint swap", "step", never),
+        ("step checkpoint swap, half done", "step", None),
         ("pseudo-samples of task 1", None, lambda n0: lines("generator task363") > n0),
         ("task 2 training", None, lambda n0: step_of_task(1)),
-        ("blocks swap, half done", "blocks", never),
+        ("blocks swap, half done", "blocks", None),
         ("final evaluation", None, lambda n0: lines("after 01_task875") > n0),
     ]
     landed = []
@@ -706,6 +703,12 @@ def test_chaos_kills_resume_byte_identical(tmp_path, uninterrupted):
         proc = subprocess.Popen(
             cmd(out, kill_at), env=run_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
+        if kill_at:  # the process kills itself inside the swap
+            assert proc.wait(timeout=300) == -signal.SIGKILL, f"{name}: no kill"
+            state = out / "state"
+            assert (state / f"{kill_at}.old").is_dir() and not (state / kill_at).exists()
+            landed.append(name)
+            continue
         deadline = time.time() + 300
         while proc.poll() is None and time.time() < deadline and not reached(n0):
             time.sleep(0.02)
@@ -713,9 +716,8 @@ def test_chaos_kills_resume_byte_identical(tmp_path, uninterrupted):
             proc.send_signal(signal.SIGKILL)
         if proc.wait() == -signal.SIGKILL:
             landed.append(name)
-    # the two kills inside the swap are certain; the watched ones land unless the machine
+    # the two kills inside the swaps are certain; the watched ones land unless the machine
     # is so slow that a poll misses the window (a run that ended early fails below anyway)
-    assert "step checkpoint swap" in landed and "blocks swap, half done" in landed, landed
     assert len(landed) >= 6, f"kills landed only in {landed}"
     res = subprocess.run(cmd(out), env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -142,8 +142,8 @@ def test_routing_explanation_equals_engine_diagnostics(run_dir, tmp_path):
         # tasks' mean pooled prompts, from the saved task means; 0 with the paper's input)
         emb = model.embed(torch.tensor([prompts[k]]))[0]
         u = emb.max(dim=0).values
-        if loaded.cfg.adapter.router_center == "tasks":
-            u = u - r.task_means[r.has_mean].mean(dim=0)
+        assert loaded.cfg.adapter.router_center == "tasks"  # the demo preset's setting
+        u = u - r.task_means[r.has_mean.bool()].mean(dim=0)
         with torch.no_grad():
             q = r.query(u)
             z_ref = (q @ r.key_bank.t() / r.tau).double()
@@ -209,7 +209,7 @@ def _model_without(loaded, drop: int):
     if cfg.adapter.router_center == "tasks":
         # the router's input center is the data's, not a block's: the run's (every seen
         # task's mean pooled prompt, the dropped one's too) stays
-        seen = router["has_mean"]
+        seen = router["has_mean"].bool()
         ref.router.center.copy_(router["task_means"][seen].mean(dim=0))
     return ref.eval(), keep
 

@@ -242,11 +242,12 @@ def blocks_main(argv: list[str] | None = None) -> int:
         if args.cmd == "reevaluate":
             from sapt_dist.outputs.inference import load_run, reevaluate
 
-            res = reevaluate(load_run(run, args.model_path, args.overrides))
-            print(res["report"])
-            print(f"written: {run / 'metrics' / 'accuracy_matrix_reevaluated.md'}")
             from sapt_dist import distributed
 
+            res = reevaluate(load_run(run, args.model_path, args.overrides))
+            if distributed.is_main_process():
+                print(res["report"])
+                print(f"written: {run / 'metrics' / 'accuracy_matrix_reevaluated.md'}")
             distributed.leave_together()
             return 0
         folder, finished = find_blocks(run)

@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"run the same command to resume (exit {preemption.EXIT_PREEMPTED})",
                 file=sys.stderr,
             )
+        # every rank stops at the same step (the stop is agreed by all): leave together
+        distributed.leave_together(preemption.EXIT_PREEMPTED)
         return preemption.EXIT_PREEMPTED
     if distributed.is_main_process():
         print(results.get("report", ""))

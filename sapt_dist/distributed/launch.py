@@ -154,10 +154,12 @@ def close() -> None:
         torch.distributed.destroy_process_group()
 
 
-def leave_together() -> None:
+def leave_together(exit_code: int = 0) -> None:
     """End a successful multi-rank command. Every rank waits for the others (no rank exits
     while a peer still works: rank 0 writing a report or predictions), flushes its output
-    and logs, and the process ends here with exit status 0 through ``os._exit``.
+    and logs, shuts W&B's service down, and the process ends here with ``exit_code``
+    (0; or 75 after a preemption stop, which every rank reaches together) through
+    ``os._exit``.
 
     Why not a normal exit: the interpreter's teardown then runs the C++ destructors of
     gloo's, torch's and DeepSpeed's objects, and one of them can destroy a thread that was
@@ -165,10 +167,11 @@ def leave_together() -> None:
     SIGABRT) and the launcher fails a finished job. Seen twice in CI, once even after
     barrier + ``destroy_process_group``; ``_exit`` skips that teardown. Call it only when
     everything the command writes is done: files closed (atomic writes are fsynced), the
-    W&B run finished, the run folder's lock released; atexit handlers do not run.
+    W&B run finished, the run folder's lock released; atexit handlers do not run (W&B's,
+    which waits for its service to write the run's last records, is called here).
 
-    Only on success: a rank leaving on an error must not wait for peers that may never
-    come. One process has no peer: it returns and keeps its group, since a caller in the
+    Only where every rank ends the same way: a rank leaving on an error must not wait for
+    peers that may never come. One process has no peer: it returns and keeps its group, since a caller in the
     same process (a test, a notebook) may build more engines, and DeepSpeed caches groups
     made from it."""
     if world_size() <= 1:
@@ -176,13 +179,18 @@ def leave_together() -> None:
     barrier()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
-    _exit_now(0)
+    _exit_now(exit_code)
 
 
 def _exit_now(code: int) -> None:
     import logging
     import sys
 
+    if "wandb" in sys.modules:
+        # what wandb's atexit hook does: tell its service to finish writing the run's
+        # files (the .wandb exit record comes a moment after run.finish()) and wait
+        with contextlib.suppress(Exception):
+            sys.modules["wandb"].teardown()
     logging.shutdown()  # flush and close every handler (run.log, the console)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
