@@ -240,9 +240,8 @@ def blocks_main(argv: list[str] | None = None) -> int:
             print(blocks_table(m))
             return 0
         if args.cmd == "reevaluate":
-            from sapt_dist.outputs.inference import load_run, reevaluate
-
             from sapt_dist import distributed
+            from sapt_dist.outputs.inference import load_run, reevaluate
 
             res = reevaluate(load_run(run, args.model_path, args.overrides))
             if distributed.is_main_process():
