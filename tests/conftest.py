@@ -75,6 +75,24 @@ def llama():
     return tiny_llama()
 
 
+def file_random_blocks(model, n_tasks: int, seed: int = 1, scale: float = 0.3) -> None:
+    """File ``n_tasks`` random (non-zero) blocks of ``model`` (a SAPTModel; LoRA or prompt
+    blocks, whatever ``block_params`` holds: ``scale`` x N(0, 1)) with random keys and a
+    nudged query network; the last block stays current."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    for t in range(n_tasks):
+        model.start_task(t)
+        with torch.no_grad():
+            for p in model.block_params():
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+            model.router.key.copy_(torch.randn(model.router.key.shape, generator=g))
+            for p in model.router.query.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        model.file_current()
+
+
 def nf4_tiny_llama(folder: Path):
     """A tiny LLaMA (d 128: bnb's CPU kernels want d >= 64) saved to ``folder`` and loaded
     in NF4, and a deep copy of it as the plain reference on the same bnb CPU kernel that

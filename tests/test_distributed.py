@@ -317,10 +317,10 @@ def _kill_tree(root: int) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def _kill_mid_task_two(procs: int, out: Path, *overrides: str) -> None:
+def _kill_mid_task_two(procs: int, out: Path, *overrides: str, preset: str = "demo") -> None:
     """Start a run and SIGKILL all its processes once task 2 has a mid-task checkpoint."""
     proc = subprocess.Popen(
-        _cmd(procs, out, *overrides),
+        _cmd(procs, out, *overrides, preset=preset),
         env=subprocess_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -10,22 +10,7 @@ import torch
 from sapt_dist.config import AdapterConfig
 from sapt_dist.method.model import SAPTModel
 
-from .conftest import nf4_tiny_llama, tiny_llama
-
-
-def _random_blocks(model: SAPTModel, n_tasks: int, seed: int = 1) -> None:
-    """File ``n_tasks`` random (non-zero) blocks, leaving the last one current."""
-    g = torch.Generator().manual_seed(seed)
-    for t in range(n_tasks):
-        model.start_task(t)
-        with torch.no_grad():
-            for layer in model.layers.values():
-                layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * 0.3)
-                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
-            model.router.key.copy_(torch.randn(model.router.key.shape, generator=g))
-            for p in model.router.query.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-        model.file_current()
+from .conftest import file_random_blocks, nf4_tiny_llama, tiny_llama
 
 
 def _batch(vocab=128, b=2, n=9, seed=0):
@@ -51,7 +36,7 @@ def test_one_hot_weights_equal_single_lora_and_peft_export(llama, tmp_path):
 
     plain = copy.deepcopy(llama)
     model = SAPTModel(llama, AdapterConfig(rank=4, alpha=8.0), n_slots=3)
-    _random_blocks(model, 3)
+    file_random_blocks(model, 3)
     ids, am = _batch()
     one_hot = torch.tensor([[0.0, 1.0, 0.0]]).expand(2, 3)
     with torch.no_grad():
@@ -83,7 +68,7 @@ def test_one_hot_weights_equal_single_lora_and_peft_export(llama, tmp_path):
 
 def test_inactive_slots_contribute_nothing(llama):
     model = SAPTModel(llama, AdapterConfig(), n_slots=4)
-    _random_blocks(model, 2)  # slots 0, 1 filed; slot 1 current; 2, 3 inactive
+    file_random_blocks(model, 2)  # slots 0, 1 filed; slot 1 current; 2, 3 inactive
     ids, am = _batch()
     with torch.no_grad():
         before = model(ids, am)
@@ -100,7 +85,7 @@ def test_only_current_block_learns(llama):
     """Frozen blocks, inactive slots and keys get no gradient; AdamW with weight decay
     over several steps leaves every bank (and the backbone) bit-identical."""
     model = SAPTModel(llama, AdapterConfig(), n_slots=4)
-    _random_blocks(model, 2)
+    file_random_blocks(model, 2)
     model.start_task(2)
     model.train()
     banks = {k: v.clone() for k, v in model.named_buffers()}
@@ -144,7 +129,7 @@ def test_file_current_keeps_tensors_in_place(llama):
     layer = next(iter(model.layers.values()))
     ptrs = (layer.A_bank.data_ptr(), layer.lora_A.data_ptr(), model.router.key_bank.data_ptr())
     shapes = (layer.A_bank.shape, layer.lora_A.shape)
-    _random_blocks(model, 3)
+    file_random_blocks(model, 3)
     assert (
         layer.A_bank.data_ptr(),
         layer.lora_A.data_ptr(),
@@ -156,7 +141,7 @@ def test_file_current_keeps_tensors_in_place(llama):
 
 def test_padding_and_targets_do_not_change_weights(llama):
     model = SAPTModel(llama, AdapterConfig(), n_slots=3)
-    _random_blocks(model, 3)
+    file_random_blocks(model, 3)
     prompt = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(3))
     w_ref = model.routing_weights(prompt, torch.ones_like(prompt))
     assert w_ref[0].min() > 0.01  # a real mixture, not a degenerate one-hot
@@ -175,7 +160,7 @@ def test_padding_and_targets_do_not_change_weights(llama):
 
 def test_generation_with_cache_equals_stepwise(llama):
     model = SAPTModel(llama, AdapterConfig(), n_slots=3)
-    _random_blocks(model, 3)
+    file_random_blocks(model, 3)
     model.eval()
     # two left-padded prompts of different lengths
     ids = torch.tensor([[0, 0, 5, 9, 17, 33], [12, 44, 7, 90, 3, 61]])
@@ -202,7 +187,7 @@ def test_compiles_fullgraph_without_break(llama):
     """CUDA-graph friendliness, checked on the CPU: the SAPT forward + backward of a tiny
     LLaMA traces as one graph (any graph break raises under fullgraph=True)."""
     model = SAPTModel(llama, AdapterConfig(), n_slots=4)
-    _random_blocks(model, 2)
+    file_random_blocks(model, 2)
     model.start_task(2)
     ids, am = _batch()
     labels = ids.clone()
@@ -230,7 +215,7 @@ def test_compiles_fullgraph_without_break(llama):
 
 def test_gradient_checkpointing_keeps_mixture(llama):
     model = SAPTModel(llama, AdapterConfig(gradient="exact"), n_slots=3)
-    _random_blocks(model, 2)
+    file_random_blocks(model, 2)
     model.train()
     ids, am = _batch()
     labels = ids.clone()
@@ -291,7 +276,7 @@ def test_other_architectures(make):
     ids, am = _batch()
     with torch.no_grad():
         assert torch.equal(model(ids, am).logits, plain(input_ids=ids, attention_mask=am).logits)
-    _random_blocks(model, 2)
+    file_random_blocks(model, 2)
     out = model(ids, am, ids)
     out.loss.backward()
     assert all(
@@ -308,7 +293,7 @@ def test_4bit_base(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(ids, am).logits, plain(input_ids=ids, attention_mask=am).logits)
     # the no-grad eval forward above must not break training afterwards (bnb CPU packing)
-    _random_blocks(model, 2)
+    file_random_blocks(model, 2)
     out = model(ids, am, ids)
     out.loss.backward()
     assert all(lay.lora_A.grad.abs().sum() > 0 for lay in model.layers.values())
@@ -342,7 +327,7 @@ def test_inc_lora_gradient_against_a_plain_sum_of_loras(llama, gradient):
 
     plain = copy.deepcopy(llama)
     model = SAPTModel(llama, AdapterConfig(gradient=gradient), n_slots=2, routing="sum")
-    _random_blocks(model, 2)
+    file_random_blocks(model, 2)
     ids, am = _batch()
     out = model(ids, am, ids)
     out.loss.backward()
@@ -399,7 +384,7 @@ def test_olora_loss_is_the_task_loss_plus_its_regularisers(llama):
     orthogonality term + lambda_2 * sum of the new block's norms, and both terms reach the
     current block's gradient."""
     model = SAPTModel(llama, AdapterConfig(gradient="exact"), n_slots=2, routing="sum")
-    _random_blocks(model, 2)
+    file_random_blocks(model, 2)
     model.train()
     ids, am = _batch()
     plain = model(ids, am, ids).loss.detach()
@@ -447,7 +432,7 @@ def test_training_step_equals_the_per_slot_loop(llama, gradient):
     model = SAPTModel(
         llama.double(), AdapterConfig(gradient=gradient), n_slots=4, dtype=torch.float64
     )
-    _random_blocks(model, 3)
+    file_random_blocks(model, 3)
     with torch.no_grad():
         for layer in model.layers.values():  # a non-zero trainable block
             layer.lora_B.normal_(std=0.3)
@@ -492,7 +477,7 @@ def test_plan_is_prepared_once_per_forward(llama, monkeypatch):
     import sapt_dist.method.lora as lora_mod
 
     model = SAPTModel(llama, AdapterConfig(), n_slots=3)
-    _random_blocks(model, 2)
+    file_random_blocks(model, 2)
     built = []
     real = lora_mod.plan_slots
     monkeypatch.setattr(lora_mod, "plan_slots", lambda *a, **k: built.append(1) or real(*a, **k))
@@ -525,7 +510,7 @@ def test_a_new_forward_does_not_reuse_the_last_steps_graph(llama):
     the router's parameters get their old AccumulateGrad nodes back, which remember the
     (CUDA) stream of the step that made them. Checked on the CPU by marking the node."""
     model = SAPTModel(llama, AdapterConfig(), n_slots=3)
-    _random_blocks(model, 2)
+    file_random_blocks(model, 2)
     model.train()
     ids, am = _batch()
     out = model(ids, am, ids)

@@ -12,7 +12,7 @@ from sapt_dist.config import AdapterConfig
 from sapt_dist.method.model import SAPTModel
 from sapt_dist.method.prompt import PROMPT_BLOCK
 
-from .conftest import nf4_tiny_llama, tiny_llama
+from .conftest import file_random_blocks, nf4_tiny_llama, tiny_llama
 
 L = 5
 
@@ -20,19 +20,6 @@ L = 5
 def _prompt_model(llama=None, n_slots: int = 3, **kw) -> SAPTModel:
     llama = llama if llama is not None else tiny_llama()
     return SAPTModel(llama, AdapterConfig(kind="prompt", prompt_length=L, **kw), n_slots=n_slots)
-
-
-def _random_prompts(model: SAPTModel, n_tasks: int, seed: int = 1) -> None:
-    """File ``n_tasks`` random prompts and keys, leaving the last one current."""
-    g = torch.Generator().manual_seed(seed)
-    for t in range(n_tasks):
-        model.start_task(t)
-        with torch.no_grad():
-            model.prompts.prompt.copy_(torch.randn(model.prompts.prompt.shape, generator=g))
-            model.router.key.copy_(torch.randn(model.router.key.shape, generator=g))
-            for p in model.router.query.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-        model.file_current()
 
 
 def _batch(b=2, n=9, seed=0):
@@ -43,7 +30,7 @@ def _batch(b=2, n=9, seed=0):
 
 def test_mixed_prompt_equals_a_per_slot_loop():
     model = _prompt_model()
-    _random_prompts(model, 3)
+    file_random_blocks(model, 3, scale=1.0)
     w = torch.softmax(torch.randn(4, 3), -1)
     model._route(w)
     got = model.prompts(model.context.weights)
@@ -63,7 +50,7 @@ def test_one_hot_weights_equal_peft_prompt_tuning_and_its_export(tmp_path):
     llama = tiny_llama()
     plain, plain2 = copy.deepcopy(llama), copy.deepcopy(llama)
     model = _prompt_model(llama)
-    _random_prompts(model, 3)
+    file_random_blocks(model, 3, scale=1.0)
     ids, am = _batch()
     labels = ids.clone()
     labels[:, :4] = -100
@@ -88,7 +75,7 @@ def test_one_hot_weights_equal_peft_prompt_tuning_and_its_export(tmp_path):
 
 def test_only_the_current_prompt_and_router_learn():
     model = _prompt_model()
-    _random_prompts(model, 2)
+    file_random_blocks(model, 2, scale=1.0)
     model.start_task(2)
     bank = model.prompts.bank.clone()
     ids, am = _batch()
@@ -105,7 +92,7 @@ def test_only_the_current_prompt_and_router_learn():
 
 def test_generation_with_cache_equals_stepwise():
     model = _prompt_model()
-    _random_prompts(model, 3)
+    file_random_blocks(model, 3, scale=1.0)
     model.eval()
     ids = torch.tensor([[0, 0, 5, 9, 17, 33], [12, 44, 7, 90, 3, 61]])
     am = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
@@ -134,7 +121,7 @@ def test_generation_with_cache_equals_stepwise():
 def test_generation_of_an_unpadded_batch_equals_the_training_forward():
     """No padding: greedy generation = argmax of the training forward's last logits."""
     model = _prompt_model()
-    _random_prompts(model, 2)
+    file_random_blocks(model, 2, scale=1.0)
     model.eval()
     ids, am = _batch(n=7)
     gen = model.generate(ids, am, max_new_tokens=1, do_sample=False, pad_token_id=0)
@@ -148,7 +135,7 @@ def test_save_load_round_trip_and_kind_mismatch(tmp_path):
     from sapt_dist.checkpoint.blocks import CheckpointMismatchError, load_blocks, save_blocks
 
     model = _prompt_model(n_slots=3)
-    _random_prompts(model, 2)
+    file_random_blocks(model, 2, scale=1.0)
     save_blocks(model, tmp_path / "blocks", ["t0", "t1"])
     fresh = _prompt_model(n_slots=3)
     assert load_blocks(fresh, tmp_path / "blocks") == ["t0", "t1"]
@@ -163,7 +150,7 @@ def test_save_load_round_trip_and_kind_mismatch(tmp_path):
 
 def test_compiles_fullgraph_without_break():
     model = _prompt_model(n_slots=4)
-    _random_prompts(model, 2)
+    file_random_blocks(model, 2, scale=1.0)
     model.start_task(2)
     ids, am = _batch()
     labels = ids.clone()
@@ -195,7 +182,7 @@ def test_prompt_blocks_on_a_4bit_backbone(tmp_path):
     and the prompt learns through the quantized layers."""
     quant, plain = nf4_tiny_llama(tmp_path / "m")
     model = _prompt_model(quant, n_slots=2)
-    _random_prompts(model, 2)
+    file_random_blocks(model, 2, scale=1.0)
     ids, am = _batch()
     one_hot = torch.tensor([[1.0, 0.0]]).expand(2, 2)
     with torch.no_grad():

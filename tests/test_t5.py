@@ -17,9 +17,8 @@ import torch
 from sapt_dist.config import AdapterConfig
 from sapt_dist.method.model import SAPTModel
 
-from .conftest import run_progress, subprocess_env, wait_for_step_checkpoint
-from .test_distributed import TINY, ZERO3, _assert_same_results, _kill_tree
-from .test_distributed import _cmd as _dist_cmd
+from .conftest import file_random_blocks, run_progress, subprocess_env
+from .test_distributed import TINY, ZERO3, _assert_same_results, _kill_mid_task_two
 from .test_distributed import _run as _dist_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,20 +40,6 @@ def _lora(t5=None, n_slots: int = 3, **kw) -> SAPTModel:
 def _prompt(t5=None, n_slots: int = 3) -> SAPTModel:
     cfg = AdapterConfig(kind="prompt", prompt_length=L, target_modules=[])
     return SAPTModel(t5 if t5 is not None else tiny_t5(), cfg, n_slots=n_slots)
-
-
-def _random_blocks(model: SAPTModel, n_tasks: int, seed: int = 1) -> None:
-    """File ``n_tasks`` random blocks (LoRA or prompts) and keys; the last stays current."""
-    g = torch.Generator().manual_seed(seed)
-    for t in range(n_tasks):
-        model.start_task(t)
-        with torch.no_grad():
-            for p in model.block_params():
-                p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() == 2 else 1.0))
-            model.router.key.copy_(torch.randn(model.router.key.shape, generator=g))
-            for p in model.router.query.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-        model.file_current()
 
 
 def _batch(b=2, n=9, m=5, seed=0):
@@ -93,7 +78,7 @@ def test_zero_B_is_the_backbone_and_routing_reads_the_encoder_input():
     assert torch.equal(out.logits, ref.logits)
     torch.testing.assert_close(out.task_loss, ref.loss, rtol=0, atol=0)
     # the weights come from the whole encoder input, whatever the decoder's labels
-    _random_blocks(model, 3)
+    file_random_blocks(model, 3)
     with torch.no_grad():
         w = model(ids, am, labels).weights
         w2 = model(ids, am, torch.randint(3, VOCAB, (2, 3))).weights
@@ -111,7 +96,7 @@ def test_one_hot_weights_equal_peft_lora_t5_and_its_export(tmp_path):
     t5 = tiny_t5()
     plain, plain2 = copy.deepcopy(t5), copy.deepcopy(t5)
     model = _lora(t5)
-    _random_blocks(model, 3)
+    file_random_blocks(model, 3)
     ids, am, labels = _batch()
     am[1, -3:] = 0  # padding on the encoder side too
     one_hot = torch.tensor([[0.0, 1.0, 0.0]]).expand(2, 3)
@@ -149,7 +134,7 @@ def test_prompt_blocks_one_hot_equal_peft_prompt_tuning_t5_and_its_export(tmp_pa
     t5 = tiny_t5()
     plain, plain2 = copy.deepcopy(t5), copy.deepcopy(t5)
     model = _prompt(t5)
-    _random_blocks(model, 3)
+    file_random_blocks(model, 3)
     ids, am, labels = _batch()
     one_hot = torch.tensor([[0.0, 1.0, 0.0]]).expand(2, 3)
     with torch.no_grad():
@@ -185,7 +170,7 @@ def test_generation_with_the_encoder_cache_equals_stepwise_decoder_forwards(kind
     """``generate`` (the encoder run once, the decoder with its KV cache) = full forwards
     of the decoder on the tokens so far, no cache, the weights pinned to the prompt's."""
     model = _lora() if kind == "lora" else _prompt()
-    _random_blocks(model, 3)
+    file_random_blocks(model, 3)
     model.eval()
     ids = torch.tensor([[0, 0, 5, 9, 17, 33], [12, 44, 7, 90, 3, 61]])  # left-padded
     am = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
@@ -212,7 +197,7 @@ def test_beams_and_several_samples_keep_each_rows_weights():
     """HF expands the encoder output for beams / return sequences; the weights expand the
     same way: a batch of two prompts gives what each prompt gives alone."""
     model = _lora()
-    _random_blocks(model, 3)
+    file_random_blocks(model, 3)
     model.eval()
     ids, am, _ = _batch(n=7)
     for kw in ({"num_beams": 3}, {"num_beams": 2, "num_return_sequences": 2}):
@@ -241,7 +226,7 @@ def test_seq2seq_batches_and_training_loss():
     t5 = tiny_t5()
     plain = copy.deepcopy(t5)
     model = _lora(t5)
-    _random_blocks(model, 2)
+    file_random_blocks(model, 2)
     model.start_task(2)
     banks = {k: v.clone() for k, v in model.named_buffers() if k.endswith("_bank")}
     model.train()
@@ -269,7 +254,7 @@ def test_arm_replay_and_olora_on_t5():
     """The ARM batch (encoder prompts of earlier tasks) and O-LoRA's regularisers run on
     T5 as on a causal LM: loss = task + kl_ratio * ARM, and task + the two terms."""
     model = _lora(n_slots=3, gradient="exact")
-    _random_blocks(model, 2)
+    file_random_blocks(model, 2)
     model.set_target(0, torch.tensor([1.0]))
     model.set_target(1, torch.tensor([0.4, 0.6]))
     model.start_task(2)
@@ -287,7 +272,7 @@ def test_arm_replay_and_olora_on_t5():
     assert model.router.key.grad.abs().sum() > 0
 
     summed = SAPTModel(tiny_t5(), AdapterConfig(target_modules=["q", "v"]), 2, routing="sum")
-    _random_blocks(summed, 2)
+    file_random_blocks(summed, 2)
     plain = summed(ids, am, labels).loss.detach()
     summed.olora = (0.5, 0.1)
     reg = summed(ids, am, labels)
@@ -370,11 +355,6 @@ def test_generator_examples_and_texts_on_t5():
 T1, T2 = "task363_sst2_polarity_classification", "task875_emotion_classification"
 
 
-def _cmd(procs: int, out: Path, *overrides: str) -> list[str]:
-    """``demo_t5`` with test_distributed's tiny 2-task settings, on 1 or ``procs`` ranks."""
-    return _dist_cmd(procs, out, "tracking.backend=none", *overrides, preset="demo_t5")
-
-
 def _run(procs: int, out: Path, *overrides: str) -> subprocess.CompletedProcess:
     return _dist_run(procs, out, "tracking.backend=none", *overrides, preset="demo_t5", timeout=600)
 
@@ -431,18 +411,7 @@ def test_t5_killed_mid_task_resumes_to_the_uninterrupted_run(t5_runs, tmp_path):
     """SIGKILL once task 2 has a mid-task checkpoint, the same command again: the matrix,
     losses and blocks of the uninterrupted one-process run, exactly."""
     out = tmp_path / "killed"
-    proc = subprocess.Popen(
-        _cmd(1, out, "train.grad_accum=2"),
-        env=subprocess_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_step_checkpoint(proc, out, 1, timeout=300)
-    finally:
-        _kill_tree(proc.pid)
-        proc.wait()
-    assert run_progress(out)["completed"] == 1 and not (out / "state/finished.json").exists()
+    _kill_mid_task_two(1, out, "tracking.backend=none", "train.grad_accum=2", preset="demo_t5")
     res = _run(1, out, "train.grad_accum=2")
     assert "resumed at step" in res.stderr
     _assert_same_results(t5_runs / "one", out, loss_tol=0.0, block_rel=0.0)
