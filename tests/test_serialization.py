@@ -11,13 +11,13 @@ from sapt_dist.checkpoint.blocks import CheckpointMismatchError, load_blocks, sa
 from sapt_dist.config import AdapterConfig
 from sapt_dist.method.model import SAPTModel
 
-from .conftest import tiny_llama
-from .test_model import _batch, _random_blocks
+from .conftest import file_random_blocks, tiny_llama
+from .test_model import _batch
 
 
 def test_roundtrip_gives_same_outputs(tmp_path):
     model = SAPTModel(tiny_llama(), AdapterConfig(), n_slots=4)
-    _random_blocks(model, 3)
+    file_random_blocks(model, 3)
     model.set_target(2, torch.tensor([0.2, 0.3, 0.5]))
     save_blocks(model, tmp_path / "blocks", ["a", "b", "c"])
     manifest = json.loads((tmp_path / "blocks" / "manifest.json").read_text())
@@ -38,7 +38,7 @@ def test_roundtrip_gives_same_outputs(tmp_path):
 
 def test_manifest_from_another_model_is_refused(tmp_path):
     model = SAPTModel(tiny_llama(hidden=32), AdapterConfig(), n_slots=2)
-    _random_blocks(model, 1)
+    file_random_blocks(model, 1)
     save_blocks(model, tmp_path / "blocks", ["a"])
     other = SAPTModel(tiny_llama(hidden=48), AdapterConfig(), n_slots=2)
     before = {k: v.clone() for k, v in other.state_dict().items()}
@@ -54,7 +54,7 @@ def test_manifest_from_another_model_is_refused(tmp_path):
 
 def test_corrupt_file_is_refused(tmp_path):
     model = SAPTModel(tiny_llama(), AdapterConfig(), n_slots=2)
-    _random_blocks(model, 1)
+    file_random_blocks(model, 1)
     save_blocks(model, tmp_path / "blocks", ["a"])
     p = tmp_path / "blocks" / "block_00.safetensors"
     data = bytearray(p.read_bytes())
@@ -73,7 +73,7 @@ def test_disabled_slot_is_masked_at_load_and_v1_manifests_still_load(tmp_path):
     from sapt_dist.checkpoint.blocks import set_block_enabled
 
     model = SAPTModel(tiny_llama(), AdapterConfig(), n_slots=4)
-    _random_blocks(model, 3)
+    file_random_blocks(model, 3)
     save_blocks(model, tmp_path / "blocks", ["a", "b", "c"])
     set_block_enabled(tmp_path / "blocks", "b", False, "test")
     fresh = SAPTModel(tiny_llama(), AdapterConfig(), n_slots=4)
