@@ -128,9 +128,9 @@ def zero_shot(out: Path, extra: list[str]) -> dict[str, float]:
         resolve_data_root,
         resolve_order,
     )
+    from sapt_dist.method.generation import generate_texts
     from sapt_dist.method.model import SAPTModel
     from sapt_dist.outputs.metrics import score_predictions
-    from sapt_dist.train.evaluation import generate_texts
 
     cfg = load_config(preset_path(PRESET), extra)
     backbone, tok = load_backbone(cfg.model)

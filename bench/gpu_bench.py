@@ -16,7 +16,7 @@ interleaved, medians of synchronised calls:
 - ``gen``: greedy generation, batch 8, 128-token prompts, 64 new tokens, on the same slice:
   plain backbone, peft LoRA, SAPT-15. Target: SAPT-15 >= 0.95x the plain backbone.
 - ``graph``: the engine's graph mode (``train.compile=graphs``) against eager on a small
-  SAPT model (4 layers, d 1024, 15 slots), ``train_block`` as a run calls it (DeepSpeed
+  SAPT model (4 layers, d 1024, 15 slots), ``BlockTraining`` as a run drives it (DeepSpeed
   ZeRO-0, the per-step snapshot included), steps after the compilation; losses of every
   step compared. Target: >= 1.5x steps/s, equal losses.
 - ``zero3``: the same SAPT step on a >= 1B random LLaMA (d 2048, 22 layers) under the
@@ -322,7 +322,7 @@ def part_graph(s: Setup) -> list[Row]:
     from sapt_dist.config import AdapterConfig, TrainConfig
     from sapt_dist.data.tasks import EncodedExample
     from sapt_dist.method.model import SAPTModel
-    from sapt_dist.train.block import BlockJob, train_block
+    from sapt_dist.train.block import BlockJob, BlockTraining
 
     if s.dry:
         shape, n_ex, seq, steps, skip = (256, 64, 2, 4, 4, 4 * 2), 8, 24, 3, 1
@@ -355,11 +355,11 @@ def part_graph(s: Setup) -> list[Row]:
         cfg = TrainConfig(micro_batch_size=4, grad_accum=1, max_grad_norm=1.0, compile=run)
         stamps = [time.perf_counter()]
 
-        def on_step(step, snap, stamps=stamps):
+        training = BlockTraining(model, job, cfg, dtype, 0)
+        for _ in training.steps():
             sync(s.device)
             stamps.append(time.perf_counter())
-
-        losses = train_block(model, job, cfg, dtype, 0, on_step=on_step)
+        losses = training.losses
         distributed.finish()
         per_step = [b - a for a, b in zip(stamps, stamps[1:])]
         results[run] = (losses, statistics.median(per_step[skip:]), sum(per_step[:skip]))

@@ -19,6 +19,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from sapt_dist.methods import METHODS
+
 __all__ = [
     "AdapterConfig",
     "ConfigError",
@@ -28,13 +30,15 @@ __all__ = [
     "ModelConfig",
     "ReplayConfig",
     "RunConfig",
+    "TaskSettings",
     "TrackingConfig",
     "TrainConfig",
     "load_config",
     "to_dict",
 ]
 
-Method = Literal["sapt", "seq_lora", "inc_lora", "olora", "replay", "mtl", "single_task"]
+#: a method's name: a row of the method table (``sapt_dist/methods.py``), nothing repeated here
+MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 
 
 class ConfigError(ValueError):
@@ -322,12 +326,26 @@ class TaskOverride:
     reflection: bool | None = None
 
 
+@dataclass(frozen=True)
+class TaskSettings:
+    """What one task trains with: the run's ``train`` settings with its ``per_task`` entry
+    applied (:meth:`RunConfig.for_task`)."""
+
+    epochs: int
+    max_steps: int | None
+    lr: float
+    #: attentive reflection (ARM) while this task trains
+    reflection: bool
+    #: the ``per_task`` fields that were set for this task (name -> value), for the log
+    overridden: dict[str, Any]
+
+
 @dataclass
 class RunConfig:
     """A whole continual-learning run."""
 
     #: ``sapt`` or a baseline: ``seq_lora``, ``inc_lora``, ``replay``, ``mtl``, ``single_task``.
-    method: Method = "sapt"
+    method: MethodName = "sapt"
     #: Run folder; outputs, checkpoints and logs go here.
     output_dir: str = "runs/demo"
     #: Single-task run folder whose scores give ``b_j`` for FWT (FWT is missing without it).
@@ -345,6 +363,27 @@ class RunConfig:
     #: O-LoRA's regularisers (``method=olora`` only).
     olora: OLoRAConfig = field(default_factory=OLoRAConfig)
 
+    def for_task(self, name: str) -> TaskSettings:
+        """The settings task ``name`` trains with: ``per_task.<name>`` over ``train``
+        (its ``epochs`` replaces the run's ``max_steps``; its ``max_steps`` wins over
+        both). A joint method's one stage has no per-task settings."""
+        t = self.train
+        ov = None if METHODS[self.method].joint else self.per_task.get(name)
+        if ov is None:
+            return TaskSettings(t.epochs, t.max_steps, t.lr, True, {})
+        epochs, max_steps = t.epochs, t.max_steps
+        if ov.epochs is not None:
+            epochs, max_steps = ov.epochs, None
+        if ov.max_steps is not None:
+            max_steps = ov.max_steps
+        return TaskSettings(
+            epochs=epochs,
+            max_steps=max_steps,
+            lr=ov.lr if ov.lr is not None else t.lr,
+            reflection=ov.reflection if ov.reflection is not None else True,
+            overridden={k: v for k, v in dataclasses.asdict(ov).items() if v is not None},
+        )
+
     def validate(self) -> None:
         """Impossible values, named by key."""
         checks = [
@@ -358,9 +397,10 @@ class RunConfig:
             ),
             (self.adapter.prompt_length >= 1, "adapter.prompt_length", "must be >= 1"),
             (
-                not (self.adapter.kind == "prompt" and self.method == "olora"),
-                "method",
-                "olora regularises LoRA blocks' A matrices; it needs adapter.kind 'lora'",
+                self.adapter.kind in METHODS[self.method].block_kinds,
+                "adapter.kind",
+                f"does not fit method {self.method!r}, which works with "
+                f"{' or '.join(repr(k) for k in METHODS[self.method].block_kinds)} blocks",
             ),
             (
                 self.adapter.n_slots is None or self.adapter.n_slots >= 1,
@@ -481,12 +521,10 @@ class RunConfig:
                     raise ConfigError(f"config key 'per_task.{name}.{field_}' must be >= 1")
             if ov.lr is not None and not ov.lr > 0:
                 raise ConfigError(f"config key 'per_task.{name}.lr' must be > 0")
-        from sapt_dist.train.methods import METHODS
-
         if self.per_task and METHODS[self.method].joint:
             raise ConfigError(
-                "config key 'per_task': mtl trains one stage on every task at once; per-task "
-                "settings do not apply to it"
+                f"config key 'per_task': {self.method} trains one stage on every task at once; "
+                f"per-task settings do not apply to it"
             )
         try:
             ds = resolve_ds_config(self.distributed.deepspeed_config)

@@ -1,7 +1,7 @@
 """Using a run folder: predictions, routing explanations, the block mask, provenance.
 
 One tiny 3-task SAPT run (module fixture, ~15 s on 2 CPU cores) is the subject of every
-test here; tests that change a run work on a copy. References: the engine's own
+test here; tests that change a run work on a copy. References: the run's own
 evaluation files and routing diagnostics, a model built without the disabled slot, the
 training run's accuracy matrix, hashes recomputed from the data files.
 """
@@ -25,6 +25,7 @@ from sapt_dist.checkpoint.blocks import (
 )
 from sapt_dist.config import load_config
 from sapt_dist.data.tasks import collate_prompts
+from sapt_dist.method.generation import generate_texts, routing_weights
 from sapt_dist.outputs.inference import (
     InputError,
     encode_inputs,
@@ -37,7 +38,6 @@ from sapt_dist.outputs.inference import (
     routing_verdict,
     task_inputs,
 )
-from sapt_dist.train.evaluation import generate_texts, routing_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = [
@@ -99,7 +99,7 @@ def test_predictions_equal_the_engines_evaluation(run_dir, tmp_path, capsys):
         assert [r["id"] for r in rows] == [r["id"] for r in ref]
         assert [r["prediction"] for r in rows] == [r["prediction"] for r in ref]
         assert [r["references"] for r in rows] == [r["references"] for r in ref]
-        # the engine stores the routing weights rounded to 5 places
+        # the run stores the routing weights rounded to 5 places
         for r, e in zip(rows, ref, strict=True):
             assert [round(w, 5) for w in r["routing"]["weights"].values()] == e["weights"]
         some_text |= any(r["prediction"] for r in rows)

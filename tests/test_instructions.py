@@ -241,7 +241,7 @@ def test_unknown_instruction_file_named() -> None:
 
 def test_bad_instruction_file_stops_the_run_before_any_model(tmp_path: Path) -> None:
     """The run reads the file once, with the tasks, before the backbone loads."""
-    from sapt_dist.train.run import ContinualRun
+    from sapt_dist.train.setup import load_run_tasks
 
     bad = tmp_path / "inst.json"
     bad.write_text('{"cb": [{"instruction_type": "one-shot", "instruction": "x"}]}')
@@ -250,4 +250,4 @@ def test_bad_instruction_file_stops_the_run_before_any_model(tmp_path: Path) -> 
         [f"output_dir={tmp_path}/run", f"data.instructions={bad}"],
     )
     with pytest.raises(ConfigError, match=r"inst\.json: key 'cb'\[0\]: 'instruction_type'"):
-        ContinualRun(cfg)._load_tasks()
+        load_run_tasks(cfg)

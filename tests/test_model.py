@@ -359,6 +359,7 @@ def test_olora_terms_against_hand_computed_values():
     the current slot (not the current slot's stale bank row, not later slots) and the new
     block's 2-norms; values computed by hand."""
     from sapt_dist.method.lora import MixtureLoRALinear, RoutingContext
+    from sapt_dist.method.penalties import OLoRAPenalty
 
     layer = MixtureLoRALinear(torch.nn.Linear(2, 2), 4, 2, 2.0, 0.0, RoutingContext())
     with torch.no_grad():
@@ -369,31 +370,42 @@ def test_olora_terms_against_hand_computed_values():
         layer.lora_A.copy_(torch.tensor([[1.0, 1.0], [0.0, 2.0]]))
         layer.lora_B.copy_(torch.tensor([[3.0, 0.0], [0.0, 4.0]]))
     current = torch.tensor([False, False, True, False])
-    orth, l2 = layer.olora_terms(current)
+    orth, l2 = OLoRAPenalty.terms(layer, current)
     # I A^T = [[1, 0], [1, 2]] (abs-sum 4); the swap permutes its rows (4 again)
     assert orth.item() == pytest.approx(8.0)
     assert l2.item() == pytest.approx(6**0.5 + 5.0)
-    orth, _ = layer.olora_terms(torch.tensor([False, True, False, False]))
+    orth, _ = OLoRAPenalty.terms(layer, torch.tensor([False, True, False, False]))
     assert orth.item() == pytest.approx(4.0)
     orth.backward()
     assert layer.lora_A.grad is not None and layer.A_bank.grad is None
 
 
-def test_olora_loss_is_the_task_loss_plus_its_regularisers(llama):
-    """SAPTModel with O-LoRA on: loss = task loss + lambda_1 * sum over layers of the
-    orthogonality term + lambda_2 * sum of the new block's norms, and both terms reach the
-    current block's gradient."""
+def test_olora_penalty_is_its_regularisers_outside_the_forward(llama):
+    """O-LoRA's penalty, built from the method row and computed after the forward: lambda_1
+    * sum over layers of the orthogonality term + lambda_2 * sum of the new block's norms
+    (a plain loop as the reference), reaching the current block's gradient; the model's
+    own loss is the task loss alone (SAPTModel.forward knows no baseline)."""
+    from sapt_dist.config import RunConfig
+    from sapt_dist.method.penalties import build_penalty
+    from sapt_dist.methods import METHODS
+
     model = SAPTModel(llama, AdapterConfig(gradient="exact"), n_slots=2, routing="sum")
     file_random_blocks(model, 2)
     model.train()
     ids, am = _batch()
     plain = model(ids, am, ids).loss.detach()
-    model.olora = (0.5, 0.1)
+    cfg = RunConfig(method="olora")
+    cfg.olora.lambda_1, cfg.olora.lambda_2 = 0.5, 0.1
+    penalty = build_penalty(METHODS["olora"].penalty, model, cfg)
+    assert model.penalties["olora"] is penalty
     out = model(ids, am, ids)
+    torch.testing.assert_close(out.loss.detach(), plain)
     orth = sum((layer.A_bank[0] @ layer.lora_A.t()).abs().sum() for layer in model.layers.values())
     l2 = sum(layer.lora_A.norm() + layer.lora_B.norm() for layer in model.layers.values())
-    torch.testing.assert_close(out.loss.detach(), plain + 0.5 * orth.detach() + 0.1 * l2.detach())
-    assert model.context.regularizers is None  # collected for this forward only
+    value = sum(penalty())
+    torch.testing.assert_close(value.detach(), 0.5 * orth.detach() + 0.1 * l2.detach())
+    value.backward()
+    assert all(layer.lora_A.grad is not None for layer in model.layers.values())
 
 
 @pytest.mark.parametrize("init", ["pytorch", "normal"])
@@ -521,3 +533,41 @@ def test_a_new_forward_does_not_reuse_the_last_steps_graph(llama):
     assert model.context.weights is not None
     out = model(ids, am, ids)
     assert "step" not in _accumulator(out.loss, model.router.key).metadata
+
+
+@pytest.mark.parametrize("kind", ["lora", "prompt"])
+def test_block_holders_satisfy_the_adapter_contract(llama, kind):
+    """Every holder in SAPTModel.layers is a BlockHolder (the protocol the model, block
+    files and sharding report use), for LoRA layers and for the prompt module; an object
+    missing one method of the contract is not."""
+    from sapt_dist.method.adapter import BlockHolder
+
+    model = SAPTModel(llama, AdapterConfig(kind=kind, prompt_length=4), n_slots=2)
+    assert model.layers and all(isinstance(h, BlockHolder) for h in model.layers.values())
+    for h in model.layers.values():
+        assert len(h.banks()) == len(h.stacked()) == len(h.BLOCK_PARTS)
+
+    class Partial:
+        BLOCK_PARTS = ("A",)
+
+        def adapter_params(self):
+            return []
+
+    assert not isinstance(Partial(), BlockHolder)
+
+
+def test_quantized_linears_are_recognised_by_type(tmp_path):
+    """bitsandbytes' 4-bit linears are told apart by isinstance on its classes, not by the
+    name of the module they come from: a look-alike class in a module named bitsandbytes
+    is not one, a real Linear4bit is (and is adaptable: it subclasses nn.Linear)."""
+    from sapt_dist.method.lora import is_adaptable_linear, is_quantized_linear
+
+    quant, _ = nf4_tiny_llama(tmp_path / "nf4")
+    layer = quant.model.layers[0].self_attn.q_proj
+    assert is_quantized_linear(layer) and is_adaptable_linear(layer)
+    plain = torch.nn.Linear(4, 4)
+    assert not is_quantized_linear(plain) and is_adaptable_linear(plain)
+    LookAlike = type("Linear4bit", (torch.nn.Module,), {"__module__": "bitsandbytes.nn.modules"})
+    fake = LookAlike()
+    fake.in_features, fake.out_features, fake.weight = 4, 4, torch.nn.Parameter(torch.zeros(4, 4))
+    assert not is_quantized_linear(fake) and not is_adaptable_linear(fake)

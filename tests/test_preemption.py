@@ -18,7 +18,7 @@ from sapt_dist import distributed
 from sapt_dist.distributed import preemption
 
 from .conftest import run_progress, subprocess_env
-from .test_engine import ROOT, TINY
+from .test_run import ROOT, TINY
 
 #: 2 tasks of 36 steps each (96 examples, 3 epochs, batch 8), a periodic checkpoint every
 #: 10 steps: the signal is sent once the first one exists, so the stop lands mid-task

@@ -197,7 +197,7 @@ def test_prompt_blocks_on_a_4bit_backbone(tmp_path):
     assert model.prompts.prompt.grad.abs().sum() > 0
 
 
-# ------------------------------------------------------------------ runs of the engine
+# ------------------------------------------------------------------ end-to-end runs
 #: prompt blocks on the tiny demo run (TINY of tests/test_distributed.py: 2 tasks, seconds)
 PROMPT = ["adapter.kind=prompt", "adapter.prompt_length=4", "train.lr=3.0e-2"]
 
@@ -205,7 +205,7 @@ PROMPT = ["adapter.kind=prompt", "adapter.prompt_length=4", "train.lr=3.0e-2"]
 @pytest.mark.slow
 def test_prompt_blocks_zero3_two_processes_equal_one_process_and_predict(tmp_path):
     """A 2-rank ZeRO-3 run with prompt blocks equals the one-process run (same global
-    batch), and ``sapt-predict`` on it predicts what the engine's evaluation predicted."""
+    batch), and ``sapt-predict`` on it predicts what the run's evaluation predicted."""
     import json
     import subprocess
     import sys
@@ -226,8 +226,8 @@ def test_prompt_blocks_zero3_two_processes_equal_one_process_and_predict(tmp_pat
     cmd += ["--task", task, "--split", "test", "--output", str(out)]
     res = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
-    engine = (two / "predictions" / f"after_01_{task}" / f"01_{task}.jsonl").read_text()
-    want = [json.loads(line)["prediction"] for line in engine.splitlines()]
+    evaluated = (two / "predictions" / f"after_01_{task}" / f"01_{task}.jsonl").read_text()
+    want = [json.loads(line)["prediction"] for line in evaluated.splitlines()]
     got = [json.loads(line)["prediction"] for line in out.read_text().splitlines()]
     assert got == want
 
@@ -241,7 +241,7 @@ def test_prompt_run_killed_and_resumed_equals_uninterrupted(tmp_path):
     from safetensors.torch import load_file
 
     from .conftest import cli_cmd, run_progress, subprocess_env, wait_for_step_checkpoint
-    from .test_engine import TINY
+    from .test_run import TINY
 
     env = subprocess_env()
     args = [*TINY, *PROMPT, "tracking.backend=none", "data.max_train=64"]
@@ -280,7 +280,7 @@ def test_baselines_on_prompt_blocks(tmp_path, method):
 
     from sapt_dist.train.run import run
 
-    from .test_engine import _cfg
+    from .test_run import _cfg
 
     res = run(_cfg(tmp_path, f"method={method}", *PROMPT, "train.checkpoint_every=0"))
     out = tmp_path / "run"

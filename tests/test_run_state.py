@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sapt_dist.checkpoint.run_state import RunState
+from sapt_dist.checkpoint.run_state import RunState, StepState
 from sapt_dist.config import ConfigError, load_config
-from sapt_dist.train.block import StepState
 
 
 def _state(step: int) -> StepState:

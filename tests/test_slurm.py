@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from .conftest import LAUNCHER
-from .test_engine import ROOT, TINY
+from .test_run import ROOT, TINY
 
 #: CPU ranks: 2 tasks of one core on the one node, no GPU
 CPU_OPTS = ["--ntasks-per-node=2", "--gpus-per-task=0", "--cpus-per-task=1"]

@@ -150,7 +150,7 @@ def test_report_refuses_a_folder_that_is_no_run(tmp_path, capsys):
 @pytest.mark.slow
 def test_local_sweep_runs_and_reports(tmp_path, capsys):
     """--local: the runs one after another in this machine's Python, then the report."""
-    from .test_engine import TINY
+    from .test_run import TINY
 
     p = _write(
         tmp_path,

@@ -273,13 +273,16 @@ def test_arm_replay_and_olora_on_t5():
 
     summed = SAPTModel(tiny_t5(), AdapterConfig(target_modules=["q", "v"]), 2, routing="sum")
     file_random_blocks(summed, 2)
-    plain = summed(ids, am, labels).loss.detach()
-    summed.olora = (0.5, 0.1)
-    reg = summed(ids, am, labels)
-    layers = summed.layers.values()
+    from sapt_dist.config import RunConfig
+    from sapt_dist.method.penalties import OLoRAPenalty
+
+    summed(ids, am, labels)
+    layers = list(summed.layers.values())
+    penalty = OLoRAPenalty(layers, 0.5, 0.1)  # every T5 LoRA layer: encoder, decoder, cross
+    assert len(layers) == len(summed.target_names) and RunConfig(method="olora")
     orth = sum((la.A_bank[0] @ la.lora_A.t()).abs().sum() for la in layers)
     l2 = sum(la.lora_A.norm() + la.lora_B.norm() for la in layers)
-    torch.testing.assert_close(reg.loss.detach(), plain + 0.5 * orth.detach() + 0.1 * l2.detach())
+    torch.testing.assert_close(sum(penalty()).detach(), 0.5 * orth.detach() + 0.1 * l2.detach())
 
 
 def test_demo_t5_backbone_and_a_pretrained_t5_folder(tmp_path):
@@ -321,7 +324,7 @@ def test_generator_examples_and_texts_on_t5():
     from sapt_dist.backbone.load import load_backbone
     from sapt_dist.config import DataConfig, ModelConfig
     from sapt_dist.data.tasks import collate_train, encode_prompt, load_task, resolve_data_root
-    from sapt_dist.train.evaluation import generate_texts
+    from sapt_dist.method.generation import generate_texts
     from sapt_dist.train.replay import GEN_PROMPT, INPUT_MARK, generator_examples
 
     backbone, tok = load_backbone(ModelConfig(builder="demo", demo_arch="t5"))
@@ -420,14 +423,14 @@ def test_t5_killed_mid_task_resumes_to_the_uninterrupted_run(t5_runs, tmp_path):
 @pytest.mark.slow
 def test_predict_on_a_t5_run_equals_its_evaluation(t5_runs, tmp_path):
     """``sapt-predict`` loads the T5 run (its encoder-decoder backbone and blocks) and
-    predicts, from the decoder's tokens, what the engine's evaluation predicted."""
+    predicts, from the decoder's tokens, what the run's evaluation predicted."""
     out = tmp_path / "pred.jsonl"
     cmd = [sys.executable, "-m", "sapt_dist.cli.tools", "predict", str(t5_runs / "one")]
     cmd += ["--task", T1, "--split", "test", "--output", str(out)]
     res = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
-    engine = (t5_runs / "one" / "predictions" / f"after_01_{T2}" / f"00_{T1}.jsonl").read_text()
-    want = [json.loads(x)["prediction"] for x in engine.splitlines()]
+    evaluated = (t5_runs / "one" / "predictions" / f"after_01_{T2}" / f"00_{T1}.jsonl").read_text()
+    want = [json.loads(x)["prediction"] for x in evaluated.splitlines()]
     assert [json.loads(x)["prediction"] for x in out.read_text().splitlines()] == want
 
 

@@ -28,7 +28,7 @@ from sapt_dist.outputs.tracking import (
 )
 
 from .conftest import cli_cmd, subprocess_env, wait_for_step_checkpoint
-from .test_engine import TINY
+from .test_run import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "sapt_dist/presets/demo.yaml"
@@ -174,7 +174,7 @@ def _media(run, key_row: dict) -> Path:
 
 @pytest.mark.slow
 def test_tracked_run_reads_back_complete(tmp_path, monkeypatch):
-    """A 2-task SAPT run tracked offline: per-step metrics equal the engine's losses,
+    """A 2-task SAPT run tracked offline: per-step metrics equal the run's losses,
     per-task rows equal the accuracy matrix, images / tables exist, the summary (FWT
     included) equals results.json; a W&B key in the environment is written nowhere."""
     from sapt_dist.train.run import run
@@ -208,7 +208,7 @@ def test_tracked_run_reads_back_complete(tmp_path, monkeypatch):
     assert wb.config["world_size"] == 1 and wb.config["task_names"] == TASKS
     assert wb.exit_codes == [0]
 
-    # per step: the engine's own per-step losses, one row per optimizer step, in order
+    # per step: the run's own per-step losses, one row per optimizer step, in order
     losses = _losses(out)
     train = [r for r in wb.history if "train/loss" in r]
     assert _steps(wb.history) == list(range(1, len(losses) + 1))
@@ -342,7 +342,7 @@ def test_killed_run_resumes_the_same_wandb_run(tmp_path):
     lb = {r[STEP_KEY]: r["train/loss"] for r in wb.history_per_file[1] if "train/loss" in r}
     for step in set(la) & set(lb):
         assert la[step] == pytest.approx(lb[step], rel=1e-12), step
-    losses = _losses(out)  # the engine's own record, the killed start's steps included
+    losses = _losses(out)  # the run's own record, the killed start's steps included
     for step, loss in {**la, **lb}.items():
         assert loss == pytest.approx(losses[step - 1], rel=1e-12), step
     assert "final/AP" in wb.summary
@@ -351,7 +351,7 @@ def test_killed_run_resumes_the_same_wandb_run(tmp_path):
 @pytest.mark.slow
 def test_two_ranks_one_wandb_run(tmp_path):
     """torchrun with 2 CPU ranks: rank 0 alone creates the W&B run (one start, one run
-    id), and its history is the engine's per-step losses; the config says world_size 2."""
+    id), and its history is the run's per-step losses; the config says world_size 2."""
     env = subprocess_env()
     out = tmp_path / "run"
     cmd = [

@@ -16,13 +16,16 @@ __all__ = [
     "UnreadableFileError",
     "atomic_dir",
     "atomic_write_json",
+    "atomic_write_jsonl",
     "atomic_write_text",
     "atomic_file",
     "atomic_write_checked_json",
+    "checksum_files",
     "read_checked_json",
     "read_json",
     "recover_dir",
     "sha256_file",
+    "verify_checksums",
 ]
 
 
@@ -74,6 +77,11 @@ def _json_digest(body: dict) -> str:
     return hashlib.sha256(
         json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")
     ).hexdigest()
+
+
+def atomic_write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """One JSON object per line (UTF-8, not ASCII-escaped), atomically."""
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def atomic_write_checked_json(path: str | Path, data: dict) -> None:
@@ -149,3 +157,47 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+# ------------------------------------------------------------------ checked folders
+def checksum_files(folder: str | Path, names: list[str] | None = None) -> dict[str, str]:
+    """``{file name: sha256}`` of ``names`` in ``folder`` (default: every file in it, in
+    name order): the checksum list a checked folder (blocks, step checkpoint) carries."""
+    folder = Path(folder)
+    if names is None:
+        names = sorted(f.name for f in folder.iterdir() if f.is_file())
+    return {n: sha256_file(folder / n) for n in names}
+
+
+def verify_checksums(
+    folder: str | Path,
+    sums: dict[str, str],
+    error: type[Exception],
+    listed_in: str | Path,
+    advice: str = "",
+    foreign_hint: bool = False,
+) -> None:
+    """Every file of ``sums`` exists in ``folder`` with its sha256, else ``error`` naming
+    the file, the list it is checked against (``listed_in``) and ``advice`` (what to do).
+
+    ``foreign_hint``: when every one of several files mismatches, the list belongs to
+    other files (a manifest copied from another run): one message says so."""
+    folder = Path(folder)
+    tail = f"; {advice}" if advice else ""
+    wrong = []
+    for name, digest in sums.items():
+        path = folder / name
+        if not path.is_file():
+            raise error(f"{path}: missing (listed in {listed_in}){tail}")
+        if sha256_file(path) != digest:
+            wrong.append(path)
+    if foreign_hint and wrong and len(wrong) == len(sums) > 1:
+        raise error(
+            f"{listed_in} does not belong to the files beside it: none of its {len(sums)} "
+            f"checksums match (a manifest from another run?){tail}"
+        )
+    if wrong:
+        raise error(
+            f"{wrong[0]} does not match its sha256 in {listed_in} (checksum mismatch: the "
+            f"file was changed or is damaged){tail}"
+        )

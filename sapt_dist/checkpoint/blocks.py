@@ -37,12 +37,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sapt_dist import distributed
-from sapt_dist.checkpoint.atomic import atomic_dir, atomic_write_text, sha256_file
+from sapt_dist.checkpoint.atomic import (
+    atomic_dir,
+    atomic_write_text,
+    checksum_files,
+    verify_checksums,
+)
+from sapt_dist.data.tasks import TaskData, split_sha256
 from sapt_dist.method.model import SAPTModel
 
 __all__ = [
     "BlockStateError",
     "CheckpointMismatchError",
+    "block_provenance",
     "check_files",
     "export_peft",
     "library_versions",
@@ -68,6 +75,50 @@ class CheckpointMismatchError(ValueError):
 
 class BlockStateError(ValueError):
     """A block mask edit that cannot be made (unknown block, no block left, no change)."""
+
+
+def block_provenance(
+    *,
+    slot: int,
+    block: str,
+    stage: int,
+    method: str,
+    steps: int,
+    learned: list[TaskData],
+    scores_after: dict[str, float | None],
+    metric: dict[str, str],
+    config: dict,
+) -> dict[str, Any]:
+    """Where block ``slot`` came from, recorded at the end of stage ``stage``: the data it
+    learned from (folder, split sizes, sha256 of the examples), the config, the library
+    versions, the time, and the scores after that stage (row ``stage`` of the matrix)."""
+    import datetime
+
+    data = [
+        {
+            "task": t.name,
+            "benchmark": t.benchmark,
+            "folder": str(t.source_dir) if t.source_dir else None,
+            "split_sizes": {s: len(t.splits[s]) for s in ("train", "dev", "test")},
+            "train_sha256": split_sha256(t, "train"),
+            "definition_from": t.definition_from,
+            "carved": t.carved,
+        }
+        for t in learned
+    ]
+    return {
+        "slot": slot,
+        "task": block,
+        "stage": stage,
+        "method": method,
+        "trained_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "optimizer_steps": steps,
+        "data": data,
+        "scores_after": scores_after,
+        "metric": metric,
+        "config": config,
+        "versions": library_versions(),
+    }
 
 
 def library_versions() -> dict[str, str]:
@@ -179,10 +230,9 @@ def save_blocks(
         files = {"router.safetensors": router}
         for j, block in enumerate(blocks):
             files[f"block_{j:02d}.safetensors"] = block
-        checksums = {}
         for fname, tensors in files.items():
             save_file(tensors, str(tmp / fname))
-            checksums[fname] = sha256_file(tmp / fname)
+        checksums = checksum_files(tmp, list(files))
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -201,7 +251,7 @@ def save_blocks(
             # the run's progress is checksummed with the blocks: an edited matrix entry is
             # caught on resume like an edited block
             (tmp / name).write_text(text)
-            manifest["files"][name] = sha256_file(tmp / name)
+        manifest["files"].update(checksum_files(tmp, list(extra_files or {})))
         (tmp / "manifest.json").write_text(_manifest_text(manifest))
     return folder
 
@@ -424,21 +474,13 @@ def check_files(manifest: dict[str, Any], folder: str | Path) -> None:
     """Every file the manifest lists exists with its sha256 (one clear message when none
     does: the manifest belongs to other block files)."""
     folder = Path(folder)
-    files = manifest.get("files") or {}
-    wrong = []
-    for fname, digest in files.items():
-        path = folder / fname
-        if not path.is_file():
-            raise CheckpointMismatchError(f"{folder}: missing file {fname}")
-        if sha256_file(path) != digest:
-            wrong.append(path)
-    if wrong and len(wrong) == len(files) > 1:
-        raise CheckpointMismatchError(
-            f"{folder / 'manifest.json'} does not belong to the block files beside it: none "
-            f"of its {len(files)} checksums match (a manifest from another run?)"
-        )
-    if wrong:
-        raise CheckpointMismatchError(f"{wrong[0]}: checksum mismatch (file changed or corrupt)")
+    verify_checksums(
+        folder,
+        manifest.get("files") or {},
+        CheckpointMismatchError,
+        listed_in=folder / "manifest.json",
+        foreign_hint=True,
+    )
 
 
 def export_peft(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,24 +33,42 @@ from sapt_dist.checkpoint.atomic import (
     atomic_write_checked_json,
     atomic_write_json,
     atomic_write_text,
+    checksum_files,
     read_checked_json,
     read_json,
     recover_dir,
-    sha256_file,
+    verify_checksums,
 )
 from sapt_dist.config import ConfigError, RunConfig, to_dict
 from sapt_dist.distributed import is_main_process
-from sapt_dist.train.block import StepState
 
 __all__ = [
     "RunFolderBusyError",
     "RunState",
     "StateDamagedError",
+    "StepState",
     "lock_run_folder",
     "unlock_run_folder",
 ]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepState:
+    """What a mid-task checkpoint restores: trainable tensors, optimizer, schedule, RNG.
+
+    ``params`` are the full fp32 master values and ``optimizer`` the full AdamW moments
+    per parameter name (``distributed.full_optimizer_state``): the same form under any ZeRO
+    stage and process count, so a checkpoint written by N ranks resumes on M.
+    """
+
+    step: int
+    params: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict
+    rng: torch.Tensor
+    losses: list[float] = field(default_factory=list)
 
 
 class RunFolderBusyError(ConfigError):
@@ -165,7 +184,7 @@ class RunState:
 
         A restart may run on another number of processes (saved by 8 GPUs, resumed on 4):
         micro-batch and accumulation may change as long as the global batch stays the same,
-        since the batch stream is a function of the global batch (see ``trainer``).
+        since the batch stream is a function of the global batch (see ``train.block.batch_positions``).
         """
         path = self.root / "config.yaml"
         layout_path = self.state / "layout.json"
@@ -280,12 +299,14 @@ class RunState:
             files = json.loads(manifest_path.read_text()).get("files") or {}
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise StateDamagedError(f"{manifest_path}: not valid JSON ({e})") from e
-        want = files.get("progress.json")
-        if want is not None and sha256_file(self.progress_path) != want:
-            raise StateDamagedError(
-                f"{self.progress_path} does not match its sha256 in {manifest_path} (edited "
-                f"or damaged): the accuracy matrix and task count it holds cannot be trusted. "
-                f"Restore it, or start a new output_dir"
+        if "progress.json" in files:
+            verify_checksums(
+                self.blocks,
+                {"progress.json": files["progress.json"]},
+                StateDamagedError,
+                listed_in=manifest_path,
+                advice="the accuracy matrix and task count it holds cannot be trusted. "
+                "Restore it, or start a new output_dir",
             )
 
     def progress_file(self, progress: dict[str, Any]) -> dict[str, str]:
@@ -325,8 +346,7 @@ class RunState:
                 )
                 meta["best"] = {"score": best["score"], "step": best["step"]}
             (tmp / "meta.json").write_text(json.dumps(meta))
-            sums = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()}
-            (tmp / "checksums.json").write_text(json.dumps(sums, indent=1))
+            (tmp / "checksums.json").write_text(json.dumps(checksum_files(tmp), indent=1))
 
     def load_step(self, task_index: int) -> tuple[StepState, dict | None] | tuple[None, None]:
         """The mid-task checkpoint of task ``task_index`` and its best-so-far, if any."""
@@ -386,14 +406,7 @@ class RunState:
             sums = json.loads(sums_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise StateDamagedError(f"{sums_path}: not valid JSON ({e}); {how}") from e
-        for name, digest in sums.items():
-            path = self.step_dir / name
-            if not path.is_file():
-                raise StateDamagedError(f"{path}: missing from the step checkpoint; {how}")
-            if sha256_file(path) != digest:
-                raise StateDamagedError(
-                    f"{path}: does not match its sha256 in {sums_path} (damaged); {how}"
-                )
+        verify_checksums(self.step_dir, sums, StateDamagedError, listed_in=sums_path, advice=how)
 
     def clear_step(self) -> None:
         if is_main_process():

@@ -78,6 +78,7 @@ def _setup(prog: str) -> None:
 
 def _serve(args: argparse.Namespace, prog: str, generate: bool) -> int:
     from sapt_dist import distributed
+    from sapt_dist.methods import METHODS
     from sapt_dist.outputs.inference import (
         InputError,
         load_run,
@@ -89,7 +90,6 @@ def _serve(args: argparse.Namespace, prog: str, generate: bool) -> int:
         task_inputs,
         write_jsonl,
     )
-    from sapt_dist.train.methods import METHODS
 
     try:
         if args.report and Path(args.report).suffix not in (".html", ".htm", ".png"):

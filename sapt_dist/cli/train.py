@@ -31,7 +31,7 @@ log = logging.getLogger("sapt_dist")
 
 
 def setup_logging(level: int = logging.INFO) -> None:
-    """Console logging with the rank in every line (the run folder's run.log is the engine's)."""
+    """Console logging with the rank in every line (the run folder's run.log is the run's)."""
     rank = distributed.rank()
     fmt = f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s"
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]

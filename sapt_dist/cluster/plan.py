@@ -1018,7 +1018,7 @@ def _from_run_config(path: str) -> dict[str, Any]:
         cfg = load_config(p, overrides)
     except ConfigError as e:
         raise PlanError(f"--run-config: {e}") from None
-    from sapt_dist.train.methods import METHODS
+    from sapt_dist.methods import METHODS
 
     arm = METHODS[cfg.method].replay == "arm"
     out: dict[str, Any] = {

@@ -5,7 +5,8 @@ The run's modules import this package only (``from sapt_dist import distributed`
 ranks; ``_deepspeed`` (private, the one module that imports DeepSpeed) builds engines,
 partitions the backbone under ZeRO-3 and reads / writes the optimizer state. The model
 layer needs only :func:`gathered`, a context that gathers ZeRO-3-partitioned parameters
-(a no-op otherwise).
+(a no-op otherwise), and :func:`gather_in_forward` (parameters a module reads but does
+not own).
 """
 
 from sapt_dist.distributed._deepspeed import (
@@ -15,6 +16,7 @@ from sapt_dist.distributed._deepspeed import (
     engine_config,
     finish,
     full_optimizer_state,
+    gather_in_forward,
     gathered,
     guard_op_build_lock,
     init,
@@ -55,6 +57,7 @@ __all__ = [
     "engine_config",
     "finish",
     "full_optimizer_state",
+    "gather_in_forward",
     "gathered",
     "guard_op_build_lock",
     "init",

@@ -76,6 +76,19 @@ def gathered(params: Iterable[torch.Tensor], modify: bool = False) -> Iterator[N
         yield
 
 
+def gather_in_forward(module: torch.nn.Module, params: Iterable[torch.nn.Parameter]) -> None:
+    """Under ZeRO-3, have ``module``'s forward and backward gather ``params`` although
+    another module owns them (DeepSpeed's external parameters): a loss term computed from
+    parameters after the model's forward (``method.penalties``) needs their full values
+    and their gradients. A no-op otherwise."""
+    if not zero3_enabled():
+        return
+    import deepspeed
+
+    for p in params:
+        deepspeed.zero.register_external_parameter(module, p)
+
+
 def init() -> None:
     """Initialise torch.distributed through DeepSpeed, from whichever launcher started us
     (see :func:`launch_env`: torchrun, ``deepspeed``, ``srun`` or none)."""

@@ -29,6 +29,7 @@ as many host ops as one peft LoRA (``bench/bench_op_count.py``).
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import nn
@@ -44,7 +45,14 @@ from sapt_dist.method.ops import (
     stack_blocks,
 )
 
-__all__ = ["MixtureLoRALinear", "RoutingContext", "disable_bnb_cpu_packing", "is_adaptable_linear"]
+__all__ = [
+    "MixtureLoRALinear",
+    "RoutingContext",
+    "disable_bnb_cpu_packing",
+    "is_adaptable_linear",
+    "is_quantized_linear",
+    "quantized_linear_types",
+]
 
 
 class RoutingContext:
@@ -58,9 +66,6 @@ class RoutingContext:
         inference: set by ``SAPTModel.generate``: layer -> stacked blocks and scales,
             prepared on the first decoding step and reused by every later one (weights
             and blocks are fixed).
-        regularizers: O-LoRA training: each adapted layer appends its (orthogonality, L2)
-            terms here (computed where ZeRO-3 has its parameters gathered); ``None``: not
-            collected.
 
     Setting ``weights``, ``current`` or ``x_grad_mask`` drops the per-forward
     :class:`~sapt_dist.method.ops.SlotPlan` s (:meth:`plan`): the scales and masks every
@@ -73,7 +78,6 @@ class RoutingContext:
         self._x_grad_mask: torch.Tensor | None = None
         self._plans: dict = {}
         self.inference: dict | None = None
-        self.regularizers: list | None = None
 
     @property
     def weights(self) -> torch.Tensor | None:
@@ -126,17 +130,25 @@ class RoutingContext:
         return plan
 
 
+def quantized_linear_types() -> tuple[type, ...]:
+    """bitsandbytes' 4-bit and 8-bit linear classes, when bitsandbytes is loaded (a
+    quantized backbone loads it; without it no module can be one of them)."""
+    bnb = sys.modules.get("bitsandbytes.nn")
+    if bnb is None:
+        return ()
+    return tuple(getattr(bnb, n) for n in ("Linear4bit", "Linear8bitLt") if hasattr(bnb, n))
+
+
+def is_quantized_linear(module: nn.Module) -> bool:
+    """A bitsandbytes 4-bit (``Linear4bit``: NF4 / FP4) or 8-bit linear, by type."""
+    types = quantized_linear_types()
+    return bool(types) and isinstance(module, types)
+
+
 def is_adaptable_linear(module: nn.Module) -> bool:
-    """``nn.Linear`` or a bitsandbytes 4-/8-bit linear (anything with a 2-D ``weight`` and
-    ``in_features`` / ``out_features``)."""
-    if isinstance(module, nn.Linear):
-        return True
-    return (
-        hasattr(module, "in_features")
-        and hasattr(module, "out_features")
-        and hasattr(module, "weight")
-        and type(module).__module__.startswith("bitsandbytes")
-    )
+    """A linear layer LoRA can wrap: ``nn.Linear``, bitsandbytes' quantized linears
+    included (they subclass it)."""
+    return isinstance(module, nn.Linear)
 
 
 def disable_bnb_cpu_packing(base: nn.Module) -> None:
@@ -146,7 +158,7 @@ def disable_bnb_cpu_packing(base: nn.Module) -> None:
     between two tasks would silently cut every LoRA gradient below it. Keep the weight in
     the trainable layout (and undo a packing that already happened). ``SAPTModel`` applies
     this to every quantized layer of the backbone, adapted or not."""
-    if not hasattr(base, "support_avx512bf16_for_cpu"):
+    if not is_quantized_linear(base) or not hasattr(base, "support_avx512bf16_for_cpu"):
         return
     base.support_avx512bf16_for_cpu = False
     qs = getattr(base.weight, "quant_state", None)
@@ -254,16 +266,6 @@ class MixtureLoRALinear(nn.Module):
         B = torch.where(sel, self.lora_B.unsqueeze(0), self.B_bank)
         return A, B
 
-    def olora_terms(self, current: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """O-LoRA's two regularisers for this layer (Wang et al. 2023, its released trainer):
-        ``sum |A_old A_new^T|`` over every block filed before the current slot (L1 of the
-        r x r products) and ``||A_new|| + ||B_new||`` (2-norms) of the trainable block.
-        Static shapes: earlier slots are selected by a mask, not a loop."""
-        earlier = (torch.cumsum(current.to(torch.int32), 0) == 0).to(self.A_bank.dtype)
-        old = (self.A_bank * earlier.view(-1, 1, 1)).reshape(-1, self.in_features)
-        orth = (old @ self.lora_A.t()).abs().sum()
-        return orth, self.lora_A.norm() + self.lora_B.norm()
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ctx = self._context
         if ctx.inference is not None and not torch.is_grad_enabled():
@@ -290,8 +292,6 @@ class MixtureLoRALinear(nn.Module):
             plan,
             cut=ctx.x_grad_mask is not None,
         )
-        if ctx.regularizers is not None and torch.is_grad_enabled():
-            ctx.regularizers.append(self.olora_terms(ctx.current))
         return out.view(*x.shape[:-1], self.out_features)
 
     def _forward_banks(self, x: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from sapt_dist.config import AdapterConfig
+from sapt_dist.method.adapter import BlockHolder
 from sapt_dist.method.attention import RoutingMode, SharedAttention, max_pool_prompt
 from sapt_dist.method.lora import (
     MixtureLoRALinear,
@@ -110,8 +111,6 @@ class SAPTModel(nn.Module):
         super().__init__()
         if n_slots < 1:
             raise ValueError(f"n_slots must be >= 1, got {n_slots}")
-        #: O-LoRA's (lambda_1, lambda_2), set by the run for ``method=olora``; None: off
-        self.olora: tuple[float, float] | None = None
         self.backbone = backbone
         #: T5-style encoder-decoder: prompt -> encoder, target -> decoder (see the module doc)
         self.is_encoder_decoder = bool(
@@ -130,10 +129,9 @@ class SAPTModel(nn.Module):
             disable_bnb_cpu_packing(m)
         self.context = RoutingContext()
         emb = backbone.get_input_embeddings()
-        #: every block holder: the adapted linear layers (LoRA) or the one prompt module;
-        #: each has ``adapter_params``, ``reset_current``, ``file_current``, ``load_current``,
-        #: ``stacked`` and ``banks`` (the parts named by its ``BLOCK_PARTS``)
-        self.layers: dict[str, MixtureLoRALinear | MixturePrompt] = {}
+        #: every block holder (``method.adapter.BlockHolder``): the adapted linear layers
+        #: (LoRA) or the one prompt module
+        self.layers: dict[str, BlockHolder] = {}
         #: the prompt blocks (``adapter.kind == 'prompt'``), else None
         self.prompts: MixturePrompt | None = None
         if adapter.kind == "prompt":
@@ -173,6 +171,10 @@ class SAPTModel(nn.Module):
         device = emb.weight.device if emb.weight.device.type != "meta" else "cpu"
         self.router.to(device)
         self.layer_current.data = self.layer_current.to(device)
+        #: loss terms a method adds after the forward (``sapt_dist.method.penalties``, built
+        #: from the method's row by the run); held here only so that ZeRO-3's hooks gather
+        #: what they read. ``forward`` never calls them: the training step does.
+        self.penalties = nn.ModuleDict()
         self._set_requires_grad()
         self.start_task(0)
 
@@ -363,8 +365,6 @@ class SAPTModel(nn.Module):
         self._route(weights, tokens=None if self.prompts is not None else input_ids.shape[1])
         if self.prompts is not None:
             embeds, attention_mask, labels = self._prepend_prompt(embeds, attention_mask, labels)
-        olora = self.olora if (self.olora is not None and labels is not None) else None
-        self.context.regularizers = [] if olora is not None and torch.is_grad_enabled() else None
         extra = {"decoder_input_ids": decoder_input_ids} if self.is_encoder_decoder else {}
         out = self.backbone(
             inputs_embeds=embeds,
@@ -374,13 +374,6 @@ class SAPTModel(nn.Module):
             **extra,
         )
         task_loss = out.loss
-        terms, self.context.regularizers = self.context.regularizers, None
-        if terms:  # O-LoRA: task loss + lambda_1 * orthogonality + lambda_2 * L2 of the new block
-            task_loss = (
-                task_loss
-                + olora[0] * torch.stack([o for o, _ in terms]).sum()
-                + olora[1] * torch.stack([n for _, n in terms]).sum()
-            )
         arm = None
         if replay_input_ids is not None:
             if replay_task is None or replay_attention_mask is None:
@@ -517,7 +510,15 @@ class SAPTModel(nn.Module):
 
     def gradient_checkpointing_enable(self) -> None:
         """Checkpoint the backbone's layers; the mixture stays in (the routing context
-        keeps the weights for the recomputation in backward)."""
+        keeps the weights for the recomputation in backward).
+
+        Non-reentrant checkpointing (the routing weights reach every layer through the
+        context, not as inputs, which reentrant checkpointing would cut). Its check that a
+        recomputed layer saved tensors of the same shapes is off: under ZeRO-3 the
+        recomputation runs after DeepSpeed has released the layer's frozen weights again,
+        and the check, comparing the live (now empty) weight it saved, fails although the
+        backward that follows gathers them (DeepSpeed 0.19; the 2-rank ZeRO-3 test with
+        checkpointing equals the one-process run without)."""
         self.backbone.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
+            gradient_checkpointing_kwargs={"use_reentrant": False, "determinism_check": "none"}
         )

@@ -6,15 +6,16 @@
         config.yaml (+ overrides, --model-path)        the run's model / adapter / data
         blocks folder: blocks/ (finished) or state/blocks/ (tasks finished so far)
         manifest checked: digest, checksums, mask, bound to this run's config
-        backbone.load_backbone + SAPTModel + serialization.load_blocks
-                                                        the engine's own loading path;
-                                                        disabled slots masked out
-    predict(...)      generation.generate_texts: batched greedy, KV cache, weights fixed
-                      from each prompt by the shared attention (no task id)
-    explain_routing   evaluation.routing_weights + evaluation.routing_scores: the
-                      engine's diagnostics, per input, with names, top blocks, entropy
-    reevaluate(...)   every seen task's test split with the current mask; a new matrix
-                      file beside the training run's (which is never overwritten)
+        checkpoint.run_model.build_run_model             the run's own model-building
+                                                        path: backbone + SAPTModel +
+                                                        blocks, disabled slots masked out
+    predict(...)      method.generation.generate_texts: batched greedy, KV cache, weights
+                      fixed from each prompt by the shared attention (no task id)
+    explain_routing   method.generation.routing_weights / routing_scores: the run's
+                      diagnostics, per input, with names, top blocks, entropy
+    reevaluate(...)   outputs.evaluation.evaluate_tasks (the run's own evaluation) on every
+                      seen task's test split with the current mask; a new matrix file
+                      beside the training run's (which is never overwritten)
 
 Inputs come from the command line, a text file (one input per line), a JSONL file (one
 ``{"input": ..., "definition": ..., "id": ...}`` object per line), a SuperNI split file
@@ -34,15 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from sapt_dist import distributed
-from sapt_dist.checkpoint.atomic import atomic_write_json, atomic_write_text
+from sapt_dist.checkpoint.atomic import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from sapt_dist.checkpoint.blocks import (
     CheckpointMismatchError,
     check_files,
-    load_blocks,
     read_manifest,
 )
 from sapt_dist.checkpoint.run_state import flat_config, restart_may_change
@@ -56,9 +55,9 @@ from sapt_dist.data.tasks import (
     load_task,
     resolve_data_root,
 )
+from sapt_dist.method.generation import generate_texts, routing_scores, routing_weights
 from sapt_dist.method.model import SAPTModel
-from sapt_dist.train.evaluation import generate_texts, routing_scores, routing_weights
-from sapt_dist.train.methods import METHODS
+from sapt_dist.methods import METHODS
 
 __all__ = [
     "InputError",
@@ -224,7 +223,7 @@ def _records(task: TaskData, split: str) -> list[InputRecord]:
 
 
 def task_inputs(cfg: RunConfig, task: str, split: str = "test") -> list[InputRecord]:
-    """A split of one of the run's data tasks, as the engine loads it (caps, carving)."""
+    """A split of one of the run's data tasks, as the run loads it (caps, carving)."""
     root = resolve_data_root(cfg.data.root)
     return _records(load_task(root, task, cfg.data, cfg.train.seed), split)
 
@@ -312,7 +311,7 @@ def load_run(
     blocks_dir: str | Path | None = None,
     cfg: RunConfig | None = None,
 ) -> LoadedRun:
-    """Load a (finished or partly finished) run's model through the engine's path.
+    """Load a (finished or partly finished) run's model through the run's own path.
 
     Every check on the blocks (manifest digest, checksums, mask, the run it belongs to,
     the model signature) runs before or instead of loading tensors into the model.
@@ -333,23 +332,13 @@ def load_run(
             len(manifest["tasks"]),
             bdir,
         )
-    sig = manifest["model"]
-    from sapt_dist.backbone.load import load_backbone, torch_dtype
+    from sapt_dist.checkpoint.run_model import build_run_model
 
-    distributed.init()  # as the engine: one process group, whichever launcher started us
+    distributed.init()  # as the run: one process group, whichever launcher started us
     # ZeRO-3 runs load the backbone partitioned, as in training
     distributed.configure(distributed.run_engine_config(cfg))
-    backbone, tokenizer = load_backbone(cfg.model)
-    torch.manual_seed(cfg.train.seed)
-    model = SAPTModel(
-        backbone,
-        cfg.adapter,
-        n_slots=int(sig["n_slots"]),
-        routing=sig.get("routing", "attention"),
-        dtype=torch_dtype(cfg.model.dtype),
-        generator_slot=bool(sig.get("generator_slot", False)),
-    )
-    load_blocks(model, bdir)
+    # the run's own model-building path, its blocks and their mask loaded
+    model, tokenizer = build_run_model(cfg, int(manifest["model"]["n_slots"]), blocks=bdir)
     model.eval()
     off = [manifest["tasks"][j] for j in manifest.get("disabled", [])]
     log.info(
@@ -362,7 +351,7 @@ def load_run(
 
 
 def encode_inputs(loaded: LoadedRun, records: list[InputRecord]) -> list[list[int]]:
-    """Prompt token ids, exactly as the engine encodes its evaluation prompts."""
+    """Prompt token ids, exactly as the run encodes its evaluation prompts."""
     d = loaded.cfg.data
     stats = TruncationStats()
     out = [
@@ -400,8 +389,8 @@ def explain_routing(
     softmax and the entropy of the weights in nats (both SAPT only; ``None`` for
     baselines, whose weights are not an attention).
 
-    The weights are :func:`evaluation.routing_weights` (the engine's diagnostics), the
-    scores :func:`evaluation.routing_scores`, both batched alike.
+    The weights are :func:`method.generation.routing_weights` (the run's diagnostics), the
+    scores :func:`method.generation.routing_scores`, both batched alike.
     """
     model, names = loaded.model, loaded.blocks
     bs = batch_size or loaded.cfg.eval.batch_size
@@ -550,14 +539,13 @@ def routing_verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def write_jsonl(rows: list[dict[str, Any]], path: str | Path | None) -> None:
     """JSONL to ``path`` (atomically) or to stdout when ``path`` is ``None`` or ``-``."""
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    if path is None or str(path) == "-":
-        import sys
+    if path is not None and str(path) != "-":
+        atomic_write_jsonl(path, rows)
+        return
+    import sys
 
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    else:
-        atomic_write_text(path, text)
+    sys.stdout.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    sys.stdout.flush()
 
 
 def _color(v: float) -> tuple[str, str]:
@@ -671,43 +659,38 @@ def reevaluate(loaded: LoadedRun) -> dict[str, Any]:
     root = resolve_data_root(cfg.data.root)
     data = [load_task(root, t, cfg.data, cfg.train.seed) for t in seen]
     row: list[float | None] = [None] * len(tasks)
-    from sapt_dist.outputs.metrics import matrix_markdown, score_predictions
+    from sapt_dist.outputs.evaluation import EvalTask, evaluate_tasks
+    from sapt_dist.outputs.metrics import matrix_markdown
 
     main = distributed.is_main_process()
+    splits = []
     for j, task in enumerate(data):
         records = _records(task, "test")
-        prompts = encode_inputs(loaded, records)
-        preds = generate_texts(
-            loaded.model,
-            loaded.tokenizer,
-            prompts,
-            cfg.eval.batch_size,
-            cfg.eval.max_new_tokens,
-            desc=f"re-evaluate {task.name}",
-        )
         refs = [r.references or [] for r in records]
-        row[j] = score_predictions(preds, refs, task.metric, cfg.eval.scoring)
-        w = routing_weights(
-            loaded.model, prompts, loaded.tokenizer.pad_token_id, cfg.eval.batch_size
+        ids = [r.id for r in records]
+        splits.append(
+            EvalTask(j, task.name, task.metric, encode_inputs(loaded, records), refs, ids)
         )
-        if main:
-            rows = [
-                {
-                    "id": r.id,
-                    "prediction": p,
-                    "references": r.references,
-                    "weights": ws[: len(seen)],
-                }
-                for r, p, ws in zip(records, preds, w.tolist(), strict=True)
-            ]
-            write_jsonl(
-                rows, run_dir / "predictions" / "reevaluated" / f"{j:02d}_{task.name}.jsonl"
-            )
+    scores = evaluate_tasks(
+        loaded.model,
+        loaded.tokenizer,
+        splits,
+        batch_size=cfg.eval.batch_size,
+        max_new_tokens=cfg.eval.max_new_tokens,
+        scoring=cfg.eval.scoring,
+        predictions_dir=run_dir / "predictions" / "reevaluated",
+        with_weights=True,
+        n_weights=len(seen),
+        desc="re-evaluate",
+    )
+    for s in scores:
+        j = s.task.index
+        row[j] = s.score
         was = training_row[j]
         log.info(
             "re-evaluated %s: %s %.2f (training run: %s)",
-            task.name,
-            task.metric,
+            s.task.name,
+            s.task.metric,
             row[j],
             "-" if was is None else f"{was:.2f}",
         )

@@ -9,8 +9,8 @@
                                   per slot and routing accuracy per test task, chance
     metrics/routing.png           heatmap of the mean weights (SAPT only)
     metrics/results.json          the summary (and, for single_task, the b_j scores)
-    metrics/routing_trajectory.*  SAPT: mean dev weights during training (written by the
-                                  engine; drawn here by plot_trajectory)
+    metrics/routing_trajectory.*  SAPT: mean dev weights during training (written by
+                                  outputs.trajectory; drawn here by plot_trajectory)
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from pathlib import Path
 from sapt_dist import distributed
 from sapt_dist.checkpoint.atomic import atomic_file, atomic_write_json, atomic_write_text
 from sapt_dist.config import RunConfig
+from sapt_dist.methods import METHODS
 from sapt_dist.outputs.metrics import cl_metrics, matrix_markdown, save_heatmap
-from sapt_dist.train.methods import METHODS
 
 __all__ = ["load_single_task_scores", "plot_trajectory", "write_report"]
 

@@ -1,7 +1,7 @@
 """Experiment tracking: one W&B run per continual-learning run, logged by rank 0.
 
 A reviewer reads what happened from the dashboard alone (``docs/TRACKING.md`` lists every
-key). The engine calls four methods::
+key). The run (``train.run``) calls four methods::
 
     log_step(global_step, stats)   after every optimizer step of a task's block:
                                    task loss, ARM loss, learning rate, tokens/s, memory
@@ -57,7 +57,7 @@ from sapt_dist.checkpoint.atomic import (
     read_checked_json,
 )
 from sapt_dist.config import ConfigError, RunConfig, to_dict
-from sapt_dist.train.methods import METHODS
+from sapt_dist.methods import METHODS
 
 __all__ = [
     "OfflineRun",
@@ -162,7 +162,7 @@ class Tracker:
     run_id: str | None = None
 
     def log_step(self, global_step: int, stats: dict[str, float]) -> None:
-        """One optimizer step's stats (keys as trainer.train_block reports them)."""
+        """One optimizer step's stats (keys as train.block.BlockTraining reports them)."""
 
     def log_task(
         self,

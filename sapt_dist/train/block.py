@@ -1,8 +1,10 @@
 """Training one block (a task's, or the pseudo-sample generator's) on a DeepSpeed engine.
 
-Every micro-step is one forward (task loss + ARM loss in one graph), one
-``engine.backward`` and one ``engine.step``; DeepSpeed scales both losses for gradient
-accumulation alike and steps the optimizer on the accumulation boundaries.
+Every micro-step is one forward (task loss + ARM loss in one graph, plus the method's
+penalty on the parameters when it has one), one ``engine.backward`` and one
+``engine.step``; DeepSpeed scales the losses for gradient accumulation alike and steps
+the optimizer on the accumulation boundaries. :class:`BlockTraining` yields after every
+optimizer step, so the run does its per-step work between steps without callbacks.
 
 The batch order is a pure function of (seed, micro-step): micro-step ``k`` reads positions
 ``k*mbs .. k*mbs+mbs-1`` of an endless stream of seeded per-epoch permutations. A resumed
@@ -15,13 +17,14 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
 
 from sapt_dist import distributed
+from sapt_dist.checkpoint.run_state import StepState
 from sapt_dist.data.tasks import EncodedExample, collate_train
 from sapt_dist.train.compile import (
     bucket_length,
@@ -33,8 +36,11 @@ from sapt_dist.train.compile import (
 
 __all__ = [
     "BlockJob",
-    "StepState",
+    "BlockTraining",
+    "MicroBatches",
+    "StepDone",
     "TrainingDiverged",
+    "check_finite",
     "batch_positions",
     "num_steps",
     "train_block",
@@ -45,33 +51,20 @@ log = logging.getLogger(__name__)
 
 class TrainingDiverged(RuntimeError):
     """More optimizer steps than ``train.nonfinite_tolerance`` gave a NaN / infinite loss or
-    weights; the last good step was handed to ``on_diverge`` (the engine saves it)."""
+    weights; ``last_good`` is the state of the last good step (the run saves it)."""
+
+    def __init__(self, message: str, last_good: StepState | None = None) -> None:
+        super().__init__(message)
+        self.last_good = last_good
 
 
-def _finite(loss: float, arm: float, state: StepState) -> bool:
+def check_finite(loss: float, arm: float, state: StepState) -> bool:
     """Whether a step's losses and the weights and moments it produced are all finite."""
     if not (math.isfinite(loss) and math.isfinite(arm)):
         return False
     tensors = list(state.params.values())
     tensors += [t for k in ("exp_avg", "exp_avg_sq") for t in state.optimizer[k].values()]
     return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)
-
-
-@dataclass
-class StepState:
-    """What a mid-task checkpoint restores: trainable tensors, optimizer, schedule, RNG.
-
-    ``params`` are the full fp32 master values and ``optimizer`` the full AdamW moments
-    per parameter name (``distributed.full_optimizer_state``): the same form under any ZeRO
-    stage and process count, so a checkpoint written by N ranks resumes on M.
-    """
-
-    step: int
-    params: dict[str, torch.Tensor]
-    optimizer: dict
-    scheduler: dict
-    rng: torch.Tensor
-    losses: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -101,6 +94,8 @@ class BlockJob:
     kl_ratio: float = 1.0
     #: learning rate of parameters whose name starts with ``router.`` (None: ``lr``)
     router_lr: float | None = None
+    #: loss terms on the parameters added after every forward (``method.penalties``)
+    penalty: Callable[[], tuple[torch.Tensor, ...]] | None = None
 
 
 def num_steps(
@@ -147,6 +142,254 @@ def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
+@dataclass
+class StepDone:
+    """One good optimizer step, handed to the caller of :meth:`BlockTraining.steps`.
+
+    ``snapshot()`` gives the :class:`StepState` to save (collective under ZeRO-3: every
+    rank calls it or none does), with the RNG as it is when called (after any evaluation
+    the caller ran). ``stats`` are the tracker's record of the step (losses, learning rate,
+    throughput, memory; :func:`_step_stats`), when the training was asked for them."""
+
+    step: int
+    stats: dict[str, float] | None
+    snapshot: Callable[[], StepState]
+
+
+class BlockTraining:
+    """Training one block for ``job.steps`` optimizer steps on a DeepSpeed engine.
+
+    ``steps()`` is a generator: it yields a :class:`StepDone` after every good optimizer
+    step, so the caller does its own work between steps (checkpoints, model selection,
+    the routing trajectory, tracking, a stop request) with no callbacks; the per-step mean
+    losses are in ``losses`` (``None`` for a step skipped as non-finite). :func:`train_block`
+    runs it to the end.
+
+    Non-finite steps (:func:`check_finite`): a step whose loss, weights or moments are NaN
+    / infinite is undone (the last good state is put back; its batch is dropped, the
+    schedule moves on) up to ``train_cfg.nonfinite_tolerance`` times; one more raises
+    :class:`TrainingDiverged` carrying the last good state (``last_good``), which the
+    caller saves when ``checkpointed`` (the message says which).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        job: BlockJob,
+        train_cfg,
+        dtype: str,
+        pad_id: int,
+        ds_config: dict | None = None,
+        resume: StepState | None = None,
+        stats: bool = False,
+        checkpointed: bool = False,
+    ) -> None:
+        if not job.examples:
+            raise ValueError(f"{job.name}: no training examples")
+        self.model, self.job, self.cfg = model, job, train_cfg
+        self.dtype, self.pad_id, self.ds_config = dtype, pad_id, ds_config
+        self.resume, self.stats, self.checkpointed = resume, stats, checkpointed
+        self.losses: list[float | None] = []
+        self.mode = getattr(train_cfg, "compile", "off")
+        # an encoder-decoder (T5) reads the prompt in its encoder, the target in its decoder
+        self.seq2seq = bool(getattr(model, "is_encoder_decoder", False))
+        if self.seq2seq and self.mode != "off":
+            raise ValueError(
+                f"train.compile={self.mode}: graph mode pads decoder-only batches to fixed "
+                f"lengths; an encoder-decoder backbone trains with train.compile=off"
+            )
+
+    # ------------------------------------------------------------------ set-up
+    def _engine(self):
+        job, t = self.job, self.cfg
+        groups: list = list(job.params.values())
+        if job.router_lr is not None:
+            router = [p for n, p in job.params.items() if n.startswith("router.")]
+            rest = [p for n, p in job.params.items() if not n.startswith("router.")]
+            groups = [{"params": rest, "lr": job.lr}, {"params": router, "lr": job.router_lr}]
+            groups = [g for g in groups if g["params"]]
+        return distributed.build_engine(
+            self.model,
+            groups,
+            lr=job.lr,
+            weight_decay=t.weight_decay,
+            micro_batch_size=t.micro_batch_size,
+            grad_accum=t.grad_accum,
+            max_grad_norm=t.max_grad_norm,
+            lr_lambda=lr_factor(t.lr_schedule, t.warmup_steps, job.steps),
+            dtype=self.dtype,
+            ds_config=self.ds_config,
+        )
+
+    def _start(self, optimizer, scheduler) -> int:
+        """The first step to run: the resumed one (state restored) or 0 (RNG seeded)."""
+        job, resume = self.job, self.resume
+        if resume is None:
+            torch.manual_seed(job.seed)
+            return 0
+        distributed.load_full_optimizer_state(
+            optimizer, job.params, resume.params, resume.optimizer
+        )
+        scheduler.load_state_dict(resume.scheduler)
+        torch.set_rng_state(resume.rng)
+        self.losses = list(resume.losses)
+        log.info("%s: resumed at step %d/%d", job.name, resume.step, job.steps)
+        return resume.step
+
+    def _snapshot(self, optimizer, scheduler, step: int) -> StepState:
+        """The state after ``step`` (collective under ZeRO-3: every rank calls it)."""
+        masters, opt_state = distributed.full_optimizer_state(optimizer, self.job.params)
+        return StepState(
+            step=step,
+            params=masters,
+            optimizer=opt_state,
+            scheduler=copy.deepcopy(scheduler.state_dict()),
+            rng=torch.get_rng_state(),
+            losses=list(self.losses),
+        )
+
+    # ------------------------------------------------------------------ the loop
+    def steps(self) -> Iterator[StepDone]:
+        """Run the block's steps, yielding after each good one (see the class)."""
+        job, t = self.job, self.cfg
+        engine, optimizer, scheduler = self._engine()
+        start = self._start(optimizer, scheduler)
+        good = self._snapshot(optimizer, scheduler, start)  # where a bad step goes back to
+        skipped = 0
+        model = self.model
+        model.train()
+        bar = tqdm(
+            total=job.steps,
+            initial=start,
+            desc=job.name,
+            disable=not distributed.is_main_process(),
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
+        batches = MicroBatches(job, t, self.pad_id, self.seq2seq, self.mode, self.stats)
+        with compiled_forward(model, self.mode):
+            for step in range(start, job.steps):
+                t_step = time.perf_counter()
+                acc_task, acc_arm, tokens = self._step(engine, batches, step)
+                state = self._snapshot(optimizer, scheduler, step + 1)  # every rank, every step
+                if not check_finite(acc_task, acc_arm, state):
+                    skipped += 1
+                    if skipped > t.nonfinite_tolerance:
+                        bar.close()
+                        distributed.release_engine(engine)
+                        raise self._diverged(acc_task, acc_arm, step, skipped, good)
+                    good = self._undo(optimizer, scheduler, good, step, skipped, acc_task, acc_arm)
+                    bar.update(1)
+                    continue
+                self.losses.append(acc_task + job.kl_ratio * acc_arm)
+                state.losses = list(self.losses)
+                good = state
+                postfix = {"loss": f"{acc_task:.3f}"}
+                if job.replay is not None:
+                    postfix["arm"] = f"{acc_arm:.4f}"
+                bar.set_postfix(postfix, refresh=False)
+                bar.update(1)
+                stats = None
+                if self.stats:
+                    arm = acc_arm if job.replay is not None else None
+                    seconds = time.perf_counter() - t_step
+                    world = distributed.world_size()
+                    stats = _step_stats(
+                        self.losses[-1], acc_task, arm, scheduler, tokens * world, seconds
+                    )
+                # the RNG as it is when the caller saves (after any evaluation it ran)
+                yield StepDone(
+                    step + 1, stats, lambda s=state: replace(s, rng=torch.get_rng_state())
+                )
+                model.train()  # the caller may have evaluated
+        bar.close()
+        distributed.release_engine(engine)
+        model.eval()
+        self._log_end()
+
+    def _step(self, engine, batches: MicroBatches, step: int) -> tuple[float, float, int]:
+        """One optimizer step of ``grad_accum`` micro-steps; the step's task / ARM loss over
+        the global batch (the mean of the ranks' micro-batch means) and this rank's tokens."""
+        ga = self.cfg.grad_accum
+        penalty = self.job.penalty
+        acc_task, acc_arm, tokens = 0.0, 0.0, 0
+        for micro in range(step * ga, (step + 1) * ga):
+            kwargs, n_tokens = batches(micro)
+            tokens += n_tokens
+            if self.mode != "off":
+                # a new step for the CUDA-graph trees: the last replay's outputs (read
+                # above) may be overwritten now
+                torch.compiler.cudagraph_mark_step_begin()
+            out = engine(**kwargs)
+            loss, task_loss = out.loss, out.task_loss
+            if penalty is not None:  # the method's loss terms on the parameters (O-LoRA)
+                for term in penalty():
+                    loss, task_loss = loss + term, task_loss + term
+            engine.backward(loss)
+            engine.step()
+            acc_task += float(task_loss.detach()) / ga
+            if out.arm_loss is not None:
+                acc_arm += float(out.arm_loss.detach()) / ga
+        acc_task, acc_arm = distributed.mean_over_ranks([acc_task, acc_arm])
+        return acc_task, acc_arm, tokens
+
+    # ------------------------------------------------------------------ non-finite steps
+    def _undo(self, optimizer, scheduler, good: StepState, step, skipped, task, arm) -> StepState:
+        """Put the last good weights and moments back after a non-finite step; return the
+        good state moved to this step's position (its batch is dropped)."""
+        job = self.job
+        log.warning(
+            "%s: %s at optimizer step %d/%d: step undone, its batch skipped (%d of %d tolerated)",
+            job.name,
+            _what_went_wrong(task, arm),
+            step + 1,
+            job.steps,
+            skipped,
+            self.cfg.nonfinite_tolerance,
+        )
+        distributed.load_full_optimizer_state(optimizer, job.params, good.params, good.optimizer)
+        self.losses.append(None)
+        return replace(
+            good,
+            step=step + 1,
+            scheduler=copy.deepcopy(scheduler.state_dict()),
+            rng=torch.get_rng_state(),
+            losses=list(self.losses),
+        )
+
+    def _diverged(self, task, arm, step, skipped, good: StepState) -> TrainingDiverged:
+        job, tolerance = self.job, self.cfg.nonfinite_tolerance
+        kept = (
+            f"The state of step {good.step} (the last good one) is checkpointed. To go on, run "
+            f"the same command with train.nonfinite_tolerance={skipped} (the bad batch is "
+            f"then skipped); if"
+            if self.checkpointed
+            else "Nothing of this block is saved. If"
+        )
+        return TrainingDiverged(
+            f"{job.name}: {_what_went_wrong(task, arm)} at optimizer step {step + 1}/"
+            f"{job.steps} (lr {job.lr:g}; {skipped} non-finite step(s), "
+            f"train.nonfinite_tolerance={tolerance}). {kept} every step diverges, start a new "
+            f"output_dir with a lower train.lr (replay.gen_lr for the generator) or "
+            f"train.max_grad_norm set.",
+            last_good=good,
+        )
+
+    def _log_end(self) -> None:
+        kept = [v for v in self.losses if v is not None]
+        if kept:
+            log.info(
+                "%s: %d steps, first loss %.4f, last loss %.4f%s",
+                self.job.name,
+                self.job.steps,
+                kept[0],
+                kept[-1],
+                f" ({len(self.losses) - len(kept)} non-finite step(s) skipped)"
+                if len(kept) < len(self.losses)
+                else "",
+            )
+
+
 def train_block(
     model: torch.nn.Module,
     job: BlockJob,
@@ -155,223 +398,65 @@ def train_block(
     pad_id: int,
     ds_config: dict | None = None,
     resume: StepState | None = None,
-    on_step: Callable[[int, Callable[[], StepState]], None] | None = None,
-    log_step: Callable[[int, dict[str, float]], None] | None = None,
-    on_diverge: Callable[[StepState], None] | None = None,
 ) -> list[float | None]:
-    """Train ``job`` for ``job.steps`` optimizer steps; return the per-step mean losses
-    (``None`` for a step skipped as non-finite).
+    """Train ``job`` to its end with nothing done between steps (the pseudo-sample
+    generator, tests, benchmarks); the per-step mean losses."""
+    training = BlockTraining(model, job, train_cfg, dtype, pad_id, ds_config, resume)
+    for _ in training.steps():
+        pass
+    return training.losses
 
-    ``on_step(step, snapshot)`` is called after every good optimizer step; ``snapshot()``
-    gives the :class:`StepState` to save (when the caller decides to checkpoint).
-    ``log_step(step, stats)`` (experiment tracking) gets the step's losses, learning rate,
-    throughput and memory (:func:`_step_stats`), before ``on_step``.
 
-    Non-finite steps: after every step the state is snapshotted (full fp32 weights and
-    AdamW moments of the trainable parameters, on the CPU; collective under ZeRO-3) and
-    checked. A step whose loss, weights or moments are NaN / infinite is undone (the last
-    good snapshot is put back; its batch is dropped, the schedule moves on) up to
-    ``train_cfg.nonfinite_tolerance`` times; one more and ``on_diverge(last good state)``
-    is called and :class:`TrainingDiverged` raised.
-    """
-    if not job.examples:
-        raise ValueError(f"{job.name}: no training examples")
-    mbs, ga = train_cfg.micro_batch_size, train_cfg.grad_accum
-    params = list(job.params.values())
-    groups: list = params
-    if job.router_lr is not None:
-        router = [p for n, p in job.params.items() if n.startswith("router.")]
-        rest = [p for n, p in job.params.items() if not n.startswith("router.")]
-        groups = [{"params": rest, "lr": job.lr}, {"params": router, "lr": job.router_lr}]
-        groups = [g for g in groups if g["params"]]
-    engine, optimizer, scheduler = distributed.build_engine(
-        model,
-        groups,
-        lr=job.lr,
-        weight_decay=train_cfg.weight_decay,
-        micro_batch_size=mbs,
-        grad_accum=ga,
-        max_grad_norm=train_cfg.max_grad_norm,
-        lr_lambda=lr_factor(train_cfg.lr_schedule, train_cfg.warmup_steps, job.steps),
-        dtype=dtype,
-        ds_config=ds_config,
-    )
-    start, losses = 0, []
-    if resume is not None:
-        distributed.load_full_optimizer_state(
-            optimizer, job.params, resume.params, resume.optimizer
-        )
-        scheduler.load_state_dict(resume.scheduler)
-        torch.set_rng_state(resume.rng)
-        start, losses = resume.step, list(resume.losses)
-        log.info("%s: resumed at step %d/%d", job.name, start, job.steps)
-    else:
-        torch.manual_seed(job.seed)
+class MicroBatches:
+    """Micro-step -> the forward's keyword arguments on this rank, and its token count.
 
-    def snapshot_at(step: int) -> Callable[[], StepState]:
-        def snap() -> StepState:  # collective under ZeRO-3: every rank calls it
-            masters, opt_state = distributed.full_optimizer_state(optimizer, job.params)
-            return StepState(
-                step=step,
-                params=masters,
-                optimizer=opt_state,
-                scheduler=copy.deepcopy(scheduler.state_dict()),
-                rng=torch.get_rng_state(),
-                losses=list(losses),
-            )
+    Rank r of W reads global micro-batch ``micro * W + r`` of the seeded stream
+    (:func:`batch_positions`), collated (right padding, labels -100 on prompt and
+    padding); graph mode pads it to a length bucket; the generator's fixed weights and
+    the ARM batch (same global numbering) are added."""
 
-        return snap
+    def __init__(
+        self, job: BlockJob, train_cfg, pad_id: int, seq2seq: bool, mode: str, count_tokens: bool
+    ) -> None:
+        self.job, self.pad_id, self.seq2seq, self.mode = job, pad_id, seq2seq, mode
+        self.mbs = train_cfg.micro_batch_size
+        self.count_tokens = count_tokens
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.device = next(iter(job.params.values())).device
+        self.longest = max(len(e.input_ids) for e in job.examples)
 
-    good = snapshot_at(start)()  # the state to go back to if the next step goes bad
-    tolerance = train_cfg.nonfinite_tolerance
-    skipped = 0
-    device = next(iter(params)).device
-    model.train()
-    bar = tqdm(
-        total=job.steps,
-        initial=start,
-        desc=job.name,
-        disable=not distributed.is_main_process(),
-        dynamic_ncols=True,
-        mininterval=1.0,
-    )
-    n = len(job.examples)
-    rank, world = distributed.rank(), distributed.world_size()
-    mode = getattr(train_cfg, "compile", "off")
-    # an encoder-decoder (T5) reads the prompt in its encoder, the target in its decoder
-    seq2seq = bool(getattr(model, "is_encoder_decoder", False))
-    if seq2seq and mode != "off":
-        raise ValueError(
-            f"train.compile={mode}: graph mode pads decoder-only batches to fixed lengths; "
-            f"an encoder-decoder backbone trains with train.compile=off"
-        )
-    longest = max(len(e.input_ids) for e in job.examples)
-    with compiled_forward(model, mode):
-        for step in range(start, job.steps):
-            acc_task, acc_arm = 0.0, 0.0
-            t_step, tokens = time.perf_counter(), 0
-            for micro in range(step * ga, (step + 1) * ga):
-                # rank r of W reads global micro-batch micro * W + r of the stream
-                idx = batch_positions(n, mbs, micro * world + rank, job.seed)
-                batch = collate_train([job.examples[i] for i in idx], pad_id, seq2seq)
-                if mode != "off":  # static shapes: one of a few padded lengths
-                    width = bucket_length(batch["input_ids"].shape[1], longest)
-                    batch = pad_right(batch, width, pad_id)
-                kwargs = {k: v.to(device) for k, v in batch.items()}
-                if job.weights is not None:
-                    kwargs["weights"] = job.weights(len(idx)).to(device)
-                if job.replay is not None:  # the ARM batch follows the same global numbering
-                    replay = job.replay(micro * world + rank)
-                    if mode != "off":  # every ARM batch of the task: one length
-                        have = replay["replay_input_ids"].shape[1]
-                        width = replay_length(have, getattr(job.replay, "longest", None))
-                        replay = pad_left(replay, width, pad_id)
-                    kwargs.update({k: v.to(device) for k, v in replay.items()})
-                    kwargs["kl_ratio"] = job.kl_ratio
-                if log_step is not None:  # tokens this rank reads: prompts + targets + ARM, no pads
-                    tokens += sum(
-                        int(v.sum()) for k, v in kwargs.items() if k.endswith("attention_mask")
-                    )
-                    if seq2seq:  # the decoder's targets (+ EOS), outside the encoder's mask
-                        tokens += int((kwargs["labels"] != -100).sum())
-                if mode != "off":
-                    # a new step for the CUDA-graph trees: the last replay's outputs (read
-                    # above) may be overwritten now
-                    torch.compiler.cudagraph_mark_step_begin()
-                out = engine(**kwargs)
-                engine.backward(out.loss)
-                engine.step()
-                acc_task += float(out.task_loss.detach()) / ga
-                if out.arm_loss is not None:
-                    acc_arm += float(out.arm_loss.detach()) / ga
-            # the step's loss over the global batch (the mean of the ranks' micro-batch means)
-            acc_task, acc_arm = distributed.mean_over_ranks([acc_task, acc_arm])
-            state = snapshot_at(step + 1)()  # collective under ZeRO-3: every rank, every step
-            if not _finite(acc_task, acc_arm, state):
-                bad = acc_task if not math.isfinite(acc_task) else acc_arm
-                what = (
-                    "the weights or optimizer moments became non-finite"
-                    if math.isfinite(bad)
-                    else f"the loss became {bad}"
-                )
-                skipped += 1
-                if skipped > tolerance:
-                    bar.close()
-                    distributed.release_engine(engine)
-                    if on_diverge is not None:
-                        on_diverge(good)
-                    kept = (
-                        f"The state of step {good.step} (the last good one) is checkpointed. To go "
-                        f"on, run the same command with train.nonfinite_tolerance={skipped} (the "
-                        f"bad batch is then skipped); if"
-                        if on_diverge is not None
-                        else "Nothing of this block is saved. If"
-                    )
-                    raise TrainingDiverged(
-                        f"{job.name}: {what} at optimizer step {step + 1}/{job.steps} (lr "
-                        f"{job.lr:g}; {skipped} non-finite step(s), train.nonfinite_tolerance="
-                        f"{tolerance}). {kept} every step diverges, start a new output_dir with a "
-                        f"lower train.lr (replay.gen_lr for the generator) or train.max_grad_norm set."
-                    )
-                log.warning(
-                    "%s: %s at optimizer step %d/%d: step undone, its batch skipped (%d of %d "
-                    "tolerated)",
-                    job.name,
-                    what,
-                    step + 1,
-                    job.steps,
-                    skipped,
-                    tolerance,
-                )
-                distributed.load_full_optimizer_state(
-                    optimizer, job.params, good.params, good.optimizer
-                )
-                losses.append(None)
-                # the weights and moments of the last good step, at this step's position
-                good = replace(
-                    good,
-                    step=step + 1,
-                    scheduler=copy.deepcopy(scheduler.state_dict()),
-                    rng=torch.get_rng_state(),
-                    losses=list(losses),
-                )
-                bar.update(1)
-                continue
-            losses.append(acc_task + job.kl_ratio * acc_arm)
-            state.losses = list(losses)
-            good = state
-            postfix = {"loss": f"{acc_task:.3f}"}
-            if job.replay is not None:
-                postfix["arm"] = f"{acc_arm:.4f}"
-            bar.set_postfix(postfix, refresh=False)
-            bar.update(1)
-            if log_step is not None:
-                arm = acc_arm if job.replay is not None else None
-                seconds = time.perf_counter() - t_step
-                log_step(
-                    step + 1,
-                    _step_stats(losses[-1], acc_task, arm, scheduler, tokens * world, seconds),
-                )
-            if on_step is not None:
-                # the RNG as it is when the caller saves (after any evaluation it ran)
-                on_step(step + 1, lambda state=state: replace(state, rng=torch.get_rng_state()))
-                model.train()  # the callback may have evaluated
-    bar.close()
-    distributed.release_engine(engine)
-    model.eval()
-    kept = [v for v in losses if v is not None]
-    if kept:
-        log.info(
-            "%s: %d steps, first loss %.4f, last loss %.4f%s",
-            job.name,
-            job.steps,
-            kept[0],
-            kept[-1],
-            f" ({len(losses) - len(kept)} non-finite step(s) skipped)"
-            if len(kept) < len(losses)
-            else "",
-        )
-    return losses
+    def __call__(self, micro: int) -> tuple[dict, int]:
+        job, device, pad_id = self.job, self.device, self.pad_id
+        global_micro = micro * self.world + self.rank
+        idx = batch_positions(len(job.examples), self.mbs, global_micro, job.seed)
+        batch = collate_train([job.examples[i] for i in idx], pad_id, self.seq2seq)
+        if self.mode != "off":  # static shapes: one of a few padded lengths
+            width = bucket_length(batch["input_ids"].shape[1], self.longest)
+            batch = pad_right(batch, width, pad_id)
+        kwargs = {k: v.to(device) for k, v in batch.items()}
+        if job.weights is not None:
+            kwargs["weights"] = job.weights(len(idx)).to(device)
+        if job.replay is not None:  # the ARM batch follows the same global numbering
+            replay = job.replay(global_micro)
+            if self.mode != "off":  # every ARM batch of the task: one length
+                have = replay["replay_input_ids"].shape[1]
+                width = replay_length(have, getattr(job.replay, "longest", None))
+                replay = pad_left(replay, width, pad_id)
+            kwargs.update({k: v.to(device) for k, v in replay.items()})
+            kwargs["kl_ratio"] = job.kl_ratio
+        tokens = 0
+        if self.count_tokens:  # tokens this rank reads: prompts + targets + ARM, no pads
+            tokens = sum(int(v.sum()) for k, v in kwargs.items() if k.endswith("attention_mask"))
+            if self.seq2seq:  # the decoder's targets (+ EOS), outside the encoder's mask
+                tokens += int((kwargs["labels"] != -100).sum())
+        return kwargs, tokens
+
+
+def _what_went_wrong(task: float, arm: float) -> str:
+    bad = task if not math.isfinite(task) else arm
+    if math.isfinite(bad):
+        return "the weights or optimizer moments became non-finite"
+    return f"the loss became {bad}"
 
 
 def _step_stats(

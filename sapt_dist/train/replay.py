@@ -11,8 +11,9 @@ definition and the generated text as the input (recorded per sample as ``well_fo
 
 Real: a seeded choice of ``ratio * |train_t|`` real training inputs.
 
-Either way the samples are saved per task as JSONL (``pseudo/<task>.jsonl``) and reused
-from there on resume.
+Either way the samples are saved per task as JSONL (``pseudo/<NN>_<task>.jsonl``), their
+sha256 kept in the run's progress, and reused from there on resume
+(:class:`PseudoSamples`).
 """
 
 from __future__ import annotations
@@ -25,25 +26,32 @@ from pathlib import Path
 
 import torch
 
-from sapt_dist.checkpoint.atomic import UnreadableFileError, atomic_write_text
+from sapt_dist import distributed
+from sapt_dist.checkpoint.atomic import UnreadableFileError, atomic_write_jsonl, sha256_file
+from sapt_dist.checkpoint.run_state import StateDamagedError
+from sapt_dist.config import RunConfig
 from sapt_dist.data.tasks import (
+    EncodedExample,
     TaskData,
     collate_prompts,
     encode_prompt,
     encode_train,
     format_prompt,
 )
+from sapt_dist.method.generation import generate_texts
+from sapt_dist.method.model import SAPTModel
+from sapt_dist.train.block import BlockJob, num_steps, train_block
 
 __all__ = [
     "GEN_PROMPT",
     "INPUT_MARK",
+    "PseudoSamples",
     "ReplayBatches",
     "generator_examples",
     "load_jsonl",
     "n_pseudo",
     "parse_generated",
     "real_samples",
-    "save_jsonl",
 ]
 
 log = logging.getLogger(__name__)
@@ -152,10 +160,6 @@ def real_samples(task: TaskData, n: int, seed: int) -> list[dict]:
     ]
 
 
-def save_jsonl(path: Path, rows: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
 def load_jsonl(path: Path) -> list[dict]:
     rows = []
     for i, line in enumerate(Path(path).read_text().splitlines()):
@@ -224,3 +228,134 @@ class ReplayBatches:
             "replay_attention_mask": batch["attention_mask"],
             "replay_task": torch.tensor(tasks, dtype=torch.long),
         }
+
+
+class PseudoSamples:
+    """A run's pseudo-samples (SAPT) and real-sample buffer (``replay``), by task index:
+    where they live, making them after a task, and reading them back checked."""
+
+    def __init__(self, cfg: RunConfig, out: Path, tasks: list[TaskData], tokenizer) -> None:
+        self.cfg, self.out, self.tasks, self.tokenizer = cfg, Path(out), tasks, tokenizer
+
+    def path(self, i: int) -> Path:
+        return self.out / "pseudo" / f"{i:02d}_{self.tasks[i].name}.jsonl"
+
+    def count(self, task: TaskData) -> int:
+        r = self.cfg.replay
+        return n_pseudo(len(task.splits["train"]), r.ratio, r.min_samples, r.count_rounding)
+
+    def load(self, j: int, sums: dict[str, str], progress_path: Path) -> list[dict]:
+        """Task j's saved pseudo-samples, checked against the sha256 the run's progress
+        holds (``sums``: task name -> sha256, kept in ``progress_path``)."""
+        path = self.path(j)
+        want = sums.get(self.tasks[j].name)
+        if not path.is_file():
+            raise StateDamagedError(
+                f"{path}: missing; task {j + 1}'s pseudo-samples are replayed by every later "
+                f"task and its generator is gone. Restore the file, or start a new output_dir"
+            )
+        if want is not None and sha256_file(path) != want:
+            raise StateDamagedError(
+                f"{path} does not match its sha256 in {progress_path} (edited or "
+                f"damaged). Restore it, or start a new output_dir"
+            )
+        return load_jsonl(path)
+
+    def replay_batches(self, i: int, sums: dict[str, str], progress_path: Path) -> ReplayBatches:
+        """The ARM batches of task i: the pseudo-samples of every earlier task."""
+        cfg = self.cfg
+        samples = {j: self.load(j, sums, progress_path) for j in range(i)}
+        return ReplayBatches(
+            self.tokenizer,
+            samples,
+            cfg.data.template,
+            cfg.data.max_source_length,
+            cfg.train.micro_batch_size,
+            cfg.train.seed,
+            cfg.data.truncation,
+        )
+
+    def real_examples(self, i: int) -> list[EncodedExample]:
+        """``replay``: real samples of every task before i, encoded for training."""
+        cfg, d = self.cfg, self.cfg.data
+        out = []
+        for j in range(i):
+            task = self.tasks[j]
+            rows = real_samples(task, self.count(task), cfg.train.seed + j)
+            out += [
+                encode_train(
+                    self.tokenizer,
+                    format_prompt(d.template, r["definition"], r["input"], d.truncation),
+                    r["output"],
+                    d.max_source_length,
+                    d.max_target_length,
+                    eos=d.target_eos,
+                )
+                for r in rows
+            ]
+        return out
+
+    def make(self, i: int, model: SAPTModel, ds_config: dict | None) -> str | None:
+        """Task i's pseudo-samples (generative: train the generator block on the task, then
+        sample), written by rank 0; returns their sha256 there (None on other ranks).
+        Every rank calls it (training and generation are collective)."""
+        cfg, task = self.cfg, self.tasks[i]
+        path = self.path(i)
+        n = self.count(task)
+        seed = cfg.train.seed + 7919 * (i + 1)
+        if cfg.replay.kind == "real":
+            rows = real_samples(task, n, seed)
+        else:
+            rows = self._generate(task, n, seed, model, ds_config)
+        log.info("%s: %d pseudo-samples (%s) -> %s", task.name, len(rows), cfg.replay.kind, path)
+        if not distributed.is_main_process():
+            return None
+        atomic_write_jsonl(path, rows)
+        return sha256_file(path)
+
+    def _generate(
+        self, task: TaskData, n: int, seed: int, model: SAPTModel, ds_config: dict | None
+    ) -> list[dict]:
+        cfg, d, r, t = self.cfg, self.cfg.data, self.cfg.replay, self.cfg.train
+        examples = generator_examples(
+            self.tokenizer, task, d.max_source_length, d.max_source_length
+        )
+        torch.manual_seed(seed)
+        model.start_generator()
+        job = BlockJob(
+            name=f"generator {task.name}",
+            examples=examples,
+            params={
+                name: p
+                for name, p in model.named_adapter_params().items()
+                if not name.startswith("router.")
+            },
+            steps=num_steps(
+                len(examples),
+                r.gen_epochs,
+                t.micro_batch_size,
+                t.grad_accum,
+                r.gen_max_steps,
+                distributed.world_size(),
+            ),
+            seed=seed,
+            lr=r.gen_lr,
+            weights=model.generator_weights,
+        )
+        train_block(model, job, t, cfg.model.dtype, self.tokenizer.pad_token_id, ds_config)
+        torch.manual_seed(seed)
+        k = n * r.gen_candidates_per_sample
+        prompt = encode_prompt(self.tokenizer, GEN_PROMPT, d.max_source_length)
+        texts = generate_texts(
+            model,
+            self.tokenizer,
+            [prompt] * k,
+            cfg.eval.batch_size,
+            r.gen_max_new_tokens,
+            desc=f"pseudo-samples {task.name}",
+            weights=model.generator_weights(k),
+            do_sample=True,
+            top_k=r.gen_top_k,
+            repetition_penalty=r.gen_repetition_penalty,
+        )
+        return choose_pseudo(texts, task, n, seed, r.pseudo_definition)

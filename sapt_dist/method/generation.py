@@ -1,5 +1,7 @@
-"""Evaluation: batched greedy generation with the KV cache (an encoder-decoder's encoder
-output computed once), routing fixed from the prompt.
+"""Generation and routing read-outs of a ``SAPTModel``, used by training (evaluation,
+pseudo-samples, attention targets, the router center) and by using a finished run
+(``sapt-predict`` / ``sapt-route``): batched greedy generation with the KV cache (an
+encoder-decoder's encoder output computed once), routing fixed from the prompt.
 
 Prompts are sorted by length into left-padded batches (less padding, same results: every
 sequence's weights and tokens depend only on itself) and the outputs put back in order.

@@ -1,4 +1,4 @@
-"""End-to-end runs of the continual-learning engine on the demo data, tiny and fast.
+"""End-to-end continual-learning runs (train.run) on the demo data, tiny and fast.
 
 Each compares against a reference: hand-checked outputs, the uninterrupted run (resume),
 and the ARM KL against a plain computation.
@@ -191,13 +191,13 @@ def test_per_task_names_are_checked_against_the_order(tmp_path, caplog):
     """per_task naming a task outside the order (a typo) is refused before anything loads;
     one of the order's tasks that data.tasks leaves out is accepted and logged as unused,
     so a preset's per_task block works on a subset of its tasks."""
-    from sapt_dist.train.run import ContinualRun
+    from sapt_dist.train.setup import load_run_tasks
 
     with pytest.raises(ConfigError, match=r"per_task.cb': no such task in this run's sequence"):
-        ContinualRun(_cfg(tmp_path, "per_task={cb: {max_steps: 1}}"))._load_tasks()
+        load_run_tasks(_cfg(tmp_path, "per_task={cb: {max_steps: 1}}"))
     left_out = "per_task={task1510_evalution_relation_extraction: {max_steps: 1}}"
-    with caplog.at_level("INFO", logger="sapt_dist.train.run"):
-        tasks = ContinualRun(_cfg(tmp_path, left_out))._load_tasks()
+    with caplog.at_level("INFO", logger="sapt_dist.train.setup"):
+        tasks = load_run_tasks(_cfg(tmp_path, left_out))
     assert [t.name for t in tasks] == [
         "task363_sst2_polarity_classification",
         "task875_emotion_classification",
@@ -413,7 +413,6 @@ def test_bf16_step_checkpoint_resumes_exactly(tmp_path):
     from sapt_dist import distributed
     from sapt_dist.checkpoint.run_state import RunState
     from sapt_dist.config import TrainConfig
-    from sapt_dist.train.block import train_block
 
     cfg = TrainConfig(micro_batch_size=2, grad_accum=2, max_grad_norm=1.0)
     model, job = _poisoned_job(steps=5, poison=set(), dtype=torch.bfloat16)
@@ -425,19 +424,18 @@ def test_bf16_step_checkpoint_resumes_exactly(tmp_path):
         if step == 2:
             state.save_step(0, snaps[step])
 
-    full = train_block(model, job, cfg, "bfloat16", 0, on_step=on_step)
+    full = _train(model, job, cfg, "bfloat16", on_step=on_step)
     distributed.finish()
     assert all(p.dtype == torch.bfloat16 for p in job.params.values())
     resume, _ = state.load_step(0)
     assert resume.step == 2
     model, job = _poisoned_job(steps=5, poison=set(), dtype=torch.bfloat16)
     again = {}
-    rest = train_block(
+    rest = _train(
         model,
         job,
         cfg,
         "bfloat16",
-        0,
         resume=resume,
         on_step=lambda step, snap: again.setdefault(step, snap()),
     )
@@ -520,12 +518,31 @@ def _poisoned_job(steps: int, poison: set[int], dtype: torch.dtype | None = None
     return model, job
 
 
+def _train(model, job, cfg, dtype, resume=None, on_step=None, last_good=None):
+    """``BlockTraining`` to its end; ``on_step(step, snapshot)`` after each good step;
+    a divergence's last good state appended to ``last_good`` (as the run saves it)."""
+    from sapt_dist.train.block import BlockTraining, TrainingDiverged
+
+    training = BlockTraining(
+        model, job, cfg, dtype, 0, resume=resume, checkpointed=last_good is not None
+    )
+    try:
+        for done in training.steps():
+            if on_step is not None:
+                on_step(done.step, done.snapshot)
+    except TrainingDiverged as e:
+        if last_good is not None:
+            last_good.append(e.last_good)
+        raise
+    return training.losses
+
+
 def test_non_finite_loss_stops_with_the_last_good_step():
     """A loss that becomes NaN stops training at that step, naming it (tolerance 0); the
     step callback never sees it and the divergence callback gets the state of the step
     before, the same the step callback was offered there."""
     from sapt_dist.config import TrainConfig
-    from sapt_dist.train.block import TrainingDiverged, train_block
+    from sapt_dist.train.block import TrainingDiverged
 
     model, job = _poisoned_job(steps=4, poison={3})
     seen, offered, last_good = [], {}, []
@@ -536,9 +553,7 @@ def test_non_finite_loss_stops_with_the_last_good_step():
         offered[step] = snap()
 
     with pytest.raises(TrainingDiverged, match=r"boom: the loss became nan at optimizer step 3/4"):
-        train_block(
-            model, job, train_cfg, "float32", 0, on_step=on_step, on_diverge=last_good.append
-        )
+        _train(model, job, train_cfg, "float32", on_step=on_step, last_good=last_good)
     assert seen == [1, 2]
     (good,) = last_good
     assert good.step == 2 and len(good.losses) == 2
@@ -558,21 +573,19 @@ def test_tolerated_non_finite_step_is_undone_and_skipped(dtype, bad):
     fp32 masters) and a bad first step (back to the state before any step) included."""
     from sapt_dist import distributed
     from sapt_dist.config import TrainConfig
-    from sapt_dist.train.block import TrainingDiverged, train_block
+    from sapt_dist.train.block import TrainingDiverged
 
     cfg = TrainConfig(micro_batch_size=2, grad_accum=1, max_grad_norm=None, nonfinite_tolerance=1)
     tdtype = getattr(torch, dtype)
     model, job = _poisoned_job(steps=4, poison={bad}, dtype=tdtype)
     states = []
-    losses = train_block(model, job, cfg, dtype, 0, on_step=lambda s, snap: states.append(snap()))
+    losses = _train(model, job, cfg, dtype, on_step=lambda s, snap: states.append(snap()))
     distributed.finish()
     kept = losses[: bad - 1] + losses[bad:]
     assert losses[bad - 1] is None and all(v is not None for v in kept)
     ref_model, ref_job = _poisoned_job(steps=3, poison=set(), dtype=tdtype)
     ref_states = []
-    ref = train_block(
-        ref_model, ref_job, cfg, dtype, 0, on_step=lambda s, snap: ref_states.append(snap())
-    )
+    ref = _train(ref_model, ref_job, cfg, dtype, on_step=lambda s, snap: ref_states.append(snap()))
     assert kept == ref
     got, want = states[-1], ref_states[-1]
     for name in want.params:
@@ -585,7 +598,7 @@ def test_tolerated_non_finite_step_is_undone_and_skipped(dtype, bad):
     model, job = _poisoned_job(steps=5, poison={2, 4})
     last_good = []
     with pytest.raises(TrainingDiverged, match=r"step 4/5 .*2 non-finite step\(s\), train\.nonf"):
-        train_block(model, job, cfg, "float32", 0, on_diverge=last_good.append)
+        _train(model, job, cfg, "float32", last_good=last_good)
     assert last_good[0].step == 3 and last_good[0].losses[1] is None
 
 
@@ -835,24 +848,24 @@ def test_released_pipeline_options_reach_the_run(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from sapt_dist.train.run import ContinualRun
+    from sapt_dist.train.replay import PseudoSamples
+    from sapt_dist.train.setup import encode_tasks, load_run_tasks
 
     words = ["<pad>", "<unk>", "</s>"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>")
     for rounding, eos, count, last in [("up", "appended", 3, 2), ("down", "cut_with_target", 2, 1)]:
-        runner = ContinualRun(
-            _cfg(
-                tmp_path,
-                f"replay.count_rounding={rounding}",
-                f"data.target_eos={eos}",
-                "data.max_target_length=1",
-            )
+        cfg = _cfg(
+            tmp_path,
+            f"replay.count_rounding={rounding}",
+            f"data.target_eos={eos}",
+            "data.max_target_length=1",
         )
-        tasks = runner._load_tasks()
-        assert [runner._n_pseudo(t) for t in tasks] == [count, count]
-        enc = runner._encode(tok, tasks)
+        tasks = load_run_tasks(cfg)
+        pseudo = PseudoSamples(cfg, tmp_path, tasks, tok)
+        assert [pseudo.count(t) for t in tasks] == [count, count]
+        enc = encode_tasks(tok, tasks, cfg.data)
         # every target is unknown words: <unk> (1), then EOS (2) only when appended
         assert {tuple(ex.input_ids[ex.prompt_len :]) for e in enc for ex in e.train} == (
             {(1, 2)} if last == 2 else {(1,)}
@@ -909,3 +922,43 @@ def test_every_paper_preset_runs_a_few_steps_on_a_tiny_backbone(tmp_path, preset
     log = (out / "run.log").read_text()
     state = "on" if reflects else "off"
     assert f"task 2/2 {first_two[1]}: attentive reflection {state}" in log
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(__import__("sapt_dist.methods").methods.METHODS))
+def test_every_method_row_runs_as_its_row_says(tmp_path, name):
+    """Each row of the method table, run on two tiny tasks, leaves what its fields say:
+    one block per task or one (a joint one named after every task), the tasks scored after
+    each stage, pseudo-samples exactly when it reflects, routing outputs exactly when it
+    trains the router, per-task copies of a single block, and the data each block learned
+    from. The run reads the row, never the name (tests/test_layout.py)."""
+    import json
+
+    from sapt_dist.methods import METHODS
+    from sapt_dist.train.run import run
+
+    row = METHODS[name]
+    out = tmp_path / "run"
+    run(_cfg(tmp_path, f"method={name}", "train.max_steps=2", "replay.gen_max_steps=1"))
+    manifest = json.loads((out / "blocks/manifest.json").read_text())
+    names = ["task363_sst2_polarity_classification", "task875_emotion_classification"]
+    if row.joint:
+        assert manifest["tasks"] == [f"{name}:" + "+".join(names)]
+    elif row.per_task_slots:
+        assert manifest["tasks"] == names
+    else:
+        assert manifest["tasks"] == names[1:]
+    matrix = run_progress(out)["matrix"]
+    assert len(matrix) == (1 if row.joint else 2)
+    for i, r in enumerate(matrix):
+        assert [j for j, v in enumerate(r) if v is not None] == row.tasks_scored(i, 2)
+    assert (out / "pseudo").is_dir() == row.reflects
+    if row.reflects:
+        assert [p.name for p in (out / "pseudo").iterdir()] == [f"00_{names[0]}.jsonl"]
+    assert (out / "metrics/routing_trajectory.json").is_file() == row.trains_router
+    per_task = out / "blocks_per_task"
+    assert per_task.is_dir() == (not row.per_task_slots and not row.joint)
+    for i, record in enumerate(manifest["provenance"]):
+        stage = record["stage"]
+        learned = [names[j] for j in row.tasks_learned(stage, 2)]
+        assert [d["task"] for d in record["data"]] == learned, (i, record["task"])

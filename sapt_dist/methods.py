@@ -1,5 +1,8 @@
-"""What each method does differently, in one table: the continual run (``train/run.py``)
-reads these fields and never a method's name.
+"""What each method does differently, in one table: the config, the continual run
+(``train/run.py``), the outputs and the tools read these fields and never a method's name
+(``tests/test_layout.py`` fails on a method-name test outside this file).
+
+This module imports nothing of the package: every layer can read it.
 
 ==============  =====  =========  ======  =====  =======  ======  =========  =========
 method          slots  routing    block   data   replay   router  evaluates  learned
@@ -22,7 +25,9 @@ single_task     1      -          fresh   task   -        -       own        own
   own, every task).
 - *learned*: the data a block has learned from (its provenance record).
 - O-LoRA is IncLoRA plus its two regularisers on the new block: orthogonality to every
-  earlier block's A (``olora.lambda_1``) and an L2 term (``olora.lambda_2``).
+  earlier block's A (``olora.lambda_1``) and an L2 term (``olora.lambda_2``), the row's
+  ``penalty`` (``sapt_dist.method.penalties``: computed by the training step after the
+  forward, from the parameters, never inside ``SAPTModel.forward``).
 - IncLoRA and O-LoRA train with the exact gradient through the earlier blocks whatever
   ``adapter.gradient`` says (SAPT's default cut is a quirk of its released code).
 """
@@ -58,9 +63,47 @@ class Method:
     #: released code cuts it, the default); ``exact`` always (IncLoRA is plain LoRA with
     #: every block added: the cut is a quirk of SAPT's code, not part of IncLoRA)
     gradient: Literal["config", "exact"] = "config"
-    #: O-LoRA: the new block is trained orthogonal to the earlier blocks' subspaces
-    #: (``olora.lambda_1``) with an L2 term on it (``olora.lambda_2``)
-    orthogonal: bool = False
+    #: a loss term on the parameters added after the forward by the training step, by
+    #: name in ``sapt_dist.method.penalties.PENALTIES`` (O-LoRA: ``olora``, the new block
+    #: orthogonal to the earlier blocks' subspaces with an L2 term on it); None: none
+    penalty: str | None = None
+    #: the block kinds (``adapter.kind``) the method works with
+    block_kinds: tuple[str, ...] = ("lora", "prompt")
+
+    def __post_init__(self) -> None:
+        # a row that sets only part of what a feature needs breaks a run: refuse it here
+        if self.replay == "arm" and not (self.trains_router and self.per_task_slots):
+            raise ValueError(
+                f"method {self.name!r}: replay='arm' (attentive reflection) holds the shared "
+                f"attention to attention targets: it needs trains_router and per_task_slots"
+            )
+        if self.trains_router and self.routing != "attention":
+            raise ValueError(f"method {self.name!r}: trains_router needs routing='attention'")
+        if self.joint and self.per_task_slots:
+            raise ValueError(f"method {self.name!r}: a joint method has one stage, one slot")
+
+    @property
+    def reflects(self) -> bool:
+        """SAPT's attentive reflection: attention targets a*, a generator (when
+        ``replay.kind`` is generative) and pseudo-samples of each task, the ARM batches."""
+        return self.replay == "arm"
+
+    def generator_slot(self, replay_kind: str) -> bool:
+        """Whether the model carries the pseudo-sample generator's extra slot."""
+        return self.reflects and replay_kind == "generative"
+
+    def n_slots(self, n_tasks: int, configured: int | None) -> int:
+        """Task slots of the model: one per task (at least ``n_tasks``; ``configured`` is
+        ``adapter.n_slots``) or one. Raises ValueError naming ``adapter.n_slots``."""
+        if not self.per_task_slots:
+            return 1
+        n = configured or n_tasks
+        if n < n_tasks:
+            raise ValueError(
+                f"config key 'adapter.n_slots' is {n} but the sequence has {n_tasks} tasks; "
+                f"raise it to at least {n_tasks} (or leave it null)"
+            )
+        return n
 
     @property
     def stages(self) -> Literal["per_task", "one"]:
@@ -88,7 +131,14 @@ METHODS: dict[str, Method] = {
     for m in [
         Method("sapt", per_task_slots=True, replay="arm", trains_router=True),
         Method("inc_lora", per_task_slots=True, routing="sum", gradient="exact"),
-        Method("olora", per_task_slots=True, routing="sum", gradient="exact", orthogonal=True),
+        Method(
+            "olora",
+            per_task_slots=True,
+            routing="sum",
+            gradient="exact",
+            penalty="olora",
+            block_kinds=("lora",),
+        ),
         Method("seq_lora", per_task_slots=False, keeps_block=True, learned="seen"),
         Method("replay", per_task_slots=False, keeps_block=True, replay="real", learned="seen"),
         Method("mtl", per_task_slots=False, joint=True, evaluates="all", learned="all"),
