@@ -50,6 +50,7 @@ __all__ = [
     "t5_config",
     "check_gguf",
     "check_loaded",
+    "check_model_files",
     "check_remote_code",
     "demo_spec",
     "gguf_as_folder",
@@ -329,11 +330,7 @@ def _load_backbone(cfg: ModelConfig):
         path = resolve_model_path(cfg.path or "")
     tok_folder = Path(cfg.tokenizer) if cfg.tokenizer else None
     gguf = path.suffix == ".gguf"
-    if gguf:
-        # the header against the tensors, before any allocation (and before a conversion)
-        check_gguf(path, need_tokenizer=tok_folder is None)
-    # foreign code is refused before anything is read with transformers
-    check_remote_code([p for p in (tok_folder, None if gguf else path) if p], trust)
+    _check_files(path, tok_folder, trust)
     if gguf and (cfg.quantization != "none" or distributed.zero3_enabled()):
         # transformers reads a GGUF file whole (no 4-bit quantization, no ZeRO-3
         # partitioning while loading): such runs load a safetensors copy, converted
@@ -410,6 +407,31 @@ def _load_backbone(cfg: ModelConfig):
     check_loaded(model, info, source)
     model.eval()
     return model, tokenizer
+
+
+def check_model_files(cfg: ModelConfig) -> None:
+    """The backbone's checks that read no weights (seconds at most): the model path
+    resolves, a GGUF header matches its tensors (:func:`check_gguf`), no folder names code
+    of its own without ``model.trust_remote_code`` (:func:`check_remote_code`).
+    :func:`load_backbone` runs them first; a caller can run them before it binds a run
+    folder, so a bad model file fails the start without leaving anything behind.
+
+    Raises:
+        ConfigError: as :func:`load_backbone`.
+    """
+    if cfg.builder == "demo":
+        return
+    path = resolve_model_path(cfg.path or "")
+    _check_files(path, Path(cfg.tokenizer) if cfg.tokenizer else None, cfg.trust_remote_code)
+
+
+def _check_files(path: Path, tok_folder: Path | None, trust: bool) -> None:
+    gguf = path.suffix == ".gguf"
+    if gguf:
+        # the header against the tensors, before any allocation (and before a conversion)
+        check_gguf(path, need_tokenizer=tok_folder is None)
+    # foreign code is refused before anything is read with transformers
+    check_remote_code([p for p in (tok_folder, None if gguf else path) if p], trust)
 
 
 def _short(e: BaseException, limit: int = 400) -> str:
