@@ -58,6 +58,12 @@ class ModelConfig:
     builder: Literal["pretrained", "demo"] = "pretrained"
     #: Tokenizer folder; defaults to ``path``.
     tokenizer: str | None = None
+    #: DANGEROUS. Let transformers import and run Python code that the model's or
+    #: tokenizer's folder names (an ``auto_map`` in ``config.json`` / ``tokenizer_config.json``):
+    #: that code runs with your permissions. ``false`` (default): such a folder is refused
+    #: (exit 2) and every ``from_pretrained`` passes ``trust_remote_code=False``, so
+    #: transformers never asks (in a batch job, whatever stdin holds would answer).
+    trust_remote_code: bool = False
     #: Parameter / compute dtype of the backbone and adapters.
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     #: Quantize the frozen backbone to 4 bits with bitsandbytes (QLoRA-style): ``nf4`` or

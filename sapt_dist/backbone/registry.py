@@ -220,12 +220,25 @@ def convert(gguf: Path, out: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from sapt_dist.backbone.load import check_gguf, check_loaded, read_gguf_header
+
     if (out / "config.json").is_file():
         return out
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    check_gguf(gguf)  # the header against the tensors, before anything is allocated
+    # a file without a tokenizer converts without one (the run names model.tokenizer)
+    tok = None
+    if "tokenizer.ggml.tokens" in read_gguf_header(gguf)[0]:
+        tok = AutoTokenizer.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, trust_remote_code=False
+        )
+    model, info = AutoModelForCausalLM.from_pretrained(
+        gguf.parent,
+        gguf_file=gguf.name,
+        dtype=torch.float32,
+        trust_remote_code=False,
+        output_loading_info=True,
     )
+    check_loaded(model, info, gguf)  # a half-loaded model never reaches the cache
     from safetensors.torch import save_file
 
     # transformers marks a GGUF-loaded model as quantized ("gguf") and will not save it;
@@ -244,7 +257,8 @@ def convert(gguf: Path, out: Path) -> Path:
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        if tok is not None:
+            tok.save_pretrained(tmp)
         try:
             os.replace(tmp, out)
         except OSError:

@@ -88,7 +88,9 @@ def backbone_params(model_cfg: dict) -> int | None:
         return None
     key = str(folder)
     if key not in _PARAMS_CACHE:
-        hf = AutoConfig.from_pretrained(folder)
+        hf = AutoConfig.from_pretrained(
+            folder, trust_remote_code=bool(model_cfg.get("trust_remote_code"))
+        )
         with torch.device("meta"):
             model = model_class(hf).from_config(hf)
         _PARAMS_CACHE[key] = sum(p.numel() for p in model.parameters())
