@@ -38,11 +38,11 @@ from sapt_dist.distributed.launch import (
     is_main_process,
     launch_env,
     leave_together,
-    mean_over_ranks,
     peak_memory_mb,
     rank,
     rank0_first,
     slurm_hostnames,
+    sum_over_ranks,
     world_size,
 )
 
@@ -66,7 +66,6 @@ __all__ = [
     "is_partitioned",
     "launch_env",
     "load_full_optimizer_state",
-    "mean_over_ranks",
     "peak_memory_mb",
     "rank",
     "rank0_first",
@@ -76,6 +75,7 @@ __all__ = [
     "safe_get_fp32_mapping",
     "shard_report",
     "slurm_hostnames",
+    "sum_over_ranks",
     "world_size",
     "zero3_enabled",
     "zero_stage",

@@ -207,15 +207,14 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def mean_over_ranks(values: list[float]) -> list[float]:
-    """Element-wise mean of ``values`` across ranks (the data-parallel loss of a step)."""
-    if world_size() == 1:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
-    if torch.distributed.get_backend() == "nccl":  # NCCL reduces CUDA tensors only
-        t = t.cuda()
-    torch.distributed.all_reduce(t)
-    return (t / world_size()).tolist()
+def sum_over_ranks(values: torch.Tensor) -> list[float]:
+    """Element-wise sum of a 1-D tensor across ranks, read to the host once (a training
+    step's losses and flags: one collective and one host sync). The tensor stays where
+    it is (a CUDA tensor under NCCL, a CPU one under gloo)."""
+    if world_size() > 1:
+        values = values.clone()
+        torch.distributed.all_reduce(values)
+    return values.tolist()
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from sapt_dist import distributed
 from sapt_dist.checkpoint.run_state import StepState
 from sapt_dist.data.tasks import EncodedExample, collate_train
+from sapt_dist.distributed import preemption
 from sapt_dist.train.compile import (
     bucket_length,
     compiled_forward,
@@ -40,7 +41,6 @@ __all__ = [
     "MicroBatches",
     "StepDone",
     "TrainingDiverged",
-    "check_finite",
     "batch_positions",
     "num_steps",
     "train_block",
@@ -56,15 +56,6 @@ class TrainingDiverged(RuntimeError):
     def __init__(self, message: str, last_good: StepState | None = None) -> None:
         super().__init__(message)
         self.last_good = last_good
-
-
-def check_finite(loss: float, arm: float, state: StepState) -> bool:
-    """Whether a step's losses and the weights and moments it produced are all finite."""
-    if not (math.isfinite(loss) and math.isfinite(arm)):
-        return False
-    tensors = list(state.params.values())
-    tensors += [t for k in ("exp_avg", "exp_avg_sq") for t in state.optimizer[k].values()]
-    return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None)
 
 
 @dataclass
@@ -154,6 +145,17 @@ class StepDone:
     step: int
     stats: dict[str, float] | None
     snapshot: Callable[[], StepState]
+    #: a stop signal reached a rank (agreed by every rank in the step's one reduction)
+    stop: bool = False
+
+
+@dataclass
+class _StepResult:
+    good: bool
+    task: float
+    arm: float
+    tokens: int
+    stop: bool
 
 
 class BlockTraining:
@@ -253,8 +255,8 @@ class BlockTraining:
         """Run the block's steps, yielding after each good one (see the class)."""
         job, t = self.job, self.cfg
         engine, optimizer, scheduler = self._engine()
+        self.scheduler = scheduler
         start = self._start(optimizer, scheduler)
-        good = self._snapshot(optimizer, scheduler, start)  # where a bad step goes back to
         skipped = 0
         model = self.model
         model.train()
@@ -270,36 +272,42 @@ class BlockTraining:
         with compiled_forward(model, self.mode):
             for step in range(start, job.steps):
                 t_step = time.perf_counter()
-                acc_task, acc_arm, tokens = self._step(engine, batches, step)
-                state = self._snapshot(optimizer, scheduler, step + 1)  # every rank, every step
-                if not check_finite(acc_task, acc_arm, state):
+                # what a checkpoint of the last good step holds, should this step diverge
+                rng, sched = torch.get_rng_state(), copy.deepcopy(scheduler.state_dict())
+                r = self._step(engine, batches, step)
+                if not r.good:
                     skipped += 1
                     if skipped > t.nonfinite_tolerance:
                         bar.close()
+                        last_good = replace(
+                            self._snapshot(optimizer, scheduler, step), rng=rng, scheduler=sched
+                        )
                         distributed.release_engine(engine)
-                        raise self._diverged(acc_task, acc_arm, step, skipped, good)
-                    good = self._undo(optimizer, scheduler, good, step, skipped, acc_task, acc_arm)
+                        raise self._diverged(r.task, r.arm, step, skipped, last_good)
+                    self._skipped(step, skipped, r)
                     bar.update(1)
                     continue
-                self.losses.append(acc_task + job.kl_ratio * acc_arm)
-                state.losses = list(self.losses)
-                good = state
-                postfix = {"loss": f"{acc_task:.3f}"}
+                self.losses.append(r.task + job.kl_ratio * r.arm)
+                postfix = {"loss": f"{r.task:.3f}"}
                 if job.replay is not None:
-                    postfix["arm"] = f"{acc_arm:.4f}"
+                    postfix["arm"] = f"{r.arm:.4f}"
                 bar.set_postfix(postfix, refresh=False)
                 bar.update(1)
                 stats = None
                 if self.stats:
-                    arm = acc_arm if job.replay is not None else None
+                    arm = r.arm if job.replay is not None else None
                     seconds = time.perf_counter() - t_step
                     world = distributed.world_size()
                     stats = _step_stats(
-                        self.losses[-1], acc_task, arm, scheduler, tokens * world, seconds
+                        self.losses[-1], r.task, arm, scheduler, r.tokens * world, seconds
                     )
-                # the RNG as it is when the caller saves (after any evaluation it ran)
+                # collective under ZeRO-3 and taken only when the caller checkpoints; the
+                # RNG as it is then (after any evaluation the caller ran)
                 yield StepDone(
-                    step + 1, stats, lambda s=state: replace(s, rng=torch.get_rng_state())
+                    step + 1,
+                    stats,
+                    lambda n=step + 1: self._snapshot(optimizer, scheduler, n),
+                    stop=r.stop,
                 )
                 model.train()  # the caller may have evaluated
         bar.close()
@@ -307,12 +315,21 @@ class BlockTraining:
         model.eval()
         self._log_end()
 
-    def _step(self, engine, batches: MicroBatches, step: int) -> tuple[float, float, int]:
-        """One optimizer step of ``grad_accum`` micro-steps; the step's task / ARM loss over
-        the global batch (the mean of the ranks' micro-batch means) and this rank's tokens."""
-        ga = self.cfg.grad_accum
-        penalty = self.job.penalty
-        acc_task, acc_arm, tokens = 0.0, 0.0, 0
+    def _step(self, engine, batches: MicroBatches, step: int) -> _StepResult:
+        """One optimizer step of ``grad_accum`` micro-steps.
+
+        The losses accumulate on the device (no host read per micro-step). Before the
+        optimizer step, one reduction over the ranks carries the step's task / ARM loss
+        sums, a flag for non-finite gradients (where they sit in ``p.grad``: ZeRO-0 fp32;
+        DeepSpeed's ZeRO and bf16 optimizers check their own and skip such a step) and the
+        stop request; it is read once: the step's one host sync of this loop. A bad step
+        changes nothing: its gradients are dropped before ``engine.step()`` (or DeepSpeed
+        skips it), so weights, moments and the optimizer's step count stay those of the
+        step before, and only the LR schedule moves on."""
+        ga, job = self.cfg.grad_accum, self.job
+        penalty = job.penalty
+        acc = None
+        tokens = 0
         for micro in range(step * ga, (step + 1) * ga):
             kwargs, n_tokens = batches(micro)
             tokens += n_tokens
@@ -326,36 +343,53 @@ class BlockTraining:
                 for term in penalty():
                     loss, task_loss = loss + term, task_loss + term
             engine.backward(loss)
+            arm = out.arm_loss if out.arm_loss is not None else task_loss.new_zeros(())
+            # float64 on the device: the same sums a host float would make
+            part = torch.stack([task_loss.detach().double(), arm.detach().double()]) / ga
+            acc = part if acc is None else acc + part
+            if micro == (step + 1) * ga - 1:
+                summary = self._summary(acc)
+                if summary[2] > 0 or not all(map(math.isfinite, summary[:2])):
+                    self._drop_gradients()
             engine.step()
-            acc_task += float(task_loss.detach()) / ga
-            if out.arm_loss is not None:
-                acc_arm += float(out.arm_loss.detach()) / ga
-        acc_task, acc_arm = distributed.mean_over_ranks([acc_task, acc_arm])
-        return acc_task, acc_arm, tokens
+        world = distributed.world_size()
+        task, arm, bad, stop = summary[0] / world, summary[1] / world, summary[2], summary[3]
+        good = bad == 0 and math.isfinite(task) and math.isfinite(arm)
+        if good and not engine.was_step_applied():
+            good = False  # DeepSpeed found the gradients non-finite and skipped the step
+        if not good and not engine.was_step_applied():
+            self.scheduler.step()  # a skipped step's position in the schedule is used up
+        return _StepResult(good, task, arm, tokens, stop > 0)
+
+    def _summary(self, acc: torch.Tensor) -> list[float]:
+        """[task sum, ARM sum, ranks with non-finite gradients, ranks asked to stop] over
+        the ranks, read once."""
+        grads = [p.grad for p in self.job.params.values() if p.grad is not None]
+        bad = acc.new_zeros(())
+        if grads:  # ZeRO-0 fp32: the reduced gradients are in p.grad
+            bad = (~torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())).double()
+        stop = acc.new_tensor(1.0 if preemption.requested_locally() else 0.0)
+        return distributed.sum_over_ranks(torch.cat([acc, bad.view(1), stop.view(1)]))
+
+    def _drop_gradients(self) -> None:
+        """A non-finite step: no gradient reaches the optimizer (ZeRO-0; under ZeRO and
+        bf16 DeepSpeed's own check finds them non-finite and skips the step)."""
+        for p in self.job.params.values():
+            p.grad = None
 
     # ------------------------------------------------------------------ non-finite steps
-    def _undo(self, optimizer, scheduler, good: StepState, step, skipped, task, arm) -> StepState:
-        """Put the last good weights and moments back after a non-finite step; return the
-        good state moved to this step's position (its batch is dropped)."""
+    def _skipped(self, step: int, skipped: int, r: _StepResult) -> None:
         job = self.job
         log.warning(
-            "%s: %s at optimizer step %d/%d: step undone, its batch skipped (%d of %d tolerated)",
+            "%s: %s at optimizer step %d/%d: step skipped, its batch dropped (%d of %d tolerated)",
             job.name,
-            _what_went_wrong(task, arm),
+            _what_went_wrong(r.task, r.arm),
             step + 1,
             job.steps,
             skipped,
             self.cfg.nonfinite_tolerance,
         )
-        distributed.load_full_optimizer_state(optimizer, job.params, good.params, good.optimizer)
         self.losses.append(None)
-        return replace(
-            good,
-            step=step + 1,
-            scheduler=copy.deepcopy(scheduler.state_dict()),
-            rng=torch.get_rng_state(),
-            losses=list(self.losses),
-        )
 
     def _diverged(self, task, arm, step, skipped, good: StepState) -> TrainingDiverged:
         job, tolerance = self.job, self.cfg.nonfinite_tolerance
@@ -433,22 +467,23 @@ class MicroBatches:
         if self.mode != "off":  # static shapes: one of a few padded lengths
             width = bucket_length(batch["input_ids"].shape[1], self.longest)
             batch = pad_right(batch, width, pad_id)
-        kwargs = {k: v.to(device) for k, v in batch.items()}
         if job.weights is not None:
-            kwargs["weights"] = job.weights(len(idx)).to(device)
+            batch["weights"] = job.weights(len(idx))
         if job.replay is not None:  # the ARM batch follows the same global numbering
             replay = job.replay(global_micro)
             if self.mode != "off":  # every ARM batch of the task: one length
                 have = replay["replay_input_ids"].shape[1]
                 width = replay_length(have, getattr(job.replay, "longest", None))
                 replay = pad_left(replay, width, pad_id)
-            kwargs.update({k: v.to(device) for k, v in replay.items()})
-            kwargs["kl_ratio"] = job.kl_ratio
+            batch.update(replay)
         tokens = 0
-        if self.count_tokens:  # tokens this rank reads: prompts + targets + ARM, no pads
-            tokens = sum(int(v.sum()) for k, v in kwargs.items() if k.endswith("attention_mask"))
+        if self.count_tokens:  # this rank's prompts + targets + ARM, no pads (host tensors)
+            tokens = sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask"))
             if self.seq2seq:  # the decoder's targets (+ EOS), outside the encoder's mask
-                tokens += int((kwargs["labels"] != -100).sum())
+                tokens += int((batch["labels"] != -100).sum())
+        kwargs = {k: v.to(device) for k, v in batch.items()}
+        if job.replay is not None:
+            kwargs["kl_ratio"] = job.kl_ratio
         return kwargs, tokens
 
 

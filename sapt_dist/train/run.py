@@ -308,7 +308,7 @@ class ContinualRun:
                 saved = bool(t.checkpoint_every and step % t.checkpoint_every == 0)
                 if saved and step < job.steps:
                     self.state.save_step(i, done.snapshot(), best)
-                if preemption.stop_requested():
+                if done.stop:  # agreed by every rank in the step's one reduction
                     if not (saved and step < job.steps):
                         self.state.save_step(i, done.snapshot(), best)
                     self._stop(f"at step {step}/{job.steps} of {job.name}")
