@@ -303,7 +303,14 @@ def test_lost_node_ends_the_survivor_and_the_run_resumes(cluster, one_process, t
     if how == "kill":  # N -> M once is enough: one node, one rank, the same global batch
         log3 = tmp_path / "one_node.out"
         one = [str(ROOT / "sapt_dist/presets/demo.yaml"), f"output_dir={one_node}", *TINY]
-        one += ["train.grad_accum=2", ZERO3, "tracking.backend=none"]
+        # the same timeout_s: the run folder's config binding does not yet list
+        # distributed.timeout_s among the keys a restart may change (checkpoint/run_state.py)
+        one += [
+            "train.grad_accum=2",
+            ZERO3,
+            "tracking.backend=none",
+            f"distributed.timeout_s={TIMEOUT_S}",
+        ]
         opts = ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1"]
         job = _submit(cluster, log3, "slurm/train_multinode.sbatch", one, opts=opts)
         _wait(cluster, job, {"COMPLETED"}, log3)
