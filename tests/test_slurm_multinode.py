@@ -209,7 +209,8 @@ def _rank_pid(ns: str, out: Path) -> int:
         except OSError:
             continue
         words = [c.decode() for c in cmd if c]
-        rank = "launch/train.py" in words and "torch.distributed.run" not in words
+        # not torchrun, nor the srun task's bash that execs it: both carry --nnodes
+        rank = "launch/train.py" in words and "--nnodes" not in words
         if rank and f"output_dir={out}" in words:
             return pid
     pytest.fail(f"no rank of {out} on {ns}")
