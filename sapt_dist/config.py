@@ -272,6 +272,11 @@ class DistributedConfig:
     #: DeepSpeed config: a JSON file, or the name of one in ``ds_configs/`` (``zero0``,
     #: ``zero2``, ``zero3``, ``zero3_offload``). ``None``: ZeRO stage 0.
     deepspeed_config: str | None = None
+    #: Seconds a rank waits for a peer that has gone silent (process killed, node down,
+    #: link cut) before it ends with a message naming that peer (exit 69); also the
+    #: process group's collective timeout. A live but slow peer must never take this
+    #: long: the default (30 min, torch's own) suits GPU clusters; tests use seconds.
+    timeout_s: float = 1800.0
 
 
 @dataclass

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The test suite (the README's test command ends here): pytest, plus what the SLURM tests
-# need. Those run the project's sbatch scripts on a real one-node SLURM cluster that
-# tests/test_slurm.py starts with slurm/local_cluster.sh when SLURM is installed and this
-# runs as root; elsewhere they skip and say why.
+# need. Those run the project's sbatch scripts on real SLURM clusters that the tests start
+# with slurm/local_cluster.sh when SLURM is installed and this runs as root: one node
+# (tests/test_slurm.py) and two nodes in network namespaces (tests/test_slurm_multinode.py,
+# which also needs `ip`); elsewhere they skip and say why.
 #
 #   SAPT_INSTALL_SLURM=1   install Debian's SLURM packages first (root, apt; CI sets it)
 #   SAPT_REQUIRE_SLURM=1   a SLURM test that cannot run fails instead of skipping (CI)

@@ -10,7 +10,12 @@
 #   (`scontrol requeue`): same job id, same command, and the run resumes from
 #   <output_dir>/state. On SIGTERM SLURM is already ending the job: a preemption or
 #   `scontrol requeue` requeues it (with --requeue), a `scancel` does not.
-# - `wait` returns early whenever a trapped signal arrives: loop until srun has exited.
+# - A lost node: the ranks left end within `distributed.timeout_s` (exit 69) and write
+#   $SAPT_LOST_MARKER. srun may then wait on for the lost node's tasks, which it cannot
+#   reach (a cut link, a node off) until slurmctld declares the node down (SlurmdTimeout,
+#   often 300 s): SAPT_LOST_GRACE seconds (default 30) after the marker appears, srun is
+#   killed and the job ends with 69, the reason in its log.
+# - The step is polled once a second: a trapped signal is forwarded within that second.
 
 SAPT_EXIT_PREEMPTED=75
 _SAPT_SIGNAL=""
@@ -26,22 +31,36 @@ trap '_sapt_forward TERM' TERM
 
 # rank 0 writes this file after a clean stop (on the submit dir: every node sees it)
 export SAPT_PREEMPT_MARKER="${SLURM_SUBMIT_DIR:-.}/.sapt-slurm/preempted-${SLURM_JOB_ID:-$$}"
+# a rank that ends because a peer is gone writes its message here (sapt_dist/distributed/watchdog.py)
+export SAPT_LOST_MARKER="${SLURM_SUBMIT_DIR:-.}/.sapt-slurm/lost-${SLURM_JOB_ID:-$$}"
+SAPT_EXIT_PEER_LOST=69
 
 run_step() {
-    rm -f "$SAPT_PREEMPT_MARKER"
+    rm -f "$SAPT_PREEMPT_MARKER" "$SAPT_LOST_MARKER"
     "$@" &
     _SAPT_STEP_PID=$!
-    local rc
-    while :; do
-        wait "$_SAPT_STEP_PID"
-        rc=$?
-        kill -0 "$_SAPT_STEP_PID" 2>/dev/null || break
+    local rc lost_at=""
+    while kill -0 "$_SAPT_STEP_PID" 2>/dev/null; do
+        if [ -f "$SAPT_LOST_MARKER" ]; then
+            [ -n "$lost_at" ] || lost_at=$SECONDS
+            if [ $((SECONDS - lost_at)) -ge "${SAPT_LOST_GRACE:-30}" ]; then
+                echo "[sapt $(date +%T)] the step still waits for a lost node's tasks ${SAPT_LOST_GRACE:-30} s after a rank reported the loss: killing srun" >&2
+                kill -9 "$_SAPT_STEP_PID" 2>/dev/null || true
+            fi
+        fi
+        # `wait` on the sleep returns at once when a trapped signal arrives
+        sleep 1 &
+        wait $! 2>/dev/null
     done
-    # a signal may have interrupted the last wait after the step ended: ask once more
     wait "$_SAPT_STEP_PID" 2>/dev/null
-    local again=$?
-    [ "$again" != 127 ] && rc=$again
+    rc=$?
     echo "[sapt $(date +%T)] training step exited with $rc" >&2
+    if [ -f "$SAPT_LOST_MARKER" ]; then
+        echo "[sapt] a node was lost: $(cat "$SAPT_LOST_MARKER")" >&2
+        echo "[sapt] the run folder keeps its last checkpoint: submit the same command again to resume (on any node count)" >&2
+        rm -f "$SAPT_LOST_MARKER"
+        exit "$SAPT_EXIT_PEER_LOST"
+    fi
     # the marker, not only the code: srun --kill-on-bad-exit may report a kill (143) when
     # the ranks leave a moment apart after the same clean stop
     if [ "$rc" = "$SAPT_EXIT_PREEMPTED" ] || [ -f "$SAPT_PREEMPT_MARKER" ]; then

@@ -220,7 +220,7 @@ def convert(gguf: Path, out: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sapt_dist.backbone.load import check_gguf, check_loaded, read_gguf_header
+    from sapt_dist.backbone.checks import check_gguf, check_loaded, read_gguf_header
 
     if (out / "config.json").is_file():
         return out

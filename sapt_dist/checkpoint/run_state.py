@@ -81,7 +81,7 @@ class StateDamagedError(ConfigError):
 
 
 #: keys a restart may change: where the folder is, how the run is laid out, executed
-#: (train.compile) and logged (tracking: e.g. offline first, online after a restart), not
+#: (train.compile, how long a collective waits for a lost peer) and logged (tracking: e.g. offline first, online after a restart), not
 #: what it computes
 #: (eval.batch_size is not: it batches the sampling of pseudo-samples, which uses the RNG)
 _MUTABLE_KEYS = {
@@ -91,6 +91,7 @@ _MUTABLE_KEYS = {
     "train.compile",
     "eval.routing_every",
     "distributed.deepspeed_config",
+    "distributed.timeout_s",
     "tracking",
 }
 #: keys a restart may change as long as the global batch (micro x accumulation x ranks) stays

@@ -32,13 +32,23 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sapt_dist.config import ConfigError, resolve_ds_config
-from sapt_dist.distributed.launch import close, launch_env, peak_memory_mb, rank, world_size
+from sapt_dist.distributed import watchdog
+from sapt_dist.distributed.launch import (
+    close,
+    collective_timeout,
+    launch_env,
+    peak_memory_mb,
+    rank,
+    set_timeout,
+    world_size,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +99,16 @@ def gather_in_forward(module: torch.nn.Module, params: Iterable[torch.nn.Paramet
         deepspeed.zero.register_external_parameter(module, p)
 
 
-def init() -> None:
+def init(timeout_s: float | None = None) -> None:
     """Initialise torch.distributed through DeepSpeed, from whichever launcher started us
-    (see :func:`launch_env`: torchrun, ``deepspeed``, ``srun`` or none)."""
+    (see :func:`launch_env`: torchrun, ``deepspeed``, ``srun`` or none).
+
+    ``timeout_s`` (default: the run's ``distributed.timeout_s``, recorded by
+    :func:`run_engine_config`): the process group's collective timeout, and how long the
+    heartbeat :mod:`~sapt_dist.distributed.watchdog` waits for a silent peer before it
+    ends this rank with a message naming the peer (exit 69)."""
+    if timeout_s is not None:
+        set_timeout(timeout_s)
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return
@@ -111,10 +128,34 @@ def init() -> None:
 
     import deepspeed
 
+    timeout = collective_timeout()
     # DeepSpeed print()s its op build; stdout is for results (sapt-predict writes JSONL there)
     with contextlib.redirect_stdout(sys.stderr):
-        deepspeed.init_distributed(verbose=False)
+        deepspeed.init_distributed(verbose=False, timeout=timedelta(seconds=timeout))
     atexit.register(close)
+    world = torch.distributed.get_world_size()
+    if world > 1:
+        addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        watchdog.start(torch.distributed.get_rank(), world, addr, port, timeout)
+        # where every rank runs, in one line of rank 0's log (a collective: every rank is here)
+        hosts: list[str | None] = [None] * world
+        torch.distributed.all_gather_object(hosts, _host_and_address(addr, port))
+        log.info(
+            "%d ranks: %s; master %s:%d; collective timeout %g s (distributed.timeout_s)",
+            world,
+            ", ".join(f"rank {r} on {h}" for r, h in enumerate(hosts)),
+            addr,
+            port,
+            timeout,
+        )
+
+
+def _host_and_address(master: str, port: int) -> str:
+    import socket
+
+    from sapt_dist.distributed.watchdog import _own_address
+
+    return f"{socket.gethostname()} ({_own_address(master, port)})"
 
 
 #: DeepSpeed's CPU communication op, built (once per machine) when the process group starts
@@ -231,7 +272,16 @@ def engine_config(
 
 def run_engine_config(cfg) -> dict:
     """:func:`engine_config` of a :class:`~sapt_dist.config.RunConfig` (``ConfigError``
-    naming ``distributed.deepspeed_config`` when its file is unusable)."""
+    naming ``distributed.deepspeed_config`` when its file is unusable).
+
+    Also records ``distributed.timeout_s`` for :func:`init`: the run reads its
+    distributed settings here, once, before the process group starts."""
+    timeout = getattr(cfg.distributed, "timeout_s", None)
+    if timeout is not None:
+        try:
+            set_timeout(timeout)
+        except ValueError as e:
+            raise ConfigError(f"config key 'distributed.timeout_s': {e}") from e
     t = cfg.train
     try:
         return engine_config(

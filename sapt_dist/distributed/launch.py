@@ -11,6 +11,28 @@ from typing import Any
 
 import torch
 
+from sapt_dist.distributed import watchdog
+
+#: ``distributed.timeout_s``'s default: torch's own default process-group timeout. On a
+#: GPU cluster a rank may wait that long for a live peer (rank 0 filing a large block,
+#: a slow file system); a lost peer is then noticed within 30 min instead of never.
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+class _Collective:
+    timeout_s: float = DEFAULT_TIMEOUT_S  # set from the run's config before init()
+
+
+def set_timeout(seconds: float) -> None:
+    """The collective timeout :func:`~sapt_dist.distributed.init` uses (seconds > 0)."""
+    if not seconds > 0:
+        raise ValueError(f"the collective timeout must be positive, not {seconds!r}")
+    _Collective.timeout_s = float(seconds)
+
+
+def collective_timeout() -> float:
+    return _Collective.timeout_s
+
 
 def rank() -> int:
     """This process's rank (before :func:`init` too, from the launcher's variables)."""
@@ -150,6 +172,7 @@ def close() -> None:
     ("terminate called without an active exception", SIGABRT) while its peer is still
     exiting: the launcher then reports a finished run as failed. No barrier here: a rank
     that exits on an error must not wait for the others."""
+    watchdog.stop()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
@@ -186,6 +209,7 @@ def _exit_now(code: int) -> None:
     import logging
     import sys
 
+    watchdog.stop()  # a planned exit: peers leaving now are not lost
     if "wandb" in sys.modules:
         # what wandb's atexit hook does: tell its service to finish writing the run's
         # files (the .wandb exit record comes a moment after run.finish()) and wait
@@ -235,3 +259,6 @@ def peak_memory_mb() -> dict[str, float]:
     if torch.cuda.is_available():
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+watchdog.set_exit(_exit_now)

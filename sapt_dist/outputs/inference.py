@@ -334,7 +334,9 @@ def load_run(
         )
     from sapt_dist.checkpoint.run_model import build_run_model
 
-    distributed.init()  # as the run: one process group, whichever launcher started us
+    distributed.init(
+        timeout_s=cfg.distributed.timeout_s
+    )  # as the run: one process group, whichever launcher started us
     # ZeRO-3 runs load the backbone partitioned, as in training
     distributed.configure(distributed.run_engine_config(cfg))
     # the run's own model-building path, its blocks and their mask loaded

@@ -126,7 +126,7 @@ class ContinualRun:
         self.tracker = open_tracker(
             cfg, {"world_size": distributed.world_size(), "task_names": [t.name for t in tasks]}
         )
-        distributed.init()
+        distributed.init(timeout_s=cfg.distributed.timeout_s)
         distributed.configure(self.ds_config)  # ZeRO-3: the backbone loads partitioned
         resuming = progress["completed"] > 0
         if resuming:

@@ -1,0 +1,97 @@
+"""The heartbeat watchdog (sapt_dist/distributed/watchdog.py) on a TCPStore in this
+process: a peer that stops beating is reported within the timeout, named; a live one
+never is; a store that goes away ends the rank too."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from sapt_dist.distributed.watchdog import Watchdog
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _store(port: int) -> dist.TCPStore:
+    return dist.TCPStore(
+        "127.0.0.1", port, 2, is_master=True, timeout=timedelta(seconds=5), wait_for_workers=False
+    )
+
+
+def _watch(port: int, rank: int, timeout_s: float, fired: list) -> Watchdog:
+    def lost(msg: str) -> None:
+        fired.append((time.monotonic(), msg))
+
+    w = Watchdog(rank, 2, "127.0.0.1", port, timeout_s, on_lost=lost)
+    w.start()
+    return w
+
+
+def test_a_silent_peer_is_reported_within_the_timeout_by_rank_and_host():
+    port = _port()
+    server = _store(port)
+    fired0: list = []
+    fired1: list = []
+    w0 = _watch(port, 0, 1.0, fired0)
+    w1 = _watch(port, 1, 1.0, fired1)
+    time.sleep(2.5)  # both beat: more than twice the timeout, nothing reported
+    assert fired0 == [] and fired1 == []
+    w1.stop()  # rank 1 falls silent (as a killed process or a cut link looks)
+    t0 = time.monotonic()
+    deadline = t0 + 5
+    while not fired0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    w0.stop()
+    assert fired0, "rank 0 never reported its silent peer"
+    when, msg = fired0[0]
+    assert when - t0 <= 1.0 + 3 * w0.period, when - t0
+    assert "lost rank 1 on " + socket.gethostname() in msg and "127.0.0.1" in msg, msg
+    assert "distributed.timeout_s=1" in msg
+    del server
+
+
+def test_a_loss_seen_by_one_rank_ends_the_others_at_once():
+    port = _port()
+    server = _store(port)
+    fired: list = []
+    w = _watch(port, 1, 30.0, fired)
+    client = dist.PrefixStore(
+        "sapt-heartbeat",
+        dist.TCPStore("127.0.0.1", port, 2, is_master=False, wait_for_workers=False),
+    )
+    client.set("lost", "rank 2 reports: lost rank 3 on nodeX")
+    deadline = time.monotonic() + 5
+    while not fired and time.monotonic() < deadline:
+        time.sleep(0.05)
+    w.stop()
+    assert fired and "lost rank 3 on nodeX" in fired[0][1], fired
+    del server
+
+
+def test_an_unreachable_store_ends_the_rank():
+    port = _port()
+    ready = threading.Event()
+    box: dict = {}
+
+    def serve() -> None:
+        box["store"] = _store(port)
+        ready.set()
+
+    threading.Thread(target=serve).start()
+    ready.wait(5)
+    fired: list = []
+    w = _watch(port, 1, 1.0, fired)
+    del box["store"]  # the master's store goes away (rank 0's node lost)
+    deadline = time.monotonic() + 8
+    while not fired and time.monotonic() < deadline:
+        time.sleep(0.05)
+    w.stop()
+    assert fired and "has not answered" in fired[0][1], fired
