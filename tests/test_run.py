@@ -166,16 +166,16 @@ def test_baselines_run(tmp_path, method):
 def test_per_task_steps_and_reflection(tmp_path, monkeypatch):
     """per_task: the second task trains a fixed 3 steps with the reflection off (no ARM
     batches built for it), the first its epochs."""
-    from sapt_dist.train import run as run_mod
+    from sapt_dist.train import replay as replay_mod
 
     built = []
-    real = run_mod.ReplayBatches
+    real = replay_mod.ReplayBatches
 
     def spy(*a, **kw):
         built.append(1)
         return real(*a, **kw)
 
-    monkeypatch.setattr(run_mod, "ReplayBatches", spy)
+    monkeypatch.setattr(replay_mod, "ReplayBatches", spy)
     t2 = "task875_emotion_classification"
     over = f"per_task={{{t2}: {{max_steps: 3, reflection: false}}}}"
     run_mod.run(_cfg(tmp_path, over, "train.checkpoint_every=0"))

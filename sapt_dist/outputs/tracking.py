@@ -416,6 +416,8 @@ class WandbTracker(Tracker):
         for k in ("routing_accuracy", "routing_chance"):
             if k in results:
                 summary[f"final/{k}"] = results[k]
+        for k, v in (results.get("timing") or {}).items():  # where the wall time went
+            summary[f"time/{k}_s"] = v
         data: dict[str, Any] = {
             "final/accuracy_matrix": self._matrix_table(results["tasks"], results["matrix"]),
             **{k: v for k, v in summary.items() if isinstance(v, (int, float))},

@@ -111,8 +111,8 @@ def batch_positions(n: int, micro_batch: int, micro_step: int, seed: int) -> lis
         epoch, offset = divmod(p, n)
         if epoch not in cache:
             g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-            cache[epoch] = torch.randperm(n, generator=g)
-        out.append(int(cache[epoch][offset]))
+            cache[epoch] = torch.randperm(n, generator=g).tolist()  # host ints, read once
+        out.append(cache[epoch][offset])
     return out
 
 
@@ -477,10 +477,12 @@ class MicroBatches:
                 replay = pad_left(replay, width, pad_id)
             batch.update(replay)
         tokens = 0
-        if self.count_tokens:  # this rank's prompts + targets + ARM, no pads (host tensors)
-            tokens = sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask"))
+        if self.count_tokens:  # this rank's prompts + targets + ARM, no pads: counted on the
+            # host batch with numpy (these tensors never were on a device)
+            masks = [v for k, v in batch.items() if k.endswith("attention_mask")]
+            tokens = int(sum(m.numpy().sum() for m in masks))
             if self.seq2seq:  # the decoder's targets (+ EOS), outside the encoder's mask
-                tokens += int((batch["labels"] != -100).sum())
+                tokens += int((batch["labels"].numpy() != -100).sum())
         kwargs = {k: v.to(device) for k, v in batch.items()}
         if job.replay is not None:
             kwargs["kl_ratio"] = job.kl_ratio

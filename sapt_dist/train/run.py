@@ -36,6 +36,7 @@ from sapt_dist.outputs.evaluation import evaluate_tasks
 from sapt_dist.outputs.metrics import routing_summary, score_predictions
 from sapt_dist.outputs.report import write_report
 from sapt_dist.outputs.sharding import write_sharding
+from sapt_dist.outputs.timing import RunTiming
 from sapt_dist.outputs.tracking import Tracker, final_pending, open_tracker
 from sapt_dist.outputs.trajectory import RoutingTrajectory
 from sapt_dist.train.block import BlockJob, BlockTraining, TrainingDiverged, num_steps
@@ -58,6 +59,7 @@ class ContinualRun:
         self.state = RunState(self.out)
         self.tracker = Tracker()  # the no-op one until run() opens the real one (rank 0)
         self._sharding_written = False
+        self.timing = RunTiming(self.out)  # where the time goes (replaced once the run starts)
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict:
@@ -88,7 +90,9 @@ class ContinualRun:
             )
         if progress.get("finished"):
             return self._already_finished(progress)
-        self._set_up(tasks, progress)
+        self.timing = RunTiming(self.out)
+        with self.timing.phase("start_up"):
+            self._set_up(tasks, progress)
         stages = 1 if self.method.joint else len(tasks)
         for i in range(progress["completed"], stages):
             self._stage(i, progress)
@@ -150,19 +154,24 @@ class ContinualRun:
         progress["tasks"] = [t.name for t in tasks]
 
     def _finish(self, stages: int, progress: dict) -> dict:
-        """The final blocks folder, the finished marker, the report and W&B summary."""
-        # every rank: the gathers inside save_blocks are collective under ZeRO-3
-        save_blocks(
-            self.model,
-            self.out / "blocks",
-            self._block_names(stages - 1),
-            provenance=progress.get("provenance"),
-            run_config=to_dict(self.cfg),
-        )
-        distributed.finish()
-        self.state.mark_finished()
-        progress["finished"] = True
-        results = write_report(self.out, self.cfg, progress)
+        """The final blocks folder, the finished marker, the report, where the time went
+        and the W&B summary."""
+        with self.timing.phase("finish"):
+            # every rank: the gathers inside save_blocks are collective under ZeRO-3
+            save_blocks(
+                self.model,
+                self.out / "blocks",
+                self._block_names(stages - 1),
+                provenance=progress.get("provenance"),
+                run_config=to_dict(self.cfg),
+            )
+            distributed.finish()
+            self.state.mark_finished()
+            progress["finished"] = True
+            results = write_report(self.out, self.cfg, progress)
+        self.timing.write()
+        results["timing"] = self.timing.totals()
+        results["report"] = results.get("report", "") + "\n" + self.timing.table()
         self.tracker.log_final(_global_step(progress), results, self.out / "metrics")
         return results
 
@@ -177,16 +186,23 @@ class ContinualRun:
     # ------------------------------------------------------------------ one task
     def _stage(self, i: int, progress: dict) -> None:
         """Task ``i``, top to bottom (for a joint method: the one stage on every task)."""
-        slot = self._start_task(i)
-        job = self._block_job(i, progress)
-        losses = self._train_with_checkpoints(i, job, progress)
-        self.model.file_current()  # block (and key) -> slot of the banks
+        name = self._block_names(0)[0] if self.method.joint else self.enc[i].data.name
+        clock = self.timing.phase
+        with clock("train", name):
+            slot = self._start_task(i)
+            job = self._block_job(i, progress)
+            losses = self._train_with_checkpoints(i, job, progress)
+            self.model.file_current()  # block (and key) -> slot of the banks
         progress["losses"][self.enc[i].data.name] = losses
         if self.method.reflects:
-            self._attention_target(i, slot)
-            self._pseudo_samples(i, slot, progress)
-        row, routing = self._evaluate(i)
-        self._file_task(i, slot, progress, row, routing, losses)
+            with clock("pseudo_samples", name):
+                self._attention_target(i, slot)
+                self._pseudo_samples(i, slot, progress)
+        with clock("evaluate", name):
+            row, routing = self._evaluate(i)
+        with clock("checkpoint", name):
+            self._file_task(i, slot, progress, row, routing, losses)
+        self.timing.write()
 
     def _start_task(self, i: int) -> int:
         """Make task i's slot current: a fresh block (seeded by task) or the kept one; SAPT
@@ -306,11 +322,11 @@ class ContinualRun:
                 if select_every and (step % select_every == 0 or step == job.steps):
                     best = self._keep_if_best(self.enc[i], step, job.params, best)
                 saved = bool(t.checkpoint_every and step % t.checkpoint_every == 0)
-                if saved and step < job.steps:
-                    self.state.save_step(i, done.snapshot(), best)
-                if done.stop:  # agreed by every rank in the step's one reduction
-                    if not (saved and step < job.steps):
+                if (saved and step < job.steps) or done.stop:
+                    with self.timing.phase("checkpoint", self.enc[i].data.name):
                         self.state.save_step(i, done.snapshot(), best)
+                if done.stop:  # agreed by every rank in the step's one reduction
+                    self.timing.write()
                     self._stop(f"at step {step}/{job.steps} of {job.name}")
         except TrainingDiverged as e:  # exit 3, resumable from the last good step
             if e.last_good is not None:
