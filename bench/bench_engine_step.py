@@ -102,13 +102,18 @@ def batches(exs, steps: int):
         yield collate_train([exs[i] for i in idx], 0)
 
 
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def plain_loop(model, exs, steps: int):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
     it = batches(exs, steps)
+    device = params[0].device
     for _ in range(steps):
         for _ in range(ACCUM):
-            b = next(it)
+            b = _to(next(it), device)
             loss = model(**b, use_cache=False).loss / ACCUM
             loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -133,16 +138,17 @@ def deepspeed_loop(model, exs, steps: int):
         ds_config={"zero_optimization": {"stage": 0}},
     )
     it = batches(exs, steps)
+    device = params[0].device
     for _ in range(steps):
         for _ in range(ACCUM):
-            b = next(it)
+            b = _to(next(it), device)
             loss = engine(**b, use_cache=False).loss
             engine.backward(loss)
             engine.step()
         yield
 
 
-def block_loop(model, exs, steps: int):
+def block_loop(model, exs, steps: int, compile_mode: str = "off"):
     """``BlockTraining`` as a run drives it; one slot trains the block alone (as a
     single-slot method does), several slots also the router (key and query network, as
     SAPT does)."""
@@ -150,7 +156,12 @@ def block_loop(model, exs, steps: int):
     from sapt_dist.train.block import BlockJob, BlockTraining
 
     cfg = TrainConfig(
-        micro_batch_size=MICRO, grad_accum=ACCUM, max_grad_norm=1.0, lr=1e-3, weight_decay=0.0
+        micro_batch_size=MICRO,
+        grad_accum=ACCUM,
+        max_grad_norm=1.0,
+        lr=1e-3,
+        weight_decay=0.0,
+        compile=compile_mode,
     )
     params = model.named_adapter_params()
     if model.n_slots == 1:
@@ -192,7 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=8, help="timed optimizer steps per contender")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
+    ap.add_argument(
+        "--compile", default="off", choices=["off", "graphs", "trace"], help="train.compile"
+    )
     args = ap.parse_args(argv)
+    device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     from sapt_dist import distributed
@@ -216,11 +232,12 @@ def main(argv: list[str] | None = None) -> int:
         vocab = sh.vocab
     exs = examples(vocab)
     total = args.warmup + args.steps
+    base = base.to(device)
     loops = {
         "plain": plain_loop(build_lora(base, 4), exs, total),
         "deepspeed": deepspeed_loop(build_lora(base, 4), exs, total),
-        "sapt-1": block_loop(build_sapt(base, 1, 4), exs, total),
-        "sapt-15": block_loop(build_sapt(base, 15, 4), exs, total),
+        "sapt-1": block_loop(build_sapt(base, 1, 4), exs, total, args.compile),
+        "sapt-15": block_loop(build_sapt(base, 15, 4), exs, total, args.compile),
     }
     gathered = state_bytes()
     count_step_reads()
@@ -247,7 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     base_t = statistics.median(times["plain"])
     print(
         f"one optimizer step (micro-batch {MICRO} x {SEQ} tokens, accumulation {ACCUM}, "
-        f"clipping, AdamW), {shape}, LoRA r 4 on q/v; {platform.machine()} CPU, "
+        f"clipping, AdamW), {shape}, LoRA r 4 on q/v; "
+        f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.machine() + ' CPU'}, "
+        f"train.compile={args.compile} (sapt), "
         f"{torch.get_num_threads()} thread(s), torch {torch.__version__}; median of "
         f"{args.steps} steps, interleaved"
     )

@@ -34,4 +34,17 @@ if [[ "${1:-}" == "--fetch-wheels" ]]; then
 fi
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 export TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-exec "${PYTHON:-python}" bench/gpu_bench.py "$@"
+rc=0
+"${PYTHON:-python}" bench/gpu_bench.py "$@" || rc=$?
+# issue 21: the training step against a plain loop, train.compile off and on (skipped by
+# the CPU dry mode, which the smoke tests run)
+case " $* " in
+  *" --dry "*) ;;
+  *)
+    for mode in off graphs; do
+      PYTHONPATH=. "${PYTHON:-python}" bench/bench_engine_step.py --device cuda --steps 10 \
+        --compile "$mode" || rc=1
+    done
+    ;;
+esac
+exit "$rc"

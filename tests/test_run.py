@@ -77,6 +77,17 @@ def test_two_task_sapt_run_writes_every_output(tmp_path):
         .splitlines()
     ]
     assert len(pseudo) == 3  # ceil(5% of 48)
+    # where the time went: every phase of both tasks, start-up, the table in the report
+    timing = json.loads((out / "metrics/timing.json").read_text())
+    assert set(timing["tasks"]) == {
+        "task363_sst2_polarity_classification",
+        "task875_emotion_classification",
+    }
+    for phases in timing["tasks"].values():
+        assert set(phases) == {"train", "pseudo_samples", "evaluate", "checkpoint"}
+        assert phases["train"] > 0 and all(v >= 0 for v in phases.values())
+    assert timing["start_up"] > 0 and results["timing"]["total"] > timing["start_up"]
+    assert "wall time (s) per phase" in results["report"]
     routing = json.loads((out / "metrics/routing.json").read_text())
     assert routing["tasks"] == [0, 1] and len(routing["mean_weights"][0]) == 2
     assert set(routing["routing_accuracy"]) == {"0", "1"} and routing["chance"] == 0.5
@@ -178,7 +189,9 @@ def test_per_task_steps_and_reflection(tmp_path, monkeypatch):
     monkeypatch.setattr(replay_mod, "ReplayBatches", spy)
     t2 = "task875_emotion_classification"
     over = f"per_task={{{t2}: {{max_steps: 3, reflection: false}}}}"
-    run_mod.run(_cfg(tmp_path, over, "train.checkpoint_every=0"))
+    from sapt_dist.train.run import run
+
+    run(_cfg(tmp_path, over, "train.checkpoint_every=0"))
     losses = run_progress(tmp_path / "run")["losses"]
     assert [len(losses[t]) for t in losses] == [6, 3] and built == []
     assert (
