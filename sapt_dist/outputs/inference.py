@@ -44,7 +44,7 @@ from sapt_dist.checkpoint.blocks import (
     check_files,
     read_manifest,
 )
-from sapt_dist.checkpoint.run_state import flat_config, restart_may_change
+from sapt_dist.checkpoint.run_state import flat_config, read_progress, restart_may_change
 from sapt_dist.config import ConfigError, RunConfig, load_config
 from sapt_dist.data.tasks import (
     TaskData,
@@ -648,8 +648,10 @@ def reevaluate(loaded: LoadedRun) -> dict[str, Any]:
     progress_path = run_dir / "state" / "blocks" / "progress.json"
     if not progress_path.is_file():
         raise CheckpointMismatchError(f"{run_dir}: no {progress_path} (the training matrix)")
-    progress = json.loads(progress_path.read_text())
+    progress = read_progress(progress_path)
     tasks: list[str] = progress["tasks"]
+    if not progress["matrix"]:
+        raise CheckpointMismatchError(f"{progress_path}: no row of the accuracy matrix yet")
     training_row = progress["matrix"][-1]
     seen = loaded.blocks
     if seen != tasks[: len(seen)]:
