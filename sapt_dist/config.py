@@ -622,10 +622,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {_clip(repr(value))}")
+        raise ConfigError(
+            f"config key '{key}': expected {_type_name(tp)}, got {_clip(repr(value))}"
+        )
     if origin is Literal:
         if value not in get_args(tp):
-            raise ConfigError(f"config key '{key}': {_clip(repr(value))} is not one of {list(get_args(tp))}")
+            raise ConfigError(
+                f"config key '{key}': {_clip(repr(value))} is not one of {list(get_args(tp))}"
+            )
         return value
     if origin is dict:
         key_tp, val_tp = get_args(tp)
@@ -722,6 +726,12 @@ def load_yaml(text: str, where: str) -> Any:
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     depth = 0
     try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate: bytes of argv that are not UTF-8
+        raise ConfigError(
+            f"{where}: not valid Unicode text ({e.reason} at character {e.start})"
+        ) from None
+    try:
         for ev in yaml.parse(text, Loader=loader):
             if isinstance(ev, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
                 depth += 1
@@ -745,6 +755,13 @@ def load_yaml(text: str, where: str) -> Any:
         return yaml.load(text, Loader=loader)
     except ConfigError:
         raise
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        at = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        what = " ".join(x for x in (e.context, e.problem) if x)
+        if "nesting depth" in what:
+            what = f"nested more than {MAX_DEPTH} levels deep"
+        raise ConfigError(f"{where}{at}: not valid YAML ({_short(ValueError(what))})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: not valid YAML: {_short(e)}") from None
     except (ValueError, OverflowError, RecursionError) as e:  # what slipped past the bounds

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -32,8 +33,10 @@ __all__ = [
     "read_checked_json",
     "read_json",
     "recover_dir",
+    "save_safetensors",
     "sha256_file",
     "verify_checksums",
+    "writing",
 ]
 
 
@@ -115,7 +118,7 @@ def _mismatch(data: Any, schema: Any, where: str) -> str | None:
         if not all(a is None or isinstance(a, type) for a in alternatives):
             problems = [_mismatch(data, a, where) for a in alternatives]
             return None if None in problems else problems[0]
-    if schema is None or isinstance(schema, type) or isinstance(schema, tuple):
+    if schema is None or isinstance(schema, (type, tuple)):
         types = _flat(schema) if isinstance(schema, tuple) else (schema,)
         types = tuple(type(None) if t is None else t for t in types)
         ok = any(
@@ -203,6 +206,35 @@ def _short(e: BaseException, limit: int = 300) -> str:
 
 
 @contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Name ``path`` in a full disk's error raised inside the block: an ``OSError``
+    (ENOSPC) without a file name, or a library's own error that says so (safetensors'
+    ``SafetensorError ... No space left on device``), becomes
+    ``OSError(ENOSPC, ..., path)``, which the command line reports in one line."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno == errno.ENOSPC and not e.filename:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+        raise
+    except Exception as e:
+        text = str(e)
+        if "No space left on device" in text or "os error 28" in text:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+        raise
+
+
+def save_safetensors(tensors: dict[str, Any], path: str | Path, shown_as: str | Path = "") -> None:
+    """``safetensors.torch.save_file`` with a full disk named (:func:`writing`):
+    ``shown_as`` is the file the user knows (the final name of a file written into an
+    :func:`atomic_dir` temporary folder)."""
+    from safetensors.torch import save_file
+
+    with writing(shown_as or path):
+        save_file(tensors, str(path))
+
+
+@contextlib.contextmanager
 def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
     """Open a temporary sibling of ``path`` for writing; when the block ends it is flushed,
     fsynced and renamed onto ``path`` (a reader sees the old file or the new one, never a
@@ -211,7 +243,7 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, mode) as f:
+        with writing(path), os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -46,6 +46,7 @@ from sapt_dist.checkpoint.atomic import (
     check_shape,
     checksum_files,
     read_json,
+    save_safetensors,
     verify_checksums,
 )
 from sapt_dist.data.tasks import TaskData, split_sha256
@@ -94,9 +95,7 @@ MANIFEST = {
         }
     ],
     "disabled?": [int],
-    "history?": [
-        {"time": str, "action": str, "slot": int, "task": str, "reason": str}
-    ],
+    "history?": [{"time": str, "action": str, "slot": int, "task": str, "reason": str}],
     "digest?": str,
 }
 _RESTORE = "restore it (or the run folder); change the block mask only with sapt-blocks"
@@ -264,7 +263,7 @@ def save_blocks(
         for j, block in enumerate(blocks):
             files[f"block_{j:02d}.safetensors"] = block
         for fname, tensors in files.items():
-            save_file(tensors, str(tmp / fname))
+            save_safetensors(tensors, tmp / fname, folder / fname)
         checksums = checksum_files(tmp, list(files))
         manifest = {
             "format": FORMAT,
@@ -359,13 +358,12 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         raise CheckpointMismatchError(
             f"{path}: format_version {version} is not one of {list(READABLE_VERSIONS)}"
         )
-    if version >= 2:
-        if manifest.get("digest") != manifest_digest(manifest):
-            raise CheckpointMismatchError(
-                f"{path} was changed after sapt-dist wrote it (its digest does not match its "
-                f"content): edited by hand or copied from elsewhere. Restore the original; "
-                f"change the block mask only with `sapt-blocks disable/enable`."
-            )
+    if version >= 2 and manifest.get("digest") != manifest_digest(manifest):
+        raise CheckpointMismatchError(
+            f"{path} was changed after sapt-dist wrote it (its digest does not match its "
+            f"content): edited by hand or copied from elsewhere. Restore the original; "
+            f"change the block mask only with `sapt-blocks disable/enable`."
+        )
     check_shape(manifest, MANIFEST, path, _RESTORE, error=CheckpointMismatchError)
     if version >= 2:
         _check_mask(manifest, path)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from sapt_dist.checkpoint.atomic import (
     NUMBER,
@@ -35,12 +35,13 @@ from sapt_dist.checkpoint.atomic import (
     atomic_write_checked_json,
     atomic_write_json,
     atomic_write_text,
-    check_shape,
     checksum_files,
     read_checked_json,
     read_json,
     recover_dir,
+    save_safetensors,
     verify_checksums,
+    writing,
 )
 from sapt_dist.config import ConfigError, RunConfig, to_dict
 from sapt_dist.distributed import is_main_process
@@ -367,11 +368,14 @@ class RunState:
         skeleton, tensors = flatten_state(
             {"optimizer": state.optimizer, "scheduler": state.scheduler, "rng": state.rng}
         )
+        final = self.step_dir  # a full disk names the file as the user finds it
         with atomic_dir(self.step_dir) as tmp:
-            save_file(
-                {f"param.{k}": v for k, v in state.params.items()}, str(tmp / "params.safetensors")
+            save_safetensors(
+                {f"param.{k}": v for k, v in state.params.items()},
+                tmp / "params.safetensors",
+                final / "params.safetensors",
             )
-            save_file(tensors, str(tmp / "state.safetensors"))
+            save_safetensors(tensors, tmp / "state.safetensors", final / "state.safetensors")
             meta = {
                 "task_index": task_index,
                 "step": state.step,
@@ -380,13 +384,16 @@ class RunState:
                 "checksums": "checksums.json",  # this checkpoint is verified against it
             }
             if best is not None:
-                save_file(
+                save_safetensors(
                     {f"param.{k}": v for k, v in best["params"].items()},
-                    str(tmp / "best.safetensors"),
+                    tmp / "best.safetensors",
+                    final / "best.safetensors",
                 )
                 meta["best"] = {"score": best["score"], "step": best["step"]}
-            (tmp / "meta.json").write_text(json.dumps(meta))
-            (tmp / "checksums.json").write_text(json.dumps(checksum_files(tmp), indent=1))
+            with writing(final / "meta.json"):
+                (tmp / "meta.json").write_text(json.dumps(meta))
+            with writing(final / "checksums.json"):
+                (tmp / "checksums.json").write_text(json.dumps(checksum_files(tmp), indent=1))
 
     def load_step(self, task_index: int) -> tuple[StepState, dict | None] | tuple[None, None]:
         """The mid-task checkpoint of task ``task_index`` and its best-so-far, if any."""
