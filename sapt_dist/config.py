@@ -512,6 +512,16 @@ class RunConfig:
         for ok, key, msg in checks:
             if not ok:
                 raise ConfigError(f"config key '{key}' {msg} (got {_get(self, key)!r})")
+        for key in _PATH_KEYS:
+            value = _get(self, key)
+            if isinstance(value, str) and value.startswith("~"):
+                try:
+                    Path(value).expanduser()
+                except RuntimeError:  # ~name of no user: pathlib cannot expand it
+                    raise ConfigError(
+                        f"config key '{key}': {_clip(value)!r} names the home folder of no "
+                        f"user on this machine"
+                    ) from None
         for key, value in _floats(self):
             if not math.isfinite(value):
                 raise ConfigError(f"config key '{key}' must be a finite number (got {value!r})")
@@ -564,6 +574,18 @@ class RunConfig:
             raise ConfigError(
                 f"config key 'train.compile' is {mode!r}: {why}, or train.compile=off"
             )
+
+
+#: keys that hold a path (checked for a ``~user`` that does not exist)
+_PATH_KEYS = (
+    "output_dir",
+    "model.path",
+    "model.tokenizer",
+    "data.root",
+    "data.instructions",
+    "distributed.deepspeed_config",
+    "tracking.dir",
+)
 
 
 def _floats(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
@@ -670,6 +692,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"config key '{key}': expected a string, got {_clip(repr(value))}")
+        if "\0" in value:  # never in a name, path or text; the OS refuses it in paths
+            raise ConfigError(f"config key '{key}': contains a NUL character")
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as e:  # a lone surrogate ("\ud800"): no text can hold it

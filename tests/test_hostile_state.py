@@ -252,6 +252,29 @@ def test_a_failed_start_leaves_the_folder_free(tmp_path, case) -> None:
     RunState(out).check_or_save_config(fixed)  # the corrected command binds the folder
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.builder=pretrained", "model.path=~nouser/x"],
+        ["distributed.deepspeed_config=~nouser/x"],
+        ["data.instructions=~nouser/x"],
+        ["model.builder=pretrained", "model.path=/dev/zero"],
+        ["distributed.deepspeed_config=/dev/zero"],
+        ["data.root=/etc/passwd"],
+        ["data.template=a\0b"],
+    ],
+)
+def test_hostile_paths_are_exit_2_before_the_folder_is_bound(tmp_path, overrides, capsys) -> None:
+    """What the fuzz test (tests/test_fuzz.py) found: ``~user`` of no user was a
+    RuntimeError traceback from pathlib."""
+    from sapt_dist.cli.train import main
+
+    out = tmp_path / "run"
+    assert main([*DEMO, *overrides, f"output_dir={out}"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    assert not (out / "config.yaml").exists()
+
+
 # ------------------------------------------------------------------ case 8 + 11: configs
 def _deep_yaml(tmp_path: Path, style: str, n: int = 100_000) -> Path:
     path = tmp_path / f"deep_{style}.yaml"
