@@ -299,6 +299,21 @@ def test_deeply_nested_yaml_is_named(tmp_path, style, capsys) -> None:
     assert not (tmp_path / "r").exists()
 
 
+def test_deeply_nested_yaml_from_a_shell(tmp_path) -> None:
+    from .conftest import cli_cmd
+
+    path = _deep_yaml(tmp_path, "flow")
+    res = subprocess.run(
+        cli_cmd(tmp_path / "r", config=path),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "deep_flow.yaml line 6" in res.stderr and "Traceback" not in res.stderr
+
+
 def test_a_50_mb_config_is_refused_at_once(tmp_path) -> None:
     """Issue case 11: 179 s and 4.3 GB before; now refused unread (size bound) in ms, and a
     1 MiB config of many keys (the bound) parses in seconds through libyaml."""
