@@ -192,9 +192,18 @@ def test_progress_layout_and_finished_of_another_shape_are_refused(tmp_path) -> 
     with pytest.raises(StateDamagedError, match=r"layout\.json: damaged .*'"):
         RunState(tmp_path).check_or_save_config(cfg)
     # finished.json
-    (rs.state / "finished.json").write_text("[]")
-    with pytest.raises(StateDamagedError, match=r"finished\.json: damaged"):
-        rs.is_finished()
+    for content in ["[]", '{"finished": false}', "{"]:
+        (rs.state / "finished.json").write_text(content)
+        with pytest.raises(StateDamagedError, match=r"finished\.json: damaged"):
+            rs.is_finished()
+
+
+def test_a_saved_config_nested_deep_is_damage(tmp_path) -> None:
+    cfg = load_config(None, [*DEMO, f"output_dir={tmp_path}"])
+    RunState(tmp_path).check_or_save_config(cfg)
+    (tmp_path / "config.yaml").write_text("method: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(StateDamagedError, match=r"config\.yaml: this run folder's saved config"):
+        RunState(tmp_path).check_or_save_config(cfg)
 
 
 def test_damaged_pseudo_samples_and_trajectory(tmp_path, caplog) -> None:

@@ -43,7 +43,7 @@ from sapt_dist.checkpoint.atomic import (
     verify_checksums,
     writing,
 )
-from sapt_dist.config import ConfigError, RunConfig, to_dict
+from sapt_dist.config import ConfigError, RunConfig, load_yaml, to_dict
 from sapt_dist.distributed import is_main_process
 
 __all__ = [
@@ -72,7 +72,7 @@ PROGRESS = {
     "completed": int,
     "tasks": [str],
     "matrix": [[_SCORE]],
-    "routing": [object],
+    "routing": [{str: object}],
     "losses": {str: [NUMBER]},
     "pseudo_sha256?": {str: SHA256},
     "provenance?": [{"slot": int, "task": str}],
@@ -235,12 +235,12 @@ class RunState:
         if path.is_file() and self.state.is_dir():
             try:
                 text = path.read_text(encoding="utf-8")
-                saved = yaml.safe_load(text) or {}
+                saved = load_yaml(text, "its YAML") or {}  # bounded (depth, numbers)
                 if not isinstance(saved, dict):
                     raise ValueError("not a mapping of config keys")
                 if not text.endswith("\n"):  # yaml.safe_dump ends every file with one
                     raise ValueError("the file is cut short")
-            except (yaml.YAMLError, UnicodeDecodeError, ValueError) as e:
+            except (UnicodeDecodeError, ValueError) as e:  # ConfigError is a ValueError
                 raise StateDamagedError(
                     f"{path}: this run folder's saved config is damaged ({e}); it is what "
                     f"binds the folder to its run. Restore it (the blocks manifest holds a "
@@ -324,7 +324,8 @@ class RunState:
         if not self.finished_path.is_file():
             return False
         try:
-            read_json(self.finished_path, schema=FINISHED)
+            if read_json(self.finished_path, schema=FINISHED)["finished"] is not True:
+                raise UnreadableFileError(f"{self.finished_path}: damaged, 'finished' is false")
         except UnreadableFileError as e:
             raise StateDamagedError(
                 f"{e}; it marks the run as finished. If every task is done, write "

@@ -35,8 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from sapt_dist import distributed
 from sapt_dist.checkpoint.atomic import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from sapt_dist.checkpoint.blocks import (
@@ -45,7 +43,7 @@ from sapt_dist.checkpoint.blocks import (
     read_manifest,
 )
 from sapt_dist.checkpoint.run_state import flat_config, read_progress, restart_may_change
-from sapt_dist.config import ConfigError, RunConfig, load_config
+from sapt_dist.config import ConfigError, RunConfig, load_config, load_yaml
 from sapt_dist.data.tasks import (
     TaskData,
     TaskDataError,
@@ -294,7 +292,8 @@ def check_run_binding(manifest: dict[str, Any], run_dir: Path, blocks_dir: Path)
     saved = manifest.get("run_config")
     if not saved:
         return  # written outside a run (or before format 2): nothing to bind to
-    mine = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    path = run_dir / "config.yaml"
+    mine = load_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
     a, b = flat_config(saved), flat_config(mine)
     diff = [
         k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not restart_may_change(k)
