@@ -23,9 +23,9 @@ from hypothesis import strategies as st
 from sapt_dist.checkpoint.run_state import RunState, flat_config
 from sapt_dist.config import RunConfig, load_config, to_dict
 
-# one budget for the file: about 20 s per property on 2 shared CPU cores
+# one budget for the file: under 10 s per property on 2 shared CPU cores (<= 60 s in all)
 FUZZ = settings(
-    max_examples=120,
+    max_examples=150,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
