@@ -34,6 +34,7 @@ __all__ = [
     "TrackingConfig",
     "TrainConfig",
     "load_config",
+    "load_yaml",
     "to_dict",
 ]
 
@@ -516,6 +517,16 @@ class RunConfig:
         for ok, key, msg in checks:
             if not ok:
                 raise ConfigError(f"config key '{key}' {msg} (got {_get(self, key)!r})")
+        for key in _PATH_KEYS:
+            value = _get(self, key)
+            if isinstance(value, str) and value.startswith("~"):
+                try:
+                    Path(value).expanduser()
+                except RuntimeError:  # ~name of no user: pathlib cannot expand it
+                    raise ConfigError(
+                        f"config key '{key}': {_clip(value)!r} names the home folder of no "
+                        f"user on this machine"
+                    ) from None
         for key, value in _floats(self):
             if not math.isfinite(value):
                 raise ConfigError(f"config key '{key}' must be a finite number (got {value!r})")
@@ -568,6 +579,18 @@ class RunConfig:
             raise ConfigError(
                 f"config key 'train.compile' is {mode!r}: {why}, or train.compile=off"
             )
+
+
+#: keys that hold a path (checked for a ``~user`` that does not exist)
+_PATH_KEYS = (
+    "output_dir",
+    "model.path",
+    "model.tokenizer",
+    "data.root",
+    "data.instructions",
+    "distributed.deepspeed_config",
+    "tracking.dir",
+)
 
 
 def _floats(obj: Any, prefix: str = "") -> list[tuple[str, float]]:
@@ -626,15 +649,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(
+            f"config key '{key}': expected {_type_name(tp)}, got {_clip(repr(value))}"
+        )
     if origin is Literal:
         if value not in get_args(tp):
-            raise ConfigError(f"config key '{key}': {value!r} is not one of {list(get_args(tp))}")
+            raise ConfigError(
+                f"config key '{key}': {_clip(repr(value))} is not one of {list(get_args(tp))}"
+            )
         return value
     if origin is dict:
         key_tp, val_tp = get_args(tp)
         if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+            raise ConfigError(f"config key '{key}': expected a mapping, got {_clip(repr(value))}")
         return {
             _coerce(k, key_tp, f"{key} name"): _coerce(v, val_tp, f"{key}.{k}")
             for k, v in value.items()
@@ -642,37 +669,50 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is list:
         (item_tp,) = get_args(tp)
         if not isinstance(value, list):
-            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+            raise ConfigError(f"config key '{key}': expected a list, got {_clip(repr(value))}")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+            raise ConfigError(f"config key '{key}': expected a mapping, got {_clip(repr(value))}")
         return _build(tp, value, key + ".")
     if tp is float:
         if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value):
             value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"config key '{key}': expected a number, got {_clip(repr(value))}")
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"config key '{key}': {_clip(str(value))} is too large") from None
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+            raise ConfigError(f"config key '{key}': expected an integer, got {_clip(repr(value))}")
+        if not -(2**63) <= value < 2**63:
+            raise ConfigError(f"config key '{key}': {_clip(str(value))} is out of range")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+            raise ConfigError(f"config key '{key}': expected true/false, got {_clip(repr(value))}")
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+            raise ConfigError(f"config key '{key}': expected a string, got {_clip(repr(value))}")
+        if "\0" in value:  # never in a name, path or text; the OS refuses it in paths
+            raise ConfigError(f"config key '{key}': contains a NUL character")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate ("\ud800"): no text can hold it
+            raise ConfigError(
+                f"config key '{key}': not valid Unicode text ({e.reason} at character {e.start})"
+            ) from None
         return value
     raise ConfigError(f"config key '{key}': unsupported type {tp}")
 
 
 def _build(cls: type, data: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)  # YAML keys may be numbers too
     if unknown:
         raise ConfigError(
             f"unknown config key '{prefix}{unknown[0]}' (known keys under "
@@ -682,9 +722,94 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _parse_scalar(text: str) -> Any:
+def _hints(cls: type) -> dict[str, Any]:
+    """The type hints of a config dataclass (resolved once: ``get_type_hints`` evaluates
+    every annotation string, and ``per_task`` builds one dataclass per task)."""
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+#: a config file larger than this is refused unread (a run config is a few KB; the
+#: shipped presets are under 4 KB): parsing YAML builds Python objects for every key
+MAX_CONFIG_BYTES = 1 << 20
+#: sections and lists nest at most this deep in a config (its real depth is 3 or 4)
+MAX_DEPTH = 32
+#: a number written with more digits than this is refused (int64 needs 19)
+MAX_DIGITS = 400
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """YAML ``text`` (from ``where``: a file or an override) as Python data, bounded.
+
+    The event stream is read first (libyaml's, when installed: iterative and fast) and
+    stopped at the first collection nested deeper than :data:`MAX_DEPTH` or number
+    longer than :data:`MAX_DIGITS`, naming the line; only then is the tree built (with
+    libyaml's loader: its builder recurses in C, which this bound keeps off a deep input).
+
+    Raises:
+        ConfigError: naming ``where`` (and the line) for bad YAML, deep nesting, huge numbers.
+    """
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    depth = 0
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate: bytes of argv that are not UTF-8
+        raise ConfigError(
+            f"{where}: not valid Unicode text ({e.reason} at character {e.start})"
+        ) from None
+    try:
+        for ev in yaml.parse(text, Loader=loader):
+            if isinstance(ev, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise ConfigError(
+                        f"{where}{_line(ev)}: nested more than {MAX_DEPTH} levels deep (a "
+                        f"config is a few levels of sections and lists)"
+                    )
+            elif isinstance(ev, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+            elif (
+                isinstance(ev, yaml.ScalarEvent)
+                and not ev.style  # plain (libyaml says '', PyYAML None)
+                and len(ev.value) > MAX_DIGITS
+                and re.fullmatch(r"[-+]?[0-9_.eE+-]+", ev.value)
+            ):
+                raise ConfigError(
+                    f"{where}{_line(ev)}: a number of {len(ev.value)} characters (at most "
+                    f"{MAX_DIGITS}); quote it if it is a string"
+                )
+        return yaml.load(text, Loader=loader)
+    except ConfigError:
+        raise
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        at = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        what = " ".join(x for x in (e.context, e.problem) if x)
+        if "nesting depth" in what:
+            what = f"nested more than {MAX_DEPTH} levels deep"
+        raise ConfigError(f"{where}{at}: not valid YAML ({_short(ValueError(what))})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {_short(e)}") from None
+    except (ValueError, OverflowError, RecursionError) as e:  # what slipped past the bounds
+        raise ConfigError(f"{where}: cannot be read as a config ({_short(e)})") from None
+
+
+def _line(ev: Any) -> str:
+    mark = getattr(ev, "start_mark", None)
+    return f" line {mark.line + 1}" if mark is not None else ""
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+    text = str(e) or type(e).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _parse_scalar(text: str, key: str = "") -> Any:
     """A CLI override value, parsed as YAML (so ``1e-4``, ``true``, ``[a, b]``, ``null`` work)."""
-    value = yaml.safe_load(text) if text != "" else ""
+    value = load_yaml(text, f"override {key}={_clip(text)}") if text != "" else ""
     # YAML reads 1e-4 as a string; accept it as a float
     if isinstance(value, str):
         try:
@@ -692,6 +817,10 @@ def _parse_scalar(text: str) -> Any:
         except ValueError:
             return value
     return value
+
+
+def _clip(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -718,12 +847,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
+        size = p.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"{p}: {size / 2**20:.1f} MiB, larger than a config can be "
+                f"({MAX_CONFIG_BYTES // 2**20} MiB; a run config is a few KB): not read"
+            )
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+            text = p.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise ConfigError(f"{p}: not UTF-8 text ({e})") from e
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot be read ({e.strerror or e})") from e
+        loaded = load_yaml(text, str(p))
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -733,7 +869,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} must look like key.sub=value")
         key, text = ov.split("=", 1)
-        _set_dotted(tree, key.strip(), _parse_scalar(text))
+        _set_dotted(tree, key.strip(), _parse_scalar(text, key.strip()))
     try:
         cfg = _build(RunConfig, tree)
         cfg.validate()

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 __all__ = [
+    "CHECKSUMS",
+    "NUMBER",
+    "SHA256",
+    "Match",
     "UnreadableFileError",
     "atomic_dir",
     "atomic_write_json",
@@ -20,12 +27,16 @@ __all__ = [
     "atomic_write_text",
     "atomic_file",
     "atomic_write_checked_json",
+    "check_shape",
     "checksum_files",
+    "nonempty",
     "read_checked_json",
     "read_json",
     "recover_dir",
+    "save_safetensors",
     "sha256_file",
     "verify_checksums",
+    "writing",
 ]
 
 
@@ -34,14 +45,193 @@ class UnreadableFileError(ValueError):
     the message names it and what to do."""
 
 
-def read_json(path: str | Path, what_to_do: str = "") -> Any:
-    """``json.loads`` of a file the run wrote, or :class:`UnreadableFileError` naming it."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+# ------------------------------------------------------------------ shapes of JSON files
+#: a JSON number (an int or a float; never true/false)
+NUMBER = (int, float)
+
+
+@dataclasses.dataclass(frozen=True)
+class Match:
+    """A string matching ``pattern`` (whole), described as ``what`` in an error."""
+
+    pattern: str
+    what: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _NonEmpty:
+    inner: Any
+
+
+def nonempty(schema: Any) -> Any:
+    """``schema``, and the list or object must hold at least one item."""
+    return _NonEmpty(schema)
+
+
+#: a sha256 as the run writes it
+SHA256 = Match(r"[0-9a-f]{64}", "a sha256 (64 lowercase hex digits)")
+#: the checksum list of a checked folder: ``{file name: sha256}``, never empty (an empty
+#: list would check nothing)
+CHECKSUMS = nonempty({str: SHA256})
+
+_NAMES = {
+    dict: "an object",
+    list: "a list",
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "true/false",
+    type(None): "null",
+}
+
+
+def _kind(value: Any) -> str:
+    for tp in (bool, int, float, str, list, dict, type(None)):
+        if isinstance(value, tp):
+            return _NAMES[tp]
+    return type(value).__name__
+
+
+def _mismatch(data: Any, schema: Any, where: str) -> str | None:
+    """What is wrong with ``data`` against ``schema`` (``None``: nothing).
+
+    A schema is ``object`` (anything), a type or tuple of types (``float`` takes ints too,
+    ``int`` never takes true/false, ``None`` is null), a :class:`Match`, ``[item]`` (a list
+    of items), ``{str: value}`` (an object of any names), ``{"key": value, "opt?": value}``
+    (an object with these keys, ``?`` marks an optional one; others are allowed), or
+    :func:`nonempty` of one of these. Only as deep as the schema: data below an ``object``
+    is not walked."""
+    here = where or "the file's content"
+    if schema is object:
+        return None
+    if isinstance(schema, _NonEmpty):
+        problem = _mismatch(data, schema.inner, where)
+        if problem is None and len(data) == 0:
+            return f"{here} is empty"
+        return problem
+    if isinstance(schema, Match):
+        if not isinstance(data, str) or not re.fullmatch(schema.pattern, data):
+            return f"{here} must be {schema.what}, not {_short_repr(data)}"
+        return None
+    if isinstance(schema, tuple):
+        alternatives = _flat(schema)
+        if not all(a is None or isinstance(a, type) for a in alternatives):
+            problems = [_mismatch(data, a, where) for a in alternatives]
+            return None if None in problems else problems[0]
+    if schema is None or isinstance(schema, (type, tuple)):
+        types = _flat(schema) if isinstance(schema, tuple) else (schema,)
+        types = tuple(type(None) if t is None else t for t in types)
+        ok = any(
+            isinstance(data, t) and not (isinstance(data, bool) and t is not bool)
+            for t in types + ((int,) if float in types else ())
+        )
+        if not ok:
+            want = " or ".join(_NAMES.get(t, t.__name__) for t in types)
+            return f"{here} must be {want}, not {_kind(data)}"
+        return None
+    if isinstance(schema, list):
+        if not isinstance(data, list):
+            return f"{here} must be a list, not {_kind(data)}"
+        for i, item in enumerate(data):
+            problem = _mismatch(item, schema[0], f"{where}[{i}]")
+            if problem:
+                return problem
+        return None
+    if isinstance(schema, dict):
+        if not isinstance(data, dict):
+            return f"{here} must be an object, not {_kind(data)}"
+        if list(schema) == [str]:
+            for k, v in data.items():
+                problem = _mismatch(v, schema[str], f"{where}[{k!r}]")
+                if problem:
+                    return problem
+            return None
+        for key, sub in schema.items():
+            name = key.removesuffix("?")
+            if name not in data:
+                if key.endswith("?"):
+                    continue
+                return f"{here} has no key {name!r}"
+            problem = _mismatch(data[name], sub, f"{where}[{name!r}]" if where else repr(name))
+            if problem:
+                return problem
+        return None
+    raise TypeError(f"not a schema: {schema!r}")
+
+
+def _flat(alternatives: tuple) -> tuple:
+    out: tuple = ()
+    for a in alternatives:
+        out += _flat(a) if isinstance(a, tuple) else (a,)
+    return out
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_shape(
+    data: Any,
+    schema: Any,
+    path: str | Path,
+    what_to_do: str = "",
+    error: type[Exception] = UnreadableFileError,
+) -> Any:
+    """``data`` (read from ``path``) if it has the shape ``schema`` describes, else
+    ``error`` naming the file and the first key that is wrong (see :func:`_mismatch` for
+    the notation). Returns ``data``."""
+    problem = _mismatch(data, schema, "")
+    if problem:
         tail = f"; {what_to_do}" if what_to_do else ""
-        raise UnreadableFileError(f"{path}: damaged, not valid JSON ({e}){tail}") from e
+        raise error(f"{path}: damaged, {problem}{tail}")
+    return data
+
+
+def read_json(path: str | Path, what_to_do: str = "", schema: Any = object) -> Any:
+    """``json.loads`` of a file the run wrote, checked against ``schema``
+    (:func:`check_shape`), or :class:`UnreadableFileError` naming it."""
+    path = Path(path)
+    tail = f"; {what_to_do}" if what_to_do else ""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, huge ints
+        raise UnreadableFileError(f"{path}: damaged, not valid JSON ({_short(e)}){tail}") from e
+    return check_shape(data, schema, path, what_to_do)
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+    text = str(e) or type(e).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+@contextlib.contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Name ``path`` in a full disk's error raised inside the block: an ``OSError``
+    (ENOSPC) without a file name, or a library's own error that says so (safetensors'
+    ``SafetensorError ... No space left on device``), becomes
+    ``OSError(ENOSPC, ..., path)``, which the command line reports in one line."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno == errno.ENOSPC and not e.filename:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+        raise
+    except Exception as e:
+        text = str(e)
+        if "No space left on device" in text or "os error 28" in text:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+        raise
+
+
+def save_safetensors(tensors: dict[str, Any], path: str | Path, shown_as: str | Path = "") -> None:
+    """``safetensors.torch.save_file`` with a full disk named (:func:`writing`):
+    ``shown_as`` is the file the user knows (the final name of a file written into an
+    :func:`atomic_dir` temporary folder)."""
+    from safetensors.torch import save_file
+
+    with writing(shown_as or path):
+        save_file(tensors, str(path))
 
 
 @contextlib.contextmanager
@@ -53,7 +243,7 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, mode) as f:
+        with writing(path), os.fdopen(fd, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -91,11 +281,12 @@ def atomic_write_checked_json(path: str | Path, data: dict) -> None:
     atomic_write_json(path, {**body, "sha256": _json_digest(body)})
 
 
-def read_checked_json(path: str | Path, what_to_do: str = "") -> dict:
+def read_checked_json(path: str | Path, what_to_do: str = "", schema: Any = object) -> dict:
     """A file of :func:`atomic_write_checked_json` without its ``sha256`` key, verified
-    against it; :class:`UnreadableFileError` naming the file when it is damaged, not a
-    JSON object or does not match. A file without the key (written by an older version)
-    is read unverified."""
+    against it and then against ``schema`` (:func:`check_shape`);
+    :class:`UnreadableFileError` naming the file when it is damaged, not a JSON object,
+    does not match or has another shape. A file without the key (written by an older
+    version) is read unverified (its shape still checked)."""
     path = Path(path)
     data = read_json(path, what_to_do)
     tail = f"; {what_to_do}" if what_to_do else ""
@@ -106,7 +297,7 @@ def read_checked_json(path: str | Path, what_to_do: str = "") -> dict:
         raise UnreadableFileError(
             f"{path}: damaged, does not match the sha256 it was written with (edited?){tail}"
         )
-    return data
+    return check_shape(data, schema, path, what_to_do)
 
 
 @contextlib.contextmanager
@@ -176,14 +367,31 @@ def verify_checksums(
     listed_in: str | Path,
     advice: str = "",
     foreign_hint: bool = False,
+    required: Iterable[str] = (),
 ) -> None:
     """Every file of ``sums`` exists in ``folder`` with its sha256, else ``error`` naming
     the file, the list it is checked against (``listed_in``) and ``advice`` (what to do).
+
+    The list itself is checked first: an object of plain file names to sha256s, never
+    empty (an empty or malformed list is damage, not "nothing to check"), naming every
+    file of ``required``.
 
     ``foreign_hint``: when every one of several files mismatches, the list belongs to
     other files (a manifest copied from another run): one message says so."""
     folder = Path(folder)
     tail = f"; {advice}" if advice else ""
+    problem = _mismatch(sums, CHECKSUMS, "its checksum list")
+    if problem:
+        raise error(f"{listed_in}: damaged, {problem} (it must list every file){tail}")
+    for name in sums:
+        if not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise error(f"{listed_in}: damaged, {name!r} is not a file name of {folder}{tail}")
+    for name in required:
+        if name not in sums:
+            raise error(
+                f"{listed_in}: damaged, {folder / name} is not in its checksum list (every "
+                f"file of the folder must be){tail}"
+            )
     wrong = []
     for name, digest in sums.items():
         path = folder / name

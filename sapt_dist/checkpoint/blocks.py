@@ -38,9 +38,15 @@ from safetensors.torch import load_file, save_file
 
 from sapt_dist import distributed
 from sapt_dist.checkpoint.atomic import (
+    CHECKSUMS,
+    NUMBER,
+    UnreadableFileError,
     atomic_dir,
     atomic_write_text,
+    check_shape,
     checksum_files,
+    read_json,
+    save_safetensors,
     verify_checksums,
 )
 from sapt_dist.data.tasks import TaskData, split_sha256
@@ -67,6 +73,32 @@ FORMAT = "sapt-dist-blocks"
 #: version-1 folders still load (no digest to check, nothing disabled).
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
+#: the shape of ``manifest.json`` (checked on every read, after its format and digest):
+#: what the loaders and ``sapt-blocks`` read from it
+MANIFEST = {
+    "format": str,
+    "format_version": int,
+    "tasks": [str],
+    "files": CHECKSUMS,
+    "model": {"n_slots": int, "target_layers?": {str: [int]}},
+    "adapter?": {str: object},
+    "versions?": {str: str},
+    "extra?": {str: object},
+    "run_config?": ({str: object}, None),
+    "provenance?": [
+        {
+            "slot": int,
+            "task": str,
+            "trained_at?": str,
+            "data?": [{"split_sizes": {str: int}, "train_sha256": str}],
+            "scores_after?": {str: (NUMBER, None)},
+        }
+    ],
+    "disabled?": [int],
+    "history?": [{"time": str, "action": str, "slot": int, "task": str, "reason": str}],
+    "digest?": str,
+}
+_RESTORE = "restore it (or the run folder); change the block mask only with sapt-blocks"
 
 
 class CheckpointMismatchError(ValueError):
@@ -231,7 +263,7 @@ def save_blocks(
         for j, block in enumerate(blocks):
             files[f"block_{j:02d}.safetensors"] = block
         for fname, tensors in files.items():
-            save_file(tensors, str(tmp / fname))
+            save_safetensors(tensors, tmp / fname, folder / fname)
         checksums = checksum_files(tmp, list(files))
         manifest = {
             "format": FORMAT,
@@ -313,9 +345,10 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointMismatchError(f"{folder}: no manifest.json (not a sapt-dist blocks folder)")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointMismatchError(f"{path}: not valid JSON ({e})") from e
+        manifest = read_json(path)
+    except UnreadableFileError as e:
+        raise CheckpointMismatchError(str(e)) from e
+    check_shape(manifest, {str: object}, path, _RESTORE, error=CheckpointMismatchError)
     if manifest.get("format") != FORMAT:
         raise CheckpointMismatchError(
             f"{path}: format is {manifest.get('format')!r}, not {FORMAT!r}"
@@ -325,13 +358,14 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
         raise CheckpointMismatchError(
             f"{path}: format_version {version} is not one of {list(READABLE_VERSIONS)}"
         )
+    if version >= 2 and manifest.get("digest") != manifest_digest(manifest):
+        raise CheckpointMismatchError(
+            f"{path} was changed after sapt-dist wrote it (its digest does not match its "
+            f"content): edited by hand or copied from elsewhere. Restore the original; "
+            f"change the block mask only with `sapt-blocks disable/enable`."
+        )
+    check_shape(manifest, MANIFEST, path, _RESTORE, error=CheckpointMismatchError)
     if version >= 2:
-        if manifest.get("digest") != manifest_digest(manifest):
-            raise CheckpointMismatchError(
-                f"{path} was changed after sapt-dist wrote it (its digest does not match its "
-                f"content): edited by hand or copied from elsewhere. Restore the original; "
-                f"change the block mask only with `sapt-blocks disable/enable`."
-            )
         _check_mask(manifest, path)
     return manifest
 
@@ -474,12 +508,15 @@ def check_files(manifest: dict[str, Any], folder: str | Path) -> None:
     """Every file the manifest lists exists with its sha256 (one clear message when none
     does: the manifest belongs to other block files)."""
     folder = Path(folder)
+    tasks = manifest.get("tasks") or []
     verify_checksums(
         folder,
-        manifest.get("files") or {},
+        manifest.get("files"),
         CheckpointMismatchError,
         listed_in=folder / "manifest.json",
         foreign_hint=True,
+        # what load_blocks reads: a list that leaves one out would let it through unchecked
+        required=["router.safetensors", *(f"block_{j:02d}.safetensors" for j in range(len(tasks)))],
     )
 
 

@@ -25,9 +25,11 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from sapt_dist.checkpoint.atomic import (
+    NUMBER,
+    SHA256,
     UnreadableFileError,
     atomic_dir,
     atomic_write_checked_json,
@@ -37,21 +39,55 @@ from sapt_dist.checkpoint.atomic import (
     read_checked_json,
     read_json,
     recover_dir,
+    save_safetensors,
     verify_checksums,
+    writing,
 )
-from sapt_dist.config import ConfigError, RunConfig, to_dict
+from sapt_dist.config import ConfigError, RunConfig, load_yaml, to_dict
 from sapt_dist.distributed import is_main_process
 
 __all__ = [
+    "FINISHED",
+    "LAYOUT",
+    "PROGRESS",
+    "STEP_META",
     "RunFolderBusyError",
     "RunState",
     "StateDamagedError",
     "StepState",
     "lock_run_folder",
+    "read_progress",
     "unlock_run_folder",
 ]
 
 log = logging.getLogger(__name__)
+
+# the shapes of the state files, checked where they are read (atomic.check_shape): a file
+# that parses but holds something else is damage naming the file, never a traceback
+#: state/layout.json
+LAYOUT = {"world_size": int, "micro_batch_size": int, "grad_accum": int, "global_batch": int}
+_SCORE = (float, None)
+#: state/blocks/progress.json (a run's progress as of its last finished task)
+PROGRESS = {
+    "completed": int,
+    "tasks": [str],
+    "matrix": [[_SCORE]],
+    "routing": [{str: object}],
+    "losses": {str: [NUMBER]},
+    "pseudo_sha256?": {str: SHA256},
+    "provenance?": [{"slot": int, "task": str}],
+}
+#: state/step/meta.json
+STEP_META = {
+    "task_index": int,
+    "step": int,
+    "losses": [NUMBER],
+    "state": {"__dict__": [[object]]},  # flatten_state's skeleton
+    "checksums?": str,
+    "best?": {"score": (float, None), "step": int},
+}
+#: state/finished.json
+FINISHED = {"finished": bool}
 
 
 @dataclass
@@ -200,12 +236,12 @@ class RunState:
         if path.is_file() and self.state.is_dir():
             try:
                 text = path.read_text(encoding="utf-8")
-                saved = yaml.safe_load(text) or {}
+                saved = load_yaml(text, "its YAML") or {}  # bounded (depth, numbers)
                 if not isinstance(saved, dict):
                     raise ValueError("not a mapping of config keys")
                 if not text.endswith("\n"):  # yaml.safe_dump ends every file with one
                     raise ValueError("the file is cut short")
-            except (yaml.YAMLError, UnicodeDecodeError, ValueError) as e:
+            except (UnicodeDecodeError, ValueError) as e:  # ConfigError is a ValueError
                 raise StateDamagedError(
                     f"{path}: this run folder's saved config is damaged ({e}); it is what "
                     f"binds the folder to its run. Restore it (the blocks manifest holds a "
@@ -221,9 +257,8 @@ class RunState:
             mutable = set(_MUTABLE_KEYS)
             if layout_path.is_file():
                 try:
-                    before = read_checked_json(layout_path)
-                    before["global_batch"]
-                except (UnreadableFileError, KeyError, TypeError) as e:
+                    before = read_checked_json(layout_path, schema=LAYOUT)
+                except UnreadableFileError as e:
                     raise StateDamagedError(
                         f"{layout_path}: damaged ({e}); it records the run's process count "
                         f"and global batch. Restore it, or start a new output_dir"
@@ -281,25 +316,32 @@ class RunState:
         progress = {"completed": 0, "tasks": [], "matrix": [], "routing": [], "losses": {}}
         if self.progress_path.is_file():
             self._check_progress()
-            try:
-                progress = json.loads(self.progress_path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise StateDamagedError(
-                    f"{self.progress_path}: not valid JSON ({e}); the run's progress is "
-                    f"damaged. Start a new output_dir (its blocks in {self.blocks} are intact)"
-                ) from e
-        progress["finished"] = self.finished_path.is_file()
+            progress = read_progress(self.progress_path)
+        progress["finished"] = self.is_finished()
         return progress
+
+    def is_finished(self) -> bool:
+        """Whether ``state/finished.json`` says the whole run is done (checked)."""
+        if not self.finished_path.is_file():
+            return False
+        try:
+            if read_json(self.finished_path, schema=FINISHED)["finished"] is not True:
+                raise UnreadableFileError(f"{self.finished_path}: damaged, 'finished' is false")
+        except UnreadableFileError as e:
+            raise StateDamagedError(
+                f"{e}; it marks the run as finished. If every task is done, write "
+                f'{{"finished": true}} into it; otherwise delete it to resume the run'
+            ) from e
+        return True
 
     def _check_progress(self) -> None:
         """``progress.json`` against its sha256 in the blocks manifest written with it."""
-        manifest_path = self.blocks / "manifest.json"
-        if not manifest_path.is_file():
+        from sapt_dist.checkpoint.blocks import read_manifest
+
+        if not (self.blocks / "manifest.json").is_file():
             return
-        try:
-            files = json.loads(manifest_path.read_text()).get("files") or {}
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise StateDamagedError(f"{manifest_path}: not valid JSON ({e})") from e
+        manifest_path = self.blocks / "manifest.json"
+        files = read_manifest(self.blocks).get("files") or {}
         if "progress.json" in files:
             verify_checksums(
                 self.blocks,
@@ -328,11 +370,14 @@ class RunState:
         skeleton, tensors = flatten_state(
             {"optimizer": state.optimizer, "scheduler": state.scheduler, "rng": state.rng}
         )
+        final = self.step_dir  # a full disk names the file as the user finds it
         with atomic_dir(self.step_dir) as tmp:
-            save_file(
-                {f"param.{k}": v for k, v in state.params.items()}, str(tmp / "params.safetensors")
+            save_safetensors(
+                {f"param.{k}": v for k, v in state.params.items()},
+                tmp / "params.safetensors",
+                final / "params.safetensors",
             )
-            save_file(tensors, str(tmp / "state.safetensors"))
+            save_safetensors(tensors, tmp / "state.safetensors", final / "state.safetensors")
             meta = {
                 "task_index": task_index,
                 "step": state.step,
@@ -341,13 +386,16 @@ class RunState:
                 "checksums": "checksums.json",  # this checkpoint is verified against it
             }
             if best is not None:
-                save_file(
+                save_safetensors(
                     {f"param.{k}": v for k, v in best["params"].items()},
-                    str(tmp / "best.safetensors"),
+                    tmp / "best.safetensors",
+                    final / "best.safetensors",
                 )
                 meta["best"] = {"score": best["score"], "step": best["step"]}
-            (tmp / "meta.json").write_text(json.dumps(meta))
-            (tmp / "checksums.json").write_text(json.dumps(checksum_files(tmp), indent=1))
+            with writing(final / "meta.json"):
+                (tmp / "meta.json").write_text(json.dumps(meta))
+            with writing(final / "checksums.json"):
+                (tmp / "checksums.json").write_text(json.dumps(checksum_files(tmp), indent=1))
 
     def load_step(self, task_index: int) -> tuple[StepState, dict | None] | tuple[None, None]:
         """The mid-task checkpoint of task ``task_index`` and its best-so-far, if any."""
@@ -355,27 +403,39 @@ class RunState:
         if not self.step_dir.is_dir() or not any(self.step_dir.iterdir()):
             return None, None
         self._check_step()
+        how = (
+            f"delete {self.step_dir} to restart that task from its beginning (finished "
+            f"tasks in {self.blocks} are kept)"
+        )
         try:
-            meta = read_json(meta_path)
-        except (UnreadableFileError, FileNotFoundError) as e:
-            raise StateDamagedError(
-                f"{meta_path}: {e}; delete {self.step_dir} to restart that task from its "
-                f"beginning (finished tasks in {self.blocks} are kept)"
-            ) from e
+            meta = read_json(meta_path, how, schema=STEP_META)
+        except FileNotFoundError as e:
+            raise StateDamagedError(f"{meta_path}: missing; {how}") from e
+        except UnreadableFileError as e:
+            raise StateDamagedError(str(e)) from e
         if meta["task_index"] != task_index:
             return None, None
         best = None
         if "best" in meta:
-            best_params = load_file(str(self.step_dir / "best.safetensors"))
+            best_params = _load_tensors(self.step_dir / "best.safetensors", how)
             best = {
                 **meta["best"],
                 "params": {k.removeprefix("param."): v for k, v in best_params.items()},
             }
         params = {
             k.removeprefix("param."): v
-            for k, v in load_file(str(self.step_dir / "params.safetensors")).items()
+            for k, v in _load_tensors(self.step_dir / "params.safetensors", how).items()
         }
-        rest = unflatten_state(meta["state"], load_file(str(self.step_dir / "state.safetensors")))
+        try:
+            rest = unflatten_state(
+                meta["state"], _load_tensors(self.step_dir / "state.safetensors", how)
+            )
+            rest["optimizer"], rest["scheduler"], rest["rng"]  # noqa: B018
+        except (KeyError, TypeError, ValueError) as e:
+            raise StateDamagedError(
+                f"{meta_path}: damaged, its 'state' does not describe the tensors of "
+                f"state.safetensors ({e!r}); {how}"
+            ) from e
         state = StepState(
             step=meta["step"],
             params=params,
@@ -404,14 +464,59 @@ class RunState:
             )
             return
         try:
-            sums = json.loads(sums_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise StateDamagedError(f"{sums_path}: not valid JSON ({e}); {how}") from e
-        verify_checksums(self.step_dir, sums, StateDamagedError, listed_in=sums_path, advice=how)
+            sums = read_json(sums_path, how)
+        except UnreadableFileError as e:
+            raise StateDamagedError(str(e)) from e
+        # every file the checkpoint holds must be listed: a list that leaves one out (or
+        # is empty) would let a changed file through
+        present = sorted(
+            f.name for f in self.step_dir.iterdir() if f.is_file() and f.name != sums_path.name
+        )
+        verify_checksums(
+            self.step_dir,
+            sums,
+            StateDamagedError,
+            listed_in=sums_path,
+            advice=how,
+            required=present,
+        )
 
     def clear_step(self) -> None:
         if is_main_process():
             shutil.rmtree(self.step_dir, ignore_errors=True)
+
+
+def read_progress(path: str | Path) -> dict[str, Any]:
+    """A run's ``progress.json``, its shape checked (:data:`PROGRESS`).
+
+    Raises:
+        StateDamagedError: naming the file.
+    """
+    how = "the run's progress is damaged. Start a new output_dir (its finished blocks are intact)"
+    try:
+        progress = read_json(path, how, schema=PROGRESS)
+    except UnreadableFileError as e:
+        raise StateDamagedError(str(e)) from e
+    n, rows = len(progress["tasks"]), progress["matrix"]
+    bad = [k for k, row in enumerate(rows) if len(row) != n]
+    if bad or progress["completed"] > len(rows):
+        what = (
+            f"matrix row {bad[0]} has {len(rows[bad[0]])} score(s) for {n} task(s)"
+            if bad
+            else f"'completed' is {progress['completed']} but the matrix has {len(rows)} row(s)"
+        )
+        raise StateDamagedError(f"{path}: damaged, {what}; {how}")
+    return progress
+
+
+def _load_tensors(path: Path, how: str) -> dict[str, torch.Tensor]:
+    """A safetensors file of the step checkpoint (checked against its sha256 already)."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise StateDamagedError(f"{path}: cannot be read ({e}); {how}") from e
 
 
 # --------------------------------------------------------------------------- state files

@@ -30,12 +30,20 @@ __all__ = ["blocks_main", "predict_main", "route_main"]
 
 
 def _errors() -> tuple[type[Exception], ...]:
+    from sapt_dist.checkpoint.atomic import UnreadableFileError
     from sapt_dist.checkpoint.blocks import BlockStateError, CheckpointMismatchError
     from sapt_dist.config import ConfigError
     from sapt_dist.data.tasks import TaskDataError
     from sapt_dist.outputs.inference import InputError
 
-    return (ConfigError, TaskDataError, InputError, CheckpointMismatchError, BlockStateError)
+    return (
+        ConfigError,
+        TaskDataError,
+        InputError,
+        CheckpointMismatchError,
+        BlockStateError,
+        UnreadableFileError,
+    )
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:

@@ -283,18 +283,58 @@ class TaskData:
         return [Example(r["id"], r["input"], list(r["outputs"])) for r in ds]
 
 
+def loads_json(text: str) -> Any:
+    """``json.loads`` with what it cannot hold said in words: a ``ValueError`` whose
+    message names the line (bad JSON: its own; nesting deeper than the parser's
+    recursion allows; a number of more than 4300 digits)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise ValueError(f"nested too deeply (line {_deep_line(text)})") from None
+    except ValueError as e:  # a number past Python's digit limit for int()
+        raise ValueError(f"a number too long to read ({str(e)[:100]})") from None
+
+
+def _deep_line(text: str, limit: int = 200) -> int:
+    """The line where ``text``'s JSON first nests ``limit`` levels deep (strings skipped)."""
+    depth, line = 0, 1
+    for m in re.finditer(r'"(?:[^"\\\n]|\\.)*"|[\[\]{}]|\n', text):
+        tok = m.group()
+        if tok == "\n":
+            line += 1
+        elif tok in "[{":
+            depth += 1
+            if depth >= limit:
+                return line
+        elif tok in "]}":
+            depth -= 1
+    return line
+
+
+def check_text(value: str, where: str) -> str:
+    """``value`` if it is text a tokenizer can take: a lone surrogate (``"\\ud800"`` in
+    JSON decodes to one) is :class:`TaskDataError` naming ``where``."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TaskDataError(
+            f"{where}: not valid Unicode text ({e.reason} at character {e.start}: half of a "
+            f"surrogate pair, e.g. the JSON escape \\ud800 alone, or bytes that are not UTF-8)"
+        ) from None
+    return value
+
+
 def _read_json(task: str, path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise TaskDataError(f"task {task}: cannot read {path} ({e})") from e
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise TaskDataError(
-            f"task {task}: {path} is not valid JSON: {e.msg} at line {e.lineno} "
-            f"column {e.colno} (char {e.pos})"
-        ) from e
+        return loads_json(text)
+    except ValueError as e:
+        raise TaskDataError(f"task {task}: {path}: {e}") from e
 
 
 def _read_split(task: str, split: str, path: Path) -> tuple[str, list[Example]]:
@@ -342,9 +382,15 @@ def _read_split(task: str, split: str, path: Path) -> tuple[str, list[Example]]:
             raise TaskDataError(f"{where}: 'output' must be a string or a list of strings")
         if not outputs:
             raise TaskDataError(f"{where}: 'output' is an empty list (no answer to learn)")
+        for k, text in enumerate([x["input"], *outputs]):
+            check_text(text, f"{where}: '{'input' if k == 0 else 'output'}'")
         # Long Sequence has no ids: make stable ones from the position in the file
-        ex_id = str(x["id"]) if x.get("id") is not None else f"{task}-{split}-{i}"
-        out.append(Example(ex_id, x["input"], list(outputs)))
+        ex_id = x.get("id")
+        if ex_id is not None and (isinstance(ex_id, bool) or not isinstance(ex_id, (str, int))):
+            raise TaskDataError(f"{where}: 'id' must be a string or an integer")
+        ex_id = str(ex_id) if ex_id is not None else f"{task}-{split}-{i}"
+        out.append(Example(check_text(ex_id, f"{where}: 'id'"), x["input"], list(outputs)))
+    check_text(definition, f"task {task}: {path}: 'Definition'")
     return definition.strip(), out
 
 

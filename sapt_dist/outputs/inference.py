@@ -35,8 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from sapt_dist import distributed
 from sapt_dist.checkpoint.atomic import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from sapt_dist.checkpoint.blocks import (
@@ -44,12 +42,13 @@ from sapt_dist.checkpoint.blocks import (
     check_files,
     read_manifest,
 )
-from sapt_dist.checkpoint.run_state import flat_config, restart_may_change
-from sapt_dist.config import ConfigError, RunConfig, load_config
+from sapt_dist.checkpoint.run_state import flat_config, read_progress, restart_may_change
+from sapt_dist.config import ConfigError, RunConfig, load_config, load_yaml
 from sapt_dist.data.tasks import (
     TaskData,
     TaskDataError,
     TruncationStats,
+    check_text,
     encode_prompt,
     format_prompt,
     load_task,
@@ -120,6 +119,10 @@ def _read_jsonl(path: Path, definition: str | None) -> list[InputRecord]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
+        except RecursionError:
+            raise InputError(f"{where}: nested too deeply (an input is one flat object)") from None
+        except ValueError as e:  # a number past Python's digit limit for int()
+            raise InputError(f"{where}: a number too long to read ({str(e)[:100]})") from None
         if not isinstance(row, dict):
             raise InputError(
                 f"{where}: expected a JSON object with an 'input' field, got {type(row).__name__}"
@@ -141,16 +144,30 @@ def _read_jsonl(path: Path, definition: str | None) -> list[InputRecord]:
             isinstance(refs, list) and all(isinstance(r, str) for r in refs)
         ):
             raise InputError(f"{where}: 'references' must be a string or a list of strings")
-        out.append(
-            InputRecord(
-                id=str(row.get("id", f"{path.stem}-{n}")),
-                input=row["input"],
-                definition=_need_definition(where, d),
-                references=refs,
-                task=row.get("task") if isinstance(row.get("task"), str) else None,
-            )
+        rid = row.get("id", f"{path.stem}-{n}")
+        if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+            raise InputError(f"{where}: 'id' must be a string or an integer")
+        record = InputRecord(
+            id=str(rid),
+            input=row["input"],
+            definition=_need_definition(where, d),
+            references=refs,
+            task=row.get("task") if isinstance(row.get("task"), str) else None,
         )
+        _check_record(record, where)
+        out.append(record)
     return out
+
+
+def _check_record(r: InputRecord, where: str) -> None:
+    """Every text of ``r`` is text a tokenizer takes (no lone surrogate)."""
+    fields = [("input", r.input), ("definition", r.definition), ("id", r.id)]
+    fields += [("references", x) for x in r.references or []]
+    for name, value in fields:
+        try:
+            check_text(value, f"{where}: '{name}'")
+        except TaskDataError as e:
+            raise InputError(str(e)) from None
 
 
 def read_inputs(
@@ -170,6 +187,8 @@ def read_inputs(
         if not t.strip():
             raise InputError(f"--text number {k + 1} is empty")
         out.append(InputRecord(f"text-{k + 1}", t, _need_definition("--text", definition)))
+        # bytes of the command line that are not UTF-8 arrive as lone surrogates
+        _check_record(out[-1], f"--text number {k + 1}")
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -185,8 +204,12 @@ def read_inputs(
                     InputRecord(f"{path.stem}-{k + 1}", x, _need_definition(str(path), definition))
                     for k, x in enumerate(lines)
                 ]
+                for r in rows[:1]:  # the file decoded as UTF-8: only --definition can be bad
+                    _check_record(r, f"{path}")
         except UnicodeDecodeError as e:
             raise InputError(f"{path}: not UTF-8 text ({e})") from e
+        except OSError as e:
+            raise InputError(f"{path}: cannot be read ({e.strerror or e})") from e
         if not rows:
             raise InputError(f"{path}: no inputs in the file (it is empty)")
         out += rows
@@ -269,7 +292,8 @@ def check_run_binding(manifest: dict[str, Any], run_dir: Path, blocks_dir: Path)
     saved = manifest.get("run_config")
     if not saved:
         return  # written outside a run (or before format 2): nothing to bind to
-    mine = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    path = run_dir / "config.yaml"
+    mine = load_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
     a, b = flat_config(saved), flat_config(mine)
     diff = [
         k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not restart_may_change(k)
@@ -650,8 +674,10 @@ def reevaluate(loaded: LoadedRun) -> dict[str, Any]:
     progress_path = run_dir / "state" / "blocks" / "progress.json"
     if not progress_path.is_file():
         raise CheckpointMismatchError(f"{run_dir}: no {progress_path} (the training matrix)")
-    progress = json.loads(progress_path.read_text())
+    progress = read_progress(progress_path)
     tasks: list[str] = progress["tasks"]
+    if not progress["matrix"]:
+        raise CheckpointMismatchError(f"{progress_path}: no row of the accuracy matrix yet")
     training_row = progress["matrix"][-1]
     seen = loaded.blocks
     if seen != tasks[: len(seen)]:

@@ -104,8 +104,13 @@ def _status(folder: Path) -> str:
         return "finished"
     progress = folder / "state" / "blocks" / "progress.json"
     if progress.is_file():
-        p = json.loads(progress.read_text())
-        return f"running: {p.get('completed', 0)}/{len(p.get('tasks') or []) or '?'} tasks"
+        from sapt_dist.checkpoint.run_state import StateDamagedError, read_progress
+
+        try:
+            p = read_progress(progress)
+        except StateDamagedError as e:
+            return f"damaged ({e})"
+        return f"running: {p['completed']}/{len(p['tasks']) or '?'} tasks"
     if (folder / "config.yaml").is_file():
         return "started"
     return "not started"

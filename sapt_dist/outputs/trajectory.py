@@ -9,18 +9,42 @@ end the plot ``metrics/routing_trajectory.png`` is drawn again.
 
 from __future__ import annotations
 
-import json
+import logging
+import re
 from pathlib import Path
 
 import torch
 
 from sapt_dist import distributed
-from sapt_dist.checkpoint.atomic import atomic_write_json
+from sapt_dist.checkpoint.atomic import (
+    NUMBER,
+    UnreadableFileError,
+    atomic_write_json,
+    read_json,
+)
 from sapt_dist.method.generation import pooled_prompts
 from sapt_dist.method.model import SAPTModel
 from sapt_dist.outputs.report import plot_trajectory
 
-__all__ = ["RoutingTrajectory"]
+__all__ = ["TRAJECTORY", "RoutingTrajectory", "read_trajectory"]
+
+log = logging.getLogger(__name__)
+
+#: the shape of ``metrics/routing_trajectory.json``: task -> step -> point
+TRAJECTORY = {str: {str: {"global_step": int, "mean": {str: [NUMBER]}}}}
+
+
+def read_trajectory(path: Path) -> dict:
+    """The trajectory file, its shape checked (steps are integers); :class:`UnreadableFileError`
+    naming it otherwise."""
+    data = read_json(path, schema=TRAJECTORY)
+    for task, points in data.items():
+        bad = [k for k in points if not re.fullmatch(r"\d{1,12}", k)]
+        if bad:
+            raise UnreadableFileError(
+                f"{path}: damaged, step {bad[0][:40]!r} of task {task!r} is not a step number"
+            )
+    return data
 
 
 class RoutingTrajectory:
@@ -61,9 +85,11 @@ class RoutingTrajectory:
         if not distributed.is_main_process():
             return
         try:
-            data = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        except (OSError, json.JSONDecodeError):
-            data = {}  # a diagnostic file: a damaged one is started again
+            data = read_trajectory(self.path) if self.path.is_file() else {}
+        except (OSError, UnreadableFileError) as e:
+            # a diagnostic file: a damaged one is started again (said, naming it)
+            log.warning("%s; starting the routing trajectory again", e)
+            data = {}
         name = self.names[i]
         data.setdefault(name, {})[str(step)] = {"global_step": global_step, "mean": point}
         data[name] = dict(sorted(data[name].items(), key=lambda kv: int(kv[0])))

@@ -27,7 +27,12 @@ from pathlib import Path
 import torch
 
 from sapt_dist import distributed
-from sapt_dist.checkpoint.atomic import UnreadableFileError, atomic_write_jsonl, sha256_file
+from sapt_dist.checkpoint.atomic import (
+    UnreadableFileError,
+    atomic_write_jsonl,
+    check_shape,
+    sha256_file,
+)
 from sapt_dist.checkpoint.run_state import StateDamagedError
 from sapt_dist.config import RunConfig
 from sapt_dist.data.tasks import (
@@ -160,17 +165,21 @@ def real_samples(task: TaskData, n: int, seed: int) -> list[dict]:
     ]
 
 
+#: one pseudo-sample (a line of ``pseudo/<task>.jsonl``)
+PSEUDO_SAMPLE = {"definition": str, "input": str, "output?": str}
+
+
 def load_jsonl(path: Path) -> list[dict]:
+    """The pseudo-samples of one file, each line's shape checked (:data:`PSEUDO_SAMPLE`)."""
     rows = []
+    how = "delete the file and the run's state/step to make these pseudo-samples again"
     for i, line in enumerate(Path(path).read_text().splitlines()):
         if line.strip():
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UnreadableFileError(
-                    f"{path}:{i + 1}: not valid JSON ({e}); delete the file and the run's "
-                    f"state/step to make these pseudo-samples again"
-                ) from e
+                row = json.loads(line)
+            except (ValueError, RecursionError) as e:
+                raise UnreadableFileError(f"{path}:{i + 1}: not valid JSON ({e}); {how}") from e
+            rows.append(check_shape(row, PSEUDO_SAMPLE, f"{path}:{i + 1}", how))
     return rows
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from sapt_dist import distributed
+from sapt_dist.backbone.load import check_model_files
 from sapt_dist.checkpoint.blocks import block_provenance, save_blocks
 from sapt_dist.checkpoint.run_model import build_run_model
 from sapt_dist.checkpoint.run_state import RunState, lock_run_folder, unlock_run_folder
@@ -37,7 +38,7 @@ from sapt_dist.outputs.metrics import routing_summary, score_predictions
 from sapt_dist.outputs.report import write_report
 from sapt_dist.outputs.sharding import write_sharding
 from sapt_dist.outputs.timing import RunTiming
-from sapt_dist.outputs.tracking import Tracker, final_pending, open_tracker
+from sapt_dist.outputs.tracking import Tracker, final_pending, open_tracker, resolve_mode
 from sapt_dist.outputs.trajectory import RoutingTrajectory
 from sapt_dist.train.block import BlockJob, BlockTraining, TrainingDiverged, num_steps
 from sapt_dist.train.compile import check_device
@@ -81,6 +82,7 @@ class ContinualRun:
         # before any model loads
         tasks = load_run_tasks(cfg)
         resolve_batch(cfg, distributed.world_size())  # train.global_batch -> grad_accum
+        self._check_before_binding(len(tasks))  # so is every other key that needs no model
         self.state.check_or_save_config(cfg, distributed.world_size())
         progress = self.state.load_progress()
         names = [t.name for t in tasks]
@@ -111,21 +113,32 @@ class ContinualRun:
             self.tracker.log_final(_global_step(progress), results, self.out / "metrics")
         return results
 
-    def _set_up(self, tasks: list, progress: dict) -> None:
-        """Everything before the first task trains: checks that need no model, the tracker,
-        the process group and DeepSpeed config, the model (from the run folder's blocks on a
-        resume), the method's penalty, the encoded tasks."""
+    def _check_before_binding(self, n_tasks: int) -> None:
+        """The checks that need no model, before the folder is bound to this config (a
+        start that fails here leaves nothing that refuses the corrected command): the
+        slots, the model files (weights unread), graph mode's device, the DeepSpeed config,
+        the tracking mode."""
         cfg = self.cfg
         try:
-            n_slots = self.method.n_slots(len(tasks), cfg.adapter.n_slots)
+            self.n_slots = self.method.n_slots(n_tasks, cfg.adapter.n_slots)
         except ValueError as e:
             raise ConfigError(str(e)) from e
+        check_model_files(cfg.model)
         # graph mode's CUDA graphs need a GPU: say so before any model loads
         check_device(
             cfg.train.compile, torch.device("cuda" if torch.cuda.is_available() else "cpu")
         )
         # read (and checked) once, before the model loads
         self.ds_config = distributed.run_engine_config(cfg)
+        if cfg.tracking.backend != "none":
+            resolve_mode(cfg.tracking.mode)  # tracking.mode=online without a W&B key
+
+    def _set_up(self, tasks: list, progress: dict) -> None:
+        """Everything before the first task trains: the tracker, the process group and
+        DeepSpeed config, the model (from the run folder's blocks on a resume), the
+        method's penalty, the encoded tasks."""
+        cfg = self.cfg
+        n_slots = self.n_slots
         # before the process group: a tracking config error stops every rank alike
         self.tracker = open_tracker(
             cfg, {"world_size": distributed.world_size(), "task_names": [t.name for t in tasks]}
