@@ -240,10 +240,10 @@ def test_predict_inputs(workdir, suffix, lines, texts, definition, batch) -> Non
     path = out / f"inputs{suffix}"
     path.write_text("\n".join(lines), encoding="utf-8", errors="surrogatepass")
     args = [str(run), "--input", str(path), "--output", str(out / "preds.jsonl")]
-    for t in texts:
-        args += ["--text", t]
+    for t in texts:  # "=": a text may start with "-", as a user would pass it
+        args += [f"--text={t}"]
     if definition is not None:
-        args += ["--definition", definition]
+        args += [f"--definition={definition}"]
     if batch is not None:
         args += ["--batch-size", str(batch)]
     before = _snapshot(workdir, skip=out)
@@ -258,6 +258,8 @@ def test_predict_inputs(workdir, suffix, lines, texts, definition, batch) -> Non
             rc = predict_main(args)
         except _Reached:
             rc = 0
+        except SystemExit as e:  # argparse's usage error: one line and exit 2
+            rc = e.code
     event(f"exit {rc}")
     assert rc in (0, 2)
     assert _snapshot(workdir, skip=out) == before, "changed the run folder or wrote outside"

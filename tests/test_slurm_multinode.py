@@ -23,7 +23,7 @@ import pytest
 
 from .conftest import subprocess_env
 from .test_distributed import TINY, ZERO3, _assert_same_results, _cmd
-from .test_engine import ROOT
+from .test_run import ROOT
 from .test_slurm import _fail_or_skip, _job, _log_tail, _release, _wait
 
 #: the tests' own cluster: state folder, bridge, subnet and controller ports that no
