@@ -259,3 +259,22 @@ def test_bad_instruction_file_stops_the_run_before_any_model(tmp_path: Path) -> 
     )
     with pytest.raises(ConfigError, match=r"inst\.json: key 'cb'\[0\]: 'instruction_type'"):
         load_run_tasks(cfg)
+
+
+def test_metric_auto_says_what_it_chose_and_why(tmp_path: Path, caplog) -> None:
+    """A Long Sequence task copied outside a Long_Sequence/ folder keeps exact match when
+    it carries its labels.json; the log says which metric and why."""
+    folder = _task(tmp_path, "cb", ["Which?"])
+    mine = tmp_path / "my_tasks" / "cb"
+    mine.parent.mkdir()
+    folder.rename(mine)
+    long_ = DataConfig(template=LONG)
+    with caplog.at_level("INFO", logger="sapt_dist.data.tasks"):
+        assert load_task(mine.parent, "cb", long_, seed=0).metric == "rouge"
+    assert "data.metric=auto -> rouge" in caplog.text and "no labels.json" in caplog.text
+    (mine / "labels.json").write_text('["A", "B"]')
+    caplog.clear()
+    with caplog.at_level("INFO", logger="sapt_dist.data.tasks"):
+        assert load_task(mine.parent, "cb", long_, seed=0).metric == "exact"
+    assert "data.metric=auto -> exact" in caplog.text and "labels.json lists" in caplog.text
+    assert load_task(mine.parent, "cb", DataConfig(metric="rouge"), seed=0).metric == "rouge"
