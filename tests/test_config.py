@@ -255,7 +255,10 @@ def test_template_by_name():
 
     cfg = load_config(preset_path("demo"), ["data.template=long_sequence"])
     assert cfg.data.template == "{definition}\n{input}\nOutput: " == TEMPLATES["long_sequence"]
-    assert load_config(None, ["model.builder=demo", "data.template=superni"]).data.template == DataConfig().template
+    assert (
+        load_config(None, ["model.builder=demo", "data.template=superni"]).data.template
+        == DataConfig().template
+    )
     with pytest.raises(
         ConfigError, match=r"'data\.template': 'long_seq' is neither .*long_sequence"
     ):
