@@ -140,8 +140,10 @@ class DataConfig:
     tasks: list[str] = field(default_factory=list)
     #: Skip tasks of a named order that the data folder lacks (they are listed in the log).
     skip_missing_tasks: bool = True
-    #: Prompt template; ``{definition}`` and ``{input}`` are filled in. The default is the
-    #: SuperNI one; the released Long Sequence loader's is ``"{definition}\n{input}\nOutput: "``.
+    #: Prompt template; ``{definition}`` and ``{input}`` are filled in. Or the name of one in
+    #: ``TEMPLATES``: ``superni`` (the default) or ``long_sequence``, the released Long
+    #: Sequence loader's ``"{definition}\n{input}\nOutput: "`` (no newlines to type on a
+    #: command line); the name is replaced by its text when the config loads.
     #: For a task with no instruction, a line holding only ``{definition}`` is left out,
     #: newline and all (as that loader does); a template without such a line needs one.
     template: str = (
@@ -178,6 +180,13 @@ class DataConfig:
     metric: Literal["auto", "rouge", "exact"] = "auto"
 
 
+#: ``data.template`` by name: the released pipelines' prompt templates
+TEMPLATES = {
+    "superni": DataConfig.template,
+    "long_sequence": "{definition}\n{input}\nOutput: ",
+}
+
+
 @dataclass
 class TrainConfig:
     """Optimisation of each task's block."""
@@ -203,6 +212,10 @@ class TrainConfig:
     seed: int = 42
     #: Save a resumable checkpoint every N optimizer steps (0: only at task ends).
     checkpoint_every: int = 0
+    #: CPU threads per process for torch's kernels (``torch.set_num_threads``); ``None``:
+    #: torch's choice (OMP_NUM_THREADS, else the cores). The result of a CPU run depends on
+    #: it (float sums split differently), so the CPU demo fixes it (docs/BENCHMARKS.md).
+    threads: int | None = None
     #: Optimizer steps with a NaN / infinite loss or weights that are undone and skipped
     #: (their batch dropped) before the run stops; it stops with a checkpoint of the last
     #: good step (exit 3). A restart may raise it to step over a bad batch.
@@ -397,7 +410,15 @@ class RunConfig:
         )
 
     def validate(self) -> None:
-        """Impossible values, named by key."""
+        """Impossible values, named by key (a ``data.template`` name becomes its text)."""
+        t = self.data.template
+        if t in TEMPLATES:
+            self.data.template = TEMPLATES[t]
+        elif "{input}" not in t:
+            raise ConfigError(
+                f"config key 'data.template': {t!r} is neither a template (it has no "
+                f"'{{input}}') nor the name of one ({', '.join(sorted(TEMPLATES))})"
+            )
         checks = [
             (self.adapter.rank >= 1, "adapter.rank", "must be >= 1"),
             (self.adapter.alpha > 0, "adapter.alpha", "must be > 0"),
@@ -447,6 +468,11 @@ class RunConfig:
             (self.train.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1"),
             (self.train.grad_accum >= 1, "train.grad_accum", "must be >= 1"),
             (self.train.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0"),
+            (
+                self.train.threads is None or self.train.threads >= 1,
+                "train.threads",
+                "must be >= 1 or null",
+            ),
             (self.train.nonfinite_tolerance >= 0, "train.nonfinite_tolerance", "must be >= 0"),
             (
                 self.train.global_batch is None
@@ -865,17 +891,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping of config keys")
         tree = loaded
+    given: dict[str, str] = {}  # key -> the override that set it
     for ov in overrides or []:
         if "=" not in ov:
             raise ConfigError(f"override {ov!r} must look like key.sub=value")
         key, text = ov.split("=", 1)
         _set_dotted(tree, key.strip(), _parse_scalar(text, key.strip()))
+        given[key.strip()] = ov
     try:
         cfg = _build(RunConfig, tree)
         cfg.validate()
     except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
+        raise ConfigError(f"{_source(str(e), given, where)}: {e}") from None
     return cfg
+
+
+def _source(message: str, given: dict[str, str], where: str) -> str:
+    """Where the key an error names came from: the command line's override that set it
+    (or a section above it), else the file (``where``)."""
+    m = re.search(r"config key '([^'\[ ]+)", message)
+    if m:
+        key = m.group(1)
+        for k, ov in given.items():
+            if key == k or key.startswith(k + "."):
+                return f"command line override {ov!r}"
+    return where
 
 
 # --------------------------------------------------------------------------- DeepSpeed configs

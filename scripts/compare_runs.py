@@ -79,7 +79,8 @@ def diff(a: Path, b: Path) -> int:
     bad, n = 0, 0
     files_a = {p.relative_to(a) for p in a.rglob("*") if p.is_file()}
     files_b = {p.relative_to(b) for p in b.rglob("*") if p.is_file()}
-    skip = {"run.log", "run.lock", "sharding.json"}  # logs; peak memory and timing only
+    # logs; peak memory and timing only; the machine and time of each start
+    skip = {"run.log", "run.lock", "sharding.json", "environment.json"}
     for rel in sorted(files_a | files_b):
         if rel.name in skip or rel.suffix == ".png" or "wandb" in rel.parts:
             continue

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from sapt_dist.config import ConfigError, RunConfig, load_config
+from sapt_dist.config import ConfigError, DataConfig, RunConfig, load_config, preset_path
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "sapt_dist" / "presets").glob("*.yaml"))
@@ -223,3 +224,48 @@ def test_released_choices_line_in_reproduce_loads():
     )
     assert got == ("right", "released", "down", "per_task", "normal", "cut_with_target")
     assert " ".join(overrides) in " ".join((ROOT / "docs/PAPER_FIDELITY.md").read_text().split())
+
+
+def test_errors_name_where_the_key_came_from(tmp_path):
+    """A key typed on the command line is the command line's error, not the preset's
+    (issue 24: '.../presets/demo.yaml: unknown config key 'data.max_tran''); a key of
+    the file is the file's."""
+    demo = preset_path("demo")
+    with pytest.raises(ConfigError) as err:
+        load_config(demo, ["data.max_tran=5"])
+    msg = str(err.value)
+    assert msg.startswith("command line override 'data.max_tran=5': unknown config key")
+    assert "demo.yaml" not in msg
+    with pytest.raises(ConfigError, match=r"^command line override 'train\.lr=-1': .*train\.lr"):
+        load_config(demo, ["train.lr=-1"])
+    with pytest.raises(
+        ConfigError, match=r"^command line override 'per_task=\{x: \{epochs: 0\}\}'"
+    ):
+        load_config(demo, ["per_task={x: {epochs: 0}}"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  max_tran: 5\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(bad))}: unknown config key"):
+        load_config(bad, ["train.lr=1e-4"])
+
+
+def test_template_by_name():
+    """data.template=long_sequence instead of newlines on a command line; an unknown name
+    is an error that lists the names."""
+    from sapt_dist.config import TEMPLATES
+
+    cfg = load_config(preset_path("demo"), ["data.template=long_sequence"])
+    assert cfg.data.template == "{definition}\n{input}\nOutput: " == TEMPLATES["long_sequence"]
+    assert (
+        load_config(None, ["model.builder=demo", "data.template=superni"]).data.template
+        == DataConfig().template
+    )
+    with pytest.raises(
+        ConfigError, match=r"'data\.template': 'long_seq' is neither .*long_sequence"
+    ):
+        load_config(None, ["model.builder=demo", "data.template=long_seq"])
+
+
+def test_train_threads_checked():
+    assert load_config(None, ["model.builder=demo", "train.threads=2"]).train.threads == 2
+    with pytest.raises(ConfigError, match=r"'train\.threads' must be >= 1"):
+        load_config(None, ["model.builder=demo", "train.threads=0"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from sapt_dist.checkpoint.blocks import (
 )
 from sapt_dist.config import load_config
 from sapt_dist.data.tasks import collate_prompts
-from sapt_dist.method.generation import generate_texts, routing_weights
+from sapt_dist.method.generation import generate_texts, pooled_prompts, routing_weights
 from sapt_dist.outputs.inference import (
     InputError,
     encode_inputs,
@@ -171,6 +172,25 @@ def test_routing_explanation_equals_engine_diagnostics(run_dir, tmp_path):
     assert all(r["routing"]["own_block"] is None for r in rows)  # no task known
     page = html.read_text()
     assert page.count("<tr>") == 3 and all(t in page for t in TASKS)
+    # a report that explains itself: each input in full (wrapped, not cut to 40
+    # characters), no empty prediction column for routing only, readable as any file
+    # written under the umask (the conftest's 0022 or the user's)
+    assert "the film was a joy</td>" in page and "<th>prediction</th>" not in page
+    assert "routing only (sapt-route)" in page
+    umask = os.umask(0)
+    os.umask(umask)
+    assert html.stat().st_mode & 0o777 == 0o666 & ~umask
+    # beside the key scores: the input's distance to each task's centre (the run's saved
+    # mean pooled training prompts under router_center=tasks), the nearest one named
+    u = pooled_prompts(model, encode_inputs(loaded, recs), tok.pad_token_id, 8)
+    centres = r.task_means[: len(TASKS)]
+    for row, ui in zip(rows, u, strict=True):
+        d = row["routing"]["distances"]
+        ref = torch.linalg.vector_norm(ui - centres, dim=1).tolist()
+        assert list(d.values()) == pytest.approx(ref, rel=1e-5)
+        assert row["routing"]["nearest_task"] == TASKS[min(range(3), key=ref.__getitem__)]
+        assert "kept by the run" in row["routing"]["centre_source"]
+    assert page.count("d ") >= 6 and "nearest task centre" in page
     png = tmp_path / "route.png"
     assert route_main([*args, "--output", str(tmp_path / "x.jsonl"), "--report", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -499,3 +519,44 @@ def test_routing_verdict_in_words() -> None:
         "boolq": {"own_block": 0, "inputs": 1},
     }
     assert "1 of 2 with a known task went to their own task's block (50.0%)" in v["text"]
+
+
+def test_routing_report_shows_inputs_and_predictions_in_full(tmp_path) -> None:
+    """No model needed: an input far longer than 40 characters is in the page whole (its
+    HTML-escaped text), a predicting report has its prediction column filled, and the
+    PNG's labels come from the inputs."""
+    from sapt_dist.outputs.inference import routing_report
+
+    long_input = "A review: " + "the plot <thickens> & " * 8 + "the end."
+    blocks = ["task_a", "task_b"]
+    rows = [
+        {
+            "id": "7",
+            "input": long_input,
+            "prediction": "POS",
+            "routing": judge_routing(
+                {
+                    "weights": {"task_a": 0.9, "task_b": 0.1},
+                    "top": [{"block": "task_a", "slot": 0, "weight": 0.9}],
+                    "scores": {"task_a": 1.5, "task_b": -0.7},
+                    "entropy": 0.33,
+                    "max_entropy": 0.69,
+                    "disabled": [],
+                    "distances": {"task_a": 1.25, "task_b": 3.5},
+                    "nearest_task": "task_a",
+                    "centre_source": "test centres",
+                },
+                "task_a",
+                blocks,
+            ),
+        }
+    ]
+    page = routing_report(tmp_path / "r.html", rows, blocks).read_text()
+    import html as html_mod
+
+    assert html_mod.escape(long_input) in page
+    assert "<th>prediction</th>" in page and '<td class="text">POS</td>' in page
+    assert "d 1.25 &#9679;" in page and "nearest task centre: task_a" in page
+    assert "test centres" in page
+    png = routing_report(tmp_path / "r.png", rows, blocks)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

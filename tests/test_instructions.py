@@ -16,6 +16,7 @@ import pytest
 from sapt_dist.config import ConfigError, DataConfig, load_config
 from sapt_dist.data.instructions import read_instructions, shipped_instructions
 from sapt_dist.data.tasks import (
+    ORDERS,
     TaskDataError,
     encode_prompt,
     format_prompt,
@@ -44,6 +45,11 @@ RELEASED = {
     "WiC": "Given a word and two sentences, whether the word is used with the same sense in "
     "both sentence? Choose one from the option.",
 }
+#: ours (docs: sapt_dist/data/instruction_files/README.md): no release has one for COPA
+COPA = (
+    "Which option is the more plausible cause or effect of the premise, as the question asks? "
+    "Choose one from the option."
+)
 #: each Long Sequence task's type in O-LoRA's configs/long_configs/<task>/train_tasks.json
 TYPES = {
     "mnli": "NLI",
@@ -152,14 +158,16 @@ def test_shipped_file_has_the_released_texts() -> None:
     assert shipped_instructions() == ["long_sequence"]
     got = read_instructions("long_sequence")
     assert got is not None and "shipped" in got.path
-    assert got.by_task == {task: RELEASED[kind] for task, kind in TYPES.items()}
-    assert "copa" not in got.by_task  # neither release has an instruction for COPA
+    # neither release has an instruction for COPA: ours, in the released texts' form
+    assert got.by_task == {**{task: RELEASED[kind] for task, kind in TYPES.items()}, "copa": COPA}
+    # every task of the Long Sequence benchmark (the orders' 15) has its instruction
+    assert set(ORDERS["long_3"]) == set(ORDERS["long_4"]) == set(got.by_task)
 
 
 def test_task_without_definition(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """copa-like (``"Definition": []``): the instruction file's entry, else no definition
+    """A task of one's own without a definition (``"Definition": []``): the instruction file's entry, else no definition
     line under a template that can leave it out, else an error naming both files."""
-    train = _task(tmp_path, "copa", []) / "train.json"
+    train = _task(tmp_path, "piqa", []) / "train.json"
     _task(tmp_path, "cb", [])
     _task(tmp_path, "rte", ["Does sentence 1 entail sentence 2?\n"])
     long_ = DataConfig(template=LONG, instructions="long_sequence")
@@ -174,28 +182,28 @@ def test_task_without_definition(tmp_path: Path, caplog: pytest.LogCaptureFixtur
     assert rte.definition_from.endswith("rte/train.json")
 
     with caplog.at_level("INFO", logger="sapt_dist.data.tasks"):
-        copa = load_task(tmp_path, "copa", long_, seed=0)
-    assert copa.definition == "" and copa.definition_from == ""
+        piqa = load_task(tmp_path, "piqa", long_, seed=0)
+    assert piqa.definition == "" and piqa.definition_from == ""
     assert "leave the definition line out" in caplog.text
-    x = copa.splits["test"]["input"][0]
-    assert format_prompt(long_.template, copa.definition, x) == x + "\nOutput: "
+    x = piqa.splits["test"]["input"][0]
+    assert format_prompt(long_.template, piqa.definition, x) == x + "\nOutput: "
 
     # a template that needs a definition: the error names the task file and the instruction file
-    with pytest.raises(TaskDataError, match=r"task copa: no instruction") as err:
-        load_task(tmp_path, "copa", DataConfig(instructions="long_sequence"), seed=0)
+    with pytest.raises(TaskDataError, match=r"task piqa: no instruction") as err:
+        load_task(tmp_path, "piqa", DataConfig(instructions="long_sequence"), seed=0)
     msg = str(err.value)
     assert str(train) in msg and "missing or empty 'Definition'" in msg
     assert "sapt_dist/data/instruction_files/long_sequence.json" in msg
-    assert "has no entry 'copa'" in msg
+    assert "has no entry 'piqa'" in msg
     with pytest.raises(TaskDataError, match=r"no instruction file is set .*data\.instructions"):
-        load_task(tmp_path, "copa", DataConfig(), seed=0)
+        load_task(tmp_path, "piqa", DataConfig(), seed=0)
 
     # an instruction file of one's own, by path
     own = tmp_path / "mine.json"
     own.write_text(
         json.dumps(
             {
-                "copa": [
+                "piqa": [
                     {"instruction_type": "few-shot", "instruction": "not this one"},
                     {"instruction_type": "zero-shot", "instruction": " Pick A or B.\n"},
                     {"instruction_type": "zero-shot", "instruction": "nor this one"},
@@ -203,8 +211,8 @@ def test_task_without_definition(tmp_path: Path, caplog: pytest.LogCaptureFixtur
             }
         )
     )
-    copa = load_task(tmp_path, "copa", DataConfig(instructions=str(own)), seed=0)
-    assert copa.definition == "Pick A or B." and copa.definition_from == str(own)
+    piqa = load_task(tmp_path, "piqa", DataConfig(instructions=str(own)), seed=0)
+    assert piqa.definition == "Pick A or B." and piqa.definition_from == str(own)
 
 
 @pytest.mark.parametrize(
@@ -251,3 +259,22 @@ def test_bad_instruction_file_stops_the_run_before_any_model(tmp_path: Path) -> 
     )
     with pytest.raises(ConfigError, match=r"inst\.json: key 'cb'\[0\]: 'instruction_type'"):
         load_run_tasks(cfg)
+
+
+def test_metric_auto_says_what_it_chose_and_why(tmp_path: Path, caplog) -> None:
+    """A Long Sequence task copied outside a Long_Sequence/ folder keeps exact match when
+    it carries its labels.json; the log says which metric and why."""
+    folder = _task(tmp_path, "cb", ["Which?"])
+    mine = tmp_path / "my_tasks" / "cb"
+    mine.parent.mkdir()
+    folder.rename(mine)
+    long_ = DataConfig(template=LONG)
+    with caplog.at_level("INFO", logger="sapt_dist.data.tasks"):
+        assert load_task(mine.parent, "cb", long_, seed=0).metric == "rouge"
+    assert "data.metric=auto -> rouge" in caplog.text and "no labels.json" in caplog.text
+    (mine / "labels.json").write_text('["A", "B"]')
+    caplog.clear()
+    with caplog.at_level("INFO", logger="sapt_dist.data.tasks"):
+        assert load_task(mine.parent, "cb", long_, seed=0).metric == "exact"
+    assert "data.metric=auto -> exact" in caplog.text and "labels.json lists" in caplog.text
+    assert load_task(mine.parent, "cb", DataConfig(metric="rouge"), seed=0).metric == "rouge"

@@ -209,7 +209,7 @@ for name in presets:
     cfg = load_config(str(resources.files("sapt_dist") / "presets" / name), ["model.path=/weights"])
     run_engine_config(cfg)
 from sapt_dist.data.instructions import read_instructions
-assert len(read_instructions("long_sequence").by_task) == 14
+assert len(read_instructions("long_sequence").by_task) == 15  # the 15 Long Sequence tasks
 print(len(presets), "presets")
 """
     proc = subprocess.run(

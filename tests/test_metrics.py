@@ -186,3 +186,18 @@ def test_scoring_best_of_references_or_the_released_codes_one():
     assert score_predictions(preds, refs, "exact", "released") == got  # the same pick again
     with pytest.raises(ValueError, match="unknown scoring"):
         score_predictions(preds, refs, "exact", "first")
+
+
+def test_plot_labels_are_wrapped_not_cut():
+    """Task names in plot labels and titles stay whole (issue 24: truncated titles of the
+    routing-trajectory plot): wrapped at '_' / '-' / spaces, every character kept."""
+    from sapt_dist.outputs.metrics import wrap_label
+    from sapt_dist.outputs.report import slot_labels
+
+    name = "task1510_evalution_relation_extraction"
+    text = f"dev inputs of {name}"
+    wrapped = wrap_label(text, 20)
+    assert "".join(wrapped.split()) == "".join(text.split())  # nothing cut
+    assert all(len(line) <= 22 for line in wrapped.splitlines()) and "\n" in wrapped
+    assert wrap_label("short") == "short"
+    assert slot_labels(["a", "b"], 3) == ["block 1: a", "block 2: b", "slot 2"]

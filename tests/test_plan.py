@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -236,14 +237,31 @@ def test_cli_table_json_and_markdown(capsys):
     assert "| llama2-70b bf16 x1 |" in md and "NO (80)" in md
 
 
+def _submission(out: str) -> tuple[list[str], list[str]]:
+    """The printed sbatch command: its sbatch arguments and its sapt-train overrides."""
+    lines = out[out.index("submit (from the repository root):") :].splitlines()[1:]
+    lines = [x for x in lines if not x.startswith("#")]
+    cmd = " ".join(x.rstrip("\\").strip() for x in lines if x.strip())
+    words = re.findall(r"\S+=<[^>]*>|\S+", cmd)  # a placeholder is one word
+    at = next(i for i, w in enumerate(words) if w.endswith(".sbatch"))
+    return words[: at + 1], words[at + 1 :]
+
+
 def test_cli_ends_with_the_sbatch_command_of_the_plan(capsys):
     """The table's last lines are the submission that runs the planned layout: the
-    one-node or multi-node script, the GPU counts and the overrides the estimate assumed;
-    a plan that does not fit is commented out with what to change."""
+    one-node or multi-node script, the GPU counts, the keys the run needs that the config
+    does not give (named placeholders) and the overrides the estimate assumed; a plan that
+    does not fit is commented out with what to change."""
     assert main(["--model", "llama2-13b", "--gpus-per-node", "8", "--nodes", "2"]) == 0
-    tail = capsys.readouterr().out.strip().splitlines()[-2:]
-    assert tail[0] == ("sbatch --nodes=2 --gpus-per-node=8 slurm/train_multinode.sbatch my.yaml \\")
-    assert tail[1].split() == [
+    out = capsys.readouterr().out
+    tail = out.strip().splitlines()[-4:]
+    assert (
+        tail[0]
+        == "# replace each <...>: keys the run needs that my.yaml (your run config) may not set"
+    )
+    assert tail[1] == ("sbatch --nodes=2 --gpus-per-node=8 slurm/train_multinode.sbatch my.yaml \\")
+    assert tail[2] == "    model.path=<your model folder> data.root=<your CL_Benchmark folder> \\"
+    assert tail[3].split() == [
         "model.dtype=bfloat16",
         "train.micro_batch_size=2",
         "model.gradient_checkpointing=true",
@@ -251,15 +269,45 @@ def test_cli_ends_with_the_sbatch_command_of_the_plan(capsys):
     ]
     argv = ["--model", "llama2-7b", "--gpus-per-node", "4", "--quant", "nf4"]
     assert main([*argv, "--micro-batch", "4", "--run-config", "llama2_7b_superni_order1"]) == 0
-    tail = capsys.readouterr().out.strip().splitlines()[-2:]
+    tail = capsys.readouterr().out.strip().splitlines()[-3:]
     assert tail[0].startswith("sbatch --ntasks-per-node=4 --gpus-per-task=1 slurm/train.sbatch")
     assert tail[0].split()[-2].endswith("presets/llama2_7b_superni_order1.yaml")
-    assert "train.micro_batch_size=4" in tail[1] and "model.quantization=nf4" in tail[1]
-    assert "deepspeed_config" not in tail[1]  # the run config keeps its own
+    assert "train.micro_batch_size=4" in tail[2] and "model.quantization=nf4" in tail[2]
+    assert "deepspeed_config" not in tail[2]  # the run config keeps its own
     assert main(["--model", "llama2-70b", "--gpus-per-node", "1", "--gpu-mem", "24"]) == 0
-    tail = capsys.readouterr().out.strip().splitlines()[-3:]
+    tail = capsys.readouterr().out.strip().splitlines()[-5:]
     assert tail[0].startswith("# does not fit 24 GiB per GPU")
     assert all(line.startswith("# ") for line in tail)
+
+
+@pytest.mark.parametrize(
+    "preset", ["llama2_13b_superni_order1", "llama2_7b_long_order3", "t5_large_superni_order1"]
+)
+def test_printed_submission_loads_once_its_placeholders_are_filled(
+    preset, capsys, tmp_path, monkeypatch
+):
+    """What failed after queueing (issue 24): the printed command's overrides, applied to
+    its config as the batch script's sapt-train does, are a complete config once each
+    named placeholder is filled in, and each placeholder is needed (without it: exit 2's
+    'is required' or a data folder that is not there)."""
+    from sapt_dist.config import ConfigError, load_config
+
+    monkeypatch.chdir(tmp_path)  # a login node: the presets' ../shared/data is not there
+    argv = ["--model", "t5-large" if preset.startswith("t5") else "llama2-13b"]
+    assert main([*argv, "--gpus-per-node", "8", "--nodes", "2", "--run-config", preset]) == 0
+    sbatch, (config, *overrides) = _submission(capsys.readouterr().out)
+    assert sbatch[-1] == "slurm/train_multinode.sbatch" and config.endswith(f"{preset}.yaml")
+    holes = [o for o in overrides if "<" in o]
+    assert {h.split("=")[0] for h in holes} == {"model.path", "data.root"}
+    assert "model.path=<your model folder>" in holes
+    (tmp_path / "CL_Benchmark").mkdir()
+    filled = {"model.path": "/models/x", "data.root": str(tmp_path / "CL_Benchmark")}
+    done = [f"{o.split('=')[0]}={filled[o.split('=')[0]]}" if "<" in o else o for o in overrides]
+    cfg = load_config(config, done)
+    assert cfg.model.path == "/models/x" and cfg.data.root == filled["data.root"]
+    without = [o for o in done if not o.startswith("model.path=")]
+    with pytest.raises(ConfigError, match=r"'model\.path' is required"):
+        load_config(config, without)
 
 
 def test_cli_reads_a_preset_and_a_ds_config(tmp_path, capsys):

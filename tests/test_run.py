@@ -985,3 +985,31 @@ def test_every_method_row_runs_as_its_row_says(tmp_path, name):
         stage = record["stage"]
         learned = [names[j] for j in row.tasks_learned(stage, 2)]
         assert [d["task"] for d in record["data"]] == learned, (i, record["task"])
+
+
+def test_environment_is_recorded_per_start(tmp_path, caplog):
+    """What a run's numbers depend on besides its config (issue 24: a user could not tell
+    a broken install from expected variation): versions and CPU threads, in run.log and
+    in environment.json beside config.yaml, one entry per start; train.threads is what
+    torch then uses."""
+    import importlib.metadata as md
+
+    from sapt_dist.train.run import record_environment
+
+    cfg = load_config(
+        ROOT / "sapt_dist/presets/demo.yaml", [f"output_dir={tmp_path}/run", "train.threads=1"]
+    )
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(cfg.train.threads)
+        with caplog.at_level("INFO", logger="sapt_dist.train.run"):
+            record_environment(cfg)
+            env = record_environment(cfg)
+    finally:
+        torch.set_num_threads(before)
+    starts = json.loads((tmp_path / "run/environment.json").read_text())["starts"]
+    assert len(starts) == 2 and starts[1]["threads"] == 1 == env["threads"]
+    assert starts[1]["threads_from"] == "train.threads"
+    for name in ("torch", "transformers", "peft", "deepspeed"):
+        assert starts[1]["versions"][name] == md.version(name)
+    assert f"torch {md.version('torch')}" in caplog.text and "1 CPU thread(s)" in caplog.text

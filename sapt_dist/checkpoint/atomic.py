@@ -234,6 +234,25 @@ def save_safetensors(tensors: dict[str, Any], path: str | Path, shown_as: str | 
         save_file(tensors, str(path))
 
 
+def _umask() -> int:
+    """The process's umask (``/proc/self/status`` where there is one: setting the umask to
+    read it would race with other threads' file creation)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def _as_created(path: str | Path, is_dir: bool = False) -> None:
+    """Give a ``tempfile`` file (0600) or folder (0700) the mode ``open`` / ``mkdir`` would
+    have given it under the umask (0644 / 0755 under 0022): a report written atomically is
+    as readable as one written directly."""
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
     """Open a temporary sibling of ``path`` for writing; when the block ends it is flushed,
@@ -243,6 +262,7 @@ def atomic_file(path: str | Path, mode: str = "w") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        _as_created(tmp)
         with writing(path), os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -313,6 +333,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     recover_dir(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
+        _as_created(tmp, is_dir=True)
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

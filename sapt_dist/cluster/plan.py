@@ -1173,6 +1173,36 @@ def inputs_from_args(args: argparse.Namespace) -> PlanInputs:
     return inp
 
 
+#: what each required key's placeholder in the printed sbatch command asks for
+PLACEHOLDERS = {
+    "model.path": "model.path=<your model folder>",
+    "data.root": "data.root=<your CL_Benchmark folder>",
+}
+
+
+def required_placeholders(config_file: str | None) -> list[str]:
+    """The keys a submitted run needs that the run config does not give, as named
+    placeholders (``model.path=<your model folder>``): ``model.path`` when the config
+    leaves it empty (a real backbone), ``data.root`` when its folder is not there from
+    here (a preset's ``../shared/data``). Without a run config (``my.yaml``): both."""
+    if config_file is None:
+        return list(PLACEHOLDERS.values())
+    import yaml
+
+    try:
+        tree = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return list(PLACEHOLDERS.values())
+    model, data = tree.get("model") or {}, tree.get("data") or {}
+    out = []
+    if model.get("builder") != "demo" and not model.get("path"):
+        out.append(PLACEHOLDERS["model.path"])
+    root = data.get("root", "demo")
+    if root != "demo" and not Path(str(root)).expanduser().is_dir():
+        out.append(PLACEHOLDERS["data.root"])
+    return out
+
+
 def submit_command(inp: PlanInputs, fits: bool, config: str | None = None) -> str:
     """The ``sbatch`` command that runs the planned layout: the script for one node or
     several, the GPU counts, and the overrides the estimate assumed (dtype, 4-bit,
@@ -1186,6 +1216,7 @@ def submit_command(inp: PlanInputs, fits: bool, config: str | None = None) -> st
         cfg = config if Path(config).is_file() or not preset.is_file() else str(preset)
         if Path(cfg).resolve().is_relative_to(Path.cwd()):
             cfg = str(Path(cfg).resolve().relative_to(Path.cwd()))
+    needed = required_placeholders(cfg if config else None)
     sets = [
         f"model.dtype={'bfloat16' if inp.dtype == 'bf16' else 'float32'}",
         f"train.micro_batch_size={inp.micro_batch}",
@@ -1208,7 +1239,10 @@ def submit_command(inp: PlanInputs, fits: bool, config: str | None = None) -> st
             f"sbatch --nodes={inp.nodes} --gpus-per-node={inp.gpus_per_node} "
             f"slurm/train_multinode.sbatch {cfg}"
         )
-    line = head + " \\\n    " + " ".join(sets)
+    line = head + "".join(" \\\n    " + part for part in (" ".join(needed), " ".join(sets)) if part)
+    if needed:
+        who = "the config does" if config else "my.yaml (your run config) may"
+        line = f"# replace each <...>: keys the run needs that {who} not set\n" + line
     if not fits:
         return (
             f"# does not fit {inp.gpu_mem_gib:g} GiB per GPU: add GPUs (--nodes), use "

@@ -518,7 +518,8 @@ def load_task(
     if cfg.metric != "auto":
         metric = cfg.metric
     else:
-        metric = "exact" if benchmark == "Long_Sequence" else "rouge"
+        metric, why = auto_metric(folder, benchmark)
+        log.info("task %s: data.metric=auto -> %s (%s)", name, metric, why)
 
     labels = None
     lp = folder / "labels.json"
@@ -630,6 +631,24 @@ class PromptText(str):
 
 #: a template line that holds only the definition: left out for a task without one
 _DEFINITION_LINE = re.compile(r"^\{definition\}(?:\n|$)", re.MULTILINE)
+
+
+def auto_metric(folder: Path, benchmark: str) -> tuple[str, str]:
+    """What ``data.metric=auto`` scores a task folder with, and why in words: exact match
+    for a Long Sequence task (a folder under ``Long_Sequence/``, or one holding
+    ``labels.json``, the label words a Long Sequence classification task ships with,
+    wherever it was copied), ROUGE-L otherwise (SuperNI's generation tasks)."""
+    if benchmark == "Long_Sequence":
+        return "exact", f"its folder is under {folder.parent}, a Long_Sequence benchmark folder"
+    if (folder / "labels.json").is_file():
+        return "exact", (
+            f"{folder / 'labels.json'} lists its label words: a classification task in the "
+            f"Long Sequence format"
+        )
+    return "rouge", (
+        f"{folder} is not under Long_Sequence/ and has no labels.json; set data.metric=exact "
+        f"for a task scored by exact match"
+    )
 
 
 def omits_definition(template: str) -> bool:

@@ -54,7 +54,12 @@ from sapt_dist.data.tasks import (
     load_task,
     resolve_data_root,
 )
-from sapt_dist.method.generation import generate_texts, routing_scores, routing_weights
+from sapt_dist.method.generation import (
+    generate_texts,
+    pooled_prompts,
+    routing_scores,
+    routing_weights,
+)
 from sapt_dist.method.model import SAPTModel
 from sapt_dist.methods import METHODS
 
@@ -72,6 +77,7 @@ __all__ = [
     "reevaluate",
     "routing_report",
     "routing_verdict",
+    "task_centres",
     "task_inputs",
     "write_jsonl",
 ]
@@ -408,12 +414,82 @@ def encode_inputs(loaded: LoadedRun, records: list[InputRecord]) -> list[list[in
 
 
 # ---------------------------------------------------------------------------- routing
+#: training prompts per task that make its centre when the run did not keep one
+CENTRE_EXAMPLES = 256
+
+
+def task_centres(loaded: LoadedRun, batch_size: int | None = None) -> dict[str, Any] | None:
+    """Each block's task centre in the space the router reads (the max-pooled prompt
+    embedding): ``{"centres": {task: (d,) tensor}, "source": words}``.
+
+    A run with ``adapter.router_center=tasks`` kept every task's mean pooled training
+    prompt in its blocks (``router.task_means``); otherwise it is the mean over the task's
+    first ``CENTRE_EXAMPLES`` training prompts, read from the run's data. ``None`` (logged)
+    when neither is there: a data folder that is not on this machine.
+    """
+    import torch
+
+    router, names = loaded.model.router, loaded.blocks
+    n = len(names)
+    if bool(router.has_mean[:n].all()):
+        means = router.task_means[:n].float().cpu()
+        return {
+            "centres": {b: means[j] for j, b in enumerate(names)},
+            "source": "each task's mean pooled training prompt, kept by the run "
+            "(adapter.router_center=tasks)",
+        }
+    bs = batch_size or loaded.cfg.eval.batch_size
+    pad = loaded.tokenizer.pad_token_id
+    centres = {}
+    for b in names:
+        try:
+            records = task_inputs(loaded.cfg, b, "train")[:CENTRE_EXAMPLES]
+        except (TaskDataError, ConfigError, KeyError) as e:
+            log.info("no task centres: %s's training data is not readable here (%s)", b, e)
+            return None
+        if not records:
+            return None
+        u = pooled_prompts(loaded.model, encode_inputs(loaded, records), pad, bs)
+        centres[b] = u.double().mean(0).to(torch.float32)
+    return {
+        "centres": centres,
+        "source": f"the mean pooled prompt of each task's first {CENTRE_EXAMPLES} training "
+        f"examples, read from data.root",
+    }
+
+
+def _add_distances(
+    loaded: LoadedRun, prompts: list[list[int]], out: list[dict[str, Any]], bs: int
+) -> None:
+    """Per row: the input's Euclidean distance to each block's task centre (``distances``)
+    and the nearest task (``nearest_task``): whether the input looks like a task's
+    training prompts, next to what the keys scored."""
+    centres = task_centres(loaded, bs)
+    if centres is None:
+        return
+    import torch
+
+    names = list(centres["centres"])
+    c = torch.stack([centres["centres"][b] for b in names])
+    u = pooled_prompts(loaded.model, prompts, loaded.tokenizer.pad_token_id, bs)
+    d = torch.cdist(u.double(), c.double())
+    for row, dist in zip(out, d.tolist(), strict=True):
+        row["distances"] = dict(zip(names, dist, strict=True))
+        row["nearest_task"] = names[min(range(len(names)), key=dist.__getitem__)]
+        row["centre_source"] = centres["source"]
+
+
 def explain_routing(
-    loaded: LoadedRun, prompts: list[list[int]], batch_size: int | None = None, top_k: int = 3
+    loaded: LoadedRun,
+    prompts: list[list[int]],
+    batch_size: int | None = None,
+    top_k: int = 3,
+    distances: bool = True,
 ) -> list[dict[str, Any]]:
     """Per prompt: the weight on every block, the top blocks, the key scores before the
     softmax and the entropy of the weights in nats (both SAPT only; ``None`` for
-    baselines, whose weights are not an attention).
+    baselines, whose weights are not an attention); with ``distances``, the input's
+    distance to each block's task centre (:func:`task_centres`) and the nearest task.
 
     The weights are :func:`method.generation.routing_weights` (the run's diagnostics), the
     scores :func:`method.generation.routing_scores`, both batched alike.
@@ -446,6 +522,8 @@ def explain_routing(
                 "disabled": [names[j] for j in sorted(disabled)],
             }
         )
+    if attends and distances and prompts:
+        _add_distances(loaded, prompts, out, bs)
     return out
 
 
@@ -581,20 +659,27 @@ def _color(v: float) -> tuple[str, str]:
     return f"rgb({r},{g},{b})", "white" if v > 0.5 else "black"
 
 
+def _short(text: str, n: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 1] + "\u2026"
+
+
 def routing_report(
     path: str | Path, rows: list[dict[str, Any]], blocks: list[str], title: str = "routing"
 ) -> Path:
-    """A one-page heatmap of inputs x blocks: ``.html`` (a table, with top block, entropy
-    and prediction) or ``.png`` (matplotlib)."""
+    """A one-page heatmap of inputs x blocks: ``.html`` (a table: each input in full, its
+    weights and key scores, its distance to each task's centre where known, top block,
+    entropy, verdict and, from ``sapt-predict``, the prediction) or ``.png``
+    (matplotlib). The file's mode follows the umask, as any file the user writes."""
     path = Path(path)
     matrix = [[r["routing"]["weights"][b] for b in blocks] for r in rows]
-    labels = [f"{r['id']}: {r['input'][:40]}" for r in rows]
     if path.suffix == ".png":
         from sapt_dist.outputs.metrics import save_heatmap
 
         verdict = routing_verdict(rows)
         if verdict["known_task"]:
             title += f" ({verdict['own_block']}/{verdict['known_task']} to their own task's block)"
+        labels = [f"{r['id']}: {_short(r['input'])}" for r in rows]
         save_heatmap(matrix, labels, blocks, path, title, fmt=".2f", vmin=0.0, vmax=1.0)
         return path
     if path.suffix not in (".html", ".htm"):
@@ -603,51 +688,87 @@ def routing_report(
     head = "".join(
         f"<th>{html.escape(b)}{' (disabled)' if b in disabled else ''}</th>" for b in blocks
     )
+    predicted = any("prediction" in r for r in rows)
+    with_dist = any(r["routing"].get("distances") for r in rows)
     verdict = routing_verdict(rows)
     body = []
-    for r, ws, label in zip(rows, matrix, labels, strict=True):
+    for r, ws in zip(rows, matrix, strict=True):
         rt = r["routing"]
         scores = rt.get("scores") or {}
+        dists = rt.get("distances") or {}
         cells = []
         for b, w in zip(blocks, ws, strict=True):
             bg, fg = _color(w)
-            z = scores.get(b)
-            zs = (
-                ""
-                if z is None
-                else f'<br><small title="key score before the softmax">z {z:+.2f}</small>'
-            )
+            z, d = scores.get(b), dists.get(b)
+            extra = ""
+            if z is not None:
+                extra += f'<br><small title="key score before the softmax">z {z:+.2f}</small>'
+            if d is not None:
+                near = " &#9679;" if rt.get("nearest_task") == b else ""
+                extra += (
+                    f'<br><small title="distance of the input to this task\'s centre">'
+                    f"d {d:.2f}{near}</small>"
+                )
             own = rt.get("task") == b
             border = ";outline:2px solid #d95f02" if own else ""
-            cells.append(f'<td style="background:{bg};color:{fg}{border}">{w:.3f}{zs}</td>')
+            cells.append(f'<td style="background:{bg};color:{fg}{border}">{w:.3f}{extra}</td>')
         ent = "" if rt["entropy"] is None else f"{rt['entropy']:.3f}"
         top = rt["top"][0]["block"] if rt["top"] else ""
         mark = {True: "&#10003;", False: "&#10007;", None: ""}[rt.get("own_block")]
         style = ' style="color:#b00"' if rt.get("own_block") is False or rt.get("weak") else ""
+        note = rt.get("note", "")
+        if rt.get("nearest_task"):
+            near = rt["nearest_task"]
+            note += f"; nearest task centre: {near}" + (
+                "" if near == top else f" (not the top block {top})"
+            )
         body.append(
-            f'<tr><th title="{html.escape(r["input"])}">{html.escape(label)}</th>'
+            f'<tr><td class="input"><b>{html.escape(str(r["id"]))}</b> '
+            f"{html.escape(r['input'])}</td>"
             + f"<td>{html.escape(rt.get('task') or '')}</td>"
             + "".join(cells)
             + f"<td>{html.escape(top)} {mark}</td><td>{ent}</td>"
-            + f"<td{style}>{html.escape(rt.get('note', ''))}</td>"
-            + f"<td>{html.escape(str(r.get('prediction', '')))}</td></tr>"
+            + f'<td class="text"{style}>{html.escape(note)}</td>'
+            + (
+                f'<td class="text">{html.escape(str(r.get("prediction", "")))}</td>'
+                if predicted
+                else ""
+            )
+            + "</tr>"
         )
+    source = next((r["routing"]["centre_source"] for r in rows if with_dist), "")
+    dist_text = (
+        f" Below the score, d: the input's distance (max-pooled prompt embedding, the "
+        f"router's input) to each task's centre, {html.escape(source)}; &#9679; marks the "
+        f"nearest: an input far from its chosen block's centre was routed by the key, not by "
+        f"looking like that task's training prompts."
+        if with_dist
+        else ""
+    )
+    pred_text = (
+        ""
+        if predicted
+        else " No prediction column: this report shows routing only (sapt-route); "
+        "sapt-predict --report adds each input's prediction."
+    )
     doc = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
 body {{ font-family: sans-serif; font-size: 13px; margin: 1.5em; }}
 table {{ border-collapse: collapse; }}
-td, th {{ border: 1px solid #ccc; padding: 3px 6px; text-align: right; }}
-tr th:first-child {{ text-align: left; max-width: 28em; overflow: hidden; }}
+td, th {{ border: 1px solid #ccc; padding: 3px 6px; text-align: right; vertical-align: top; }}
+td.input, td.text {{ text-align: left; max-width: 36em; white-space: pre-wrap;
+  overflow-wrap: anywhere; }}
 </style></head><body>
 <h2>{html.escape(title)}</h2>
 <p><b>{html.escape(verdict["text"])}</b></p>
 <p>{len(rows)} input(s) x {len(blocks)} block(s). Cell: the weight the shared attention
 gives the block for the input (no task id is used), and below it the block's key score z
-before the softmax. An orange outline marks the block of the input's own task, where the
-task is known; the top block column says whether it is that block. Entropy in nats (at most
-ln of the enabled blocks); a row is weak when it is {WEAK_ENTROPY:.0%} of that or more.</p>
-<table><tr><th>input</th><th>task</th>{head}<th>top block</th><th>entropy</th><th>verdict</th><th>prediction</th></tr>
+before the softmax.{dist_text} An orange outline marks the block of the input's own task,
+where the task is known; the top block column says whether it is that block. Entropy in
+nats (at most ln of the enabled blocks); a row is weak when it is {WEAK_ENTROPY:.0%} of
+that or more.{pred_text}</p>
+<table><tr><th>input</th><th>task</th>{head}<th>top block</th><th>entropy</th><th>verdict</th>{"<th>prediction</th>" if predicted else ""}</tr>
 {chr(10).join(body)}
 </table></body></html>
 """

@@ -221,6 +221,22 @@ def matrix_markdown(
     return "\n".join(lines)
 
 
+def wrap_label(text: str, width: int = 24) -> str:
+    """``text`` on lines of about ``width`` characters, broken after spaces, ``_`` or
+    ``-`` (task names have no spaces), never cut: a plot's label or title in full."""
+    import re
+
+    lines, line = [], ""
+    for piece in re.findall(r"[^ _-]*[ _-]?", text):
+        if line and len(line) + len(piece.rstrip()) > width:
+            lines.append(line.rstrip())
+            line = ""
+        line += piece
+    if line.strip():
+        lines.append(line.rstrip())
+    return "\n".join(lines) or text
+
+
 def save_heatmap(
     matrix: list[list[float | None]],
     row_labels: list[str],
@@ -253,14 +269,19 @@ def save_heatmap(
         # nothing to scale the colours by; keep imshow from warning on an empty range
         vmin = 0.0 if vmin is None else vmin
         vmax = 1.0 if vmax is None else vmax
-    fig = Figure(figsize=(2.0 + 1.1 * len(col_labels), 1.5 + 0.5 * len(row_labels)))
+    cols = [wrap_label(c, 22) for c in col_labels]
+    rows = [wrap_label(r, 34) for r in row_labels]
+    tall = max((r.count("\n") + 1 for r in rows), default=1)
+    fig = Figure(
+        figsize=(3.0 + 1.2 * len(col_labels), 2.2 + (0.35 + 0.15 * tall) * len(row_labels))
+    )
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(np.ma.masked_invalid(data), cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
     ax.set_xticks(range(len(col_labels)))
-    ax.set_xticklabels([c[:28] for c in col_labels], rotation=35, ha="right", fontsize=7)
+    ax.set_xticklabels(cols, rotation=35, ha="right", fontsize=7)
     ax.set_yticks(range(len(row_labels)))
-    ax.set_yticklabels([r[:34] for r in row_labels], fontsize=7)
+    ax.set_yticklabels(rows, fontsize=7)
     for i in range(data.shape[0]):
         for j in range(data.shape[1]):
             if np.isfinite(data[i, j]):
@@ -269,7 +290,7 @@ def save_heatmap(
                 ax.text(
                     j, i, format(data[i, j], fmt), ha="center", va="center", fontsize=7, color=color
                 )
-    ax.set_title(title, fontsize=9)
+    ax.set_title(wrap_label(title, 60), fontsize=9)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     from sapt_dist.checkpoint.atomic import atomic_file

@@ -23,7 +23,7 @@ from sapt_dist import distributed
 from sapt_dist.checkpoint.atomic import atomic_file, atomic_write_json, atomic_write_text
 from sapt_dist.config import RunConfig
 from sapt_dist.methods import METHODS
-from sapt_dist.outputs.metrics import cl_metrics, matrix_markdown, save_heatmap
+from sapt_dist.outputs.metrics import cl_metrics, matrix_markdown, save_heatmap, wrap_label
 
 __all__ = ["load_single_task_scores", "plot_trajectory", "write_report"]
 
@@ -102,15 +102,20 @@ def write_report(out: Path, cfg: RunConfig, progress: dict) -> dict:
         save_heatmap(
             mean,
             [f"test {tasks[j]}" for j in last_routing["tasks"]],
-            [f"slot {k}" for k in range(len(mean[0]))],
+            slot_labels(tasks, len(mean[0])),
             mdir / "routing.png",
-            "mean routing weight per slot",
+            "mean routing weight per block (rows: each task's test inputs)",
             fmt=".2f",
             vmin=0.0,
             vmax=1.0,
         )
     results["report"] = text
     return results
+
+
+def slot_labels(tasks: list[str], n: int) -> list[str]:
+    """A routing plot's column labels: block k and the task it was trained on."""
+    return [f"block {k + 1}: {tasks[k]}" if k < len(tasks) else f"slot {k}" for k in range(n)]
 
 
 def plot_trajectory(data: dict, tasks: list[str], path: Path) -> None:
@@ -127,7 +132,7 @@ def plot_trajectory(data: dict, tasks: list[str], path: Path) -> None:
     if not seen:
         return
     fig, axes = plt.subplots(
-        1, len(seen), figsize=(4.2 * len(seen), 3.2), squeeze=False, sharey=True
+        1, len(seen), figsize=(4.6 * len(seen), 3.6), squeeze=False, sharey=True
     )
     for ax, dev_task in zip(axes[0], seen, strict=True):
         series: dict[int, list[tuple[int, float]]] = {}
@@ -145,9 +150,9 @@ def plot_trajectory(data: dict, tasks: list[str], path: Path) -> None:
                 [p[0] for p in pts],
                 [p[1] for p in pts],
                 lw=2.2 if own else 1.0,
-                label=f"block {slot + 1}" + (" (own)" if own else ""),
+                label=slot_labels(tasks, slot + 1)[slot] + (" (own)" if own else ""),
             )
-        ax.set_title(f"dev inputs of {dev_task[:28]}", fontsize=8)
+        ax.set_title(wrap_label(f"dev inputs of {dev_task}", 40), fontsize=8)
         ax.set_xlabel("optimizer step")
         ax.set_ylim(-0.02, 1.02)
         ax.legend(fontsize=7)

@@ -61,6 +61,7 @@ from sapt_dist.methods import METHODS
 
 __all__ = [
     "OfflineRun",
+    "TaskRecord",
     "Tracker",
     "WandbTracker",
     "open_tracker",
@@ -79,6 +80,9 @@ STEP_KEY = "train/global_step"
 FLUSH_SECONDS = 2.0
 #: every key the tracker logs starts with one of these; each is charted against STEP_KEY
 PREFIXES = ("train", "eval", "task", "routing", "pseudo", "final")
+#: the pseudo-sample table's ``output`` of a generated sample: the generator writes a
+#: definition and an input, no answer (the ARM holds the routing of the prompt only)
+NO_OUTPUT = "(none: a generated pseudo-sample is a prompt; the ARM replays its routing)"
 #: config keys never logged, whatever section they are in (api_key, hf_token, password...)
 _SECRET_KEY = re.compile(r"(^|_)(api_?key|token|password|passwd|secret|credentials?)$", re.I)
 
@@ -155,6 +159,20 @@ def process_memory_gb() -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------- trackers
+@dataclass
+class TaskRecord:
+    """What the run folder holds of one finished task, as :meth:`Tracker.log_task` logs it:
+    the global step at its end, its index, every task's name, the matrix rows up to it,
+    its routing summary and its pseudo-samples' file (``None``: none)."""
+
+    global_step: int
+    index: int
+    tasks: list[str]
+    matrix: list[list[float | None]]
+    routing: dict | None = None
+    pseudo_path: Path | None = None
+
+
 class Tracker:
     """The no-op tracker: ``tracking.backend=none``, mode ``disabled``, ranks other than 0."""
 
@@ -177,6 +195,11 @@ class Tracker:
 
     def log_final(self, global_step: int, results: dict, metrics_dir: Path) -> None:
         """After the report: the summary metrics and the accuracy-matrix heatmap."""
+
+    def catch_up(self, records: list[TaskRecord]) -> list[int]:
+        """On a restart: log every finished task's record that the W&B run lacks, once;
+        returns the indices logged now."""
+        return []
 
     def finish(self, exit_code: int = 0) -> None:
         """Close the run (idempotent)."""
@@ -240,6 +263,17 @@ class WandbTracker(Tracker):
         run_id = saved.get("run_id")  # None the first time: wandb makes one, kept below
         wandb_dir = Path(t.dir) if t.dir else self.out
         wandb_dir.mkdir(parents=True, exist_ok=True)
+        # task ends the W&B run holds (0-based): the offline files say so themselves (read
+        # before this start's file exists); online, the list this folder kept (None: a run
+        # folder from before the list was kept, whose task ends are taken as logged)
+        kept = saved.get("tasks_logged")
+        self.tasks_logged: set[int] | None = None if kept is None else set(kept)
+        if run_id and mode == "offline":
+            on_file = _task_ends_on_file(wandb_dir / "wandb", run_id)
+            if on_file is not None:
+                self.tasks_logged = on_file
+        elif run_id is None:
+            self.tasks_logged = set()
         config = redact({**to_dict(cfg), **(extra_config or {})})
         kwargs = dict(
             project=t.project,
@@ -283,9 +317,10 @@ class WandbTracker(Tracker):
             log.info("W&B run %s (%s): %s", self.run_id, mode, getattr(self.run, "url", ""))
 
     def _write_state(self) -> None:
-        atomic_write_checked_json(
-            self.state_file, {**self._state, "final_logged": self.final_logged}
-        )
+        state = {**self._state, "final_logged": self.final_logged}
+        if self.tasks_logged is not None:
+            state["tasks_logged"] = sorted(self.tasks_logged)
+        atomic_write_checked_json(self.state_file, state)
 
     def _guard(self, what: str, fn, *args, **kwargs) -> bool:
         """Run a W&B call; tracking never takes training down. The first failure (e.g. the
@@ -304,8 +339,9 @@ class WandbTracker(Tracker):
             )
             return False
 
-    def _log(self, global_step: int, data: dict) -> None:
-        self._guard("log", self.run.log, {STEP_KEY: global_step, **data}, step=global_step)
+    def _log(self, global_step: int, data: dict, wandb_step: int | None = None) -> bool:
+        step = global_step if wandb_step is None else wandb_step
+        return self._guard("log", self.run.log, {STEP_KEY: global_step, **data}, step=step)
 
     # ---------------------------------------------------------------- per step
     def log_step(self, global_step: int, stats: dict[str, float]) -> None:
@@ -322,6 +358,7 @@ class WandbTracker(Tracker):
         matrix: list[list[float | None]],
         routing: dict | None = None,
         pseudo_path: Path | None = None,
+        wandb_step: int | None = None,
     ) -> None:
         row = matrix[-1]
         seen = [v for v in row if v is not None]
@@ -336,7 +373,44 @@ class WandbTracker(Tracker):
                 data.update(self._routing(tasks, routing, Path(tmp) / "routing.png", index))
             if pseudo_path is not None and Path(pseudo_path).is_file():
                 data.update(self._pseudo(tasks[index], Path(pseudo_path)))
-            self._log(global_step, {k: v for k, v in data.items() if v is not None})
+            logged = self._log(
+                global_step, {k: v for k, v in data.items() if v is not None}, wandb_step
+            )
+        if logged and self.tasks_logged is not None:
+            self.tasks_logged.add(index)
+            self._write_state()
+
+    def catch_up(self, records: list[TaskRecord]) -> list[int]:
+        """Log the task ends the W&B run lacks (a start killed between a task's end
+        checkpoint and its W&B row, or within ``FLUSH_SECONDS`` after it), once each, in
+        task order, with their own global step as the x axis. W&B's own step never goes
+        back: online, a resumed run continues after its last step, so a late row takes the
+        next free step (its ``train/global_step`` still says where it belongs)."""
+        if self.tasks_logged is None:  # an old folder: no record of what was logged
+            return []
+        done = []
+        for rec in records:
+            if rec.index in self.tasks_logged:
+                continue
+            step = max(rec.global_step, int(getattr(self.run, "step", 0) or 0))
+            log.info(
+                "W&B: logging task %d's end (%s, global step %d), which the W&B run lacks",
+                rec.index + 1,
+                rec.tasks[rec.index],
+                rec.global_step,
+            )
+            self.log_task(
+                rec.global_step,
+                rec.index,
+                rec.tasks,
+                rec.matrix,
+                rec.routing,
+                rec.pseudo_path,
+                wandb_step=step,
+            )
+            if rec.index in self.tasks_logged:
+                done.append(rec.index)
+        return done
 
     def _matrix_table(self, tasks: list[str], matrix: list[list[float | None]]) -> Any:
         joint = METHODS[self.cfg.method].joint
@@ -352,7 +426,7 @@ class WandbTracker(Tracker):
         wandb = self._wandb
         rows = [int(j) for j in routing["tasks"]]
         mean = routing["mean_weights"]
-        slots = [f"slot {k} ({tasks[k]})" for k in range(len(mean[0]))]
+        slots = [f"block {k + 1}: {tasks[k]}" for k in range(len(mean[0]))]
         save_heatmap(
             mean,
             [f"test {tasks[j]}" for j in rows],
@@ -392,7 +466,7 @@ class WandbTracker(Tracker):
                     bool(r.get("well_formed", r.get("real", False))),
                     str(r.get("definition", ""))[:300],
                     str(r.get("input", "")),
-                    str(r.get("output", "")),
+                    str(r["output"]) if "output" in r else NO_OUTPUT,
                 ]
                 for r in shown
             ],
@@ -443,6 +517,25 @@ class WandbTracker(Tracker):
             return
         self._finished = True
         self._guard("finish", self.run.finish, exit_code=exit_code)
+
+
+def _task_ends_on_file(folder: Path, run_id: str) -> set[int] | None:
+    """Task ends (0-based) that the offline ``.wandb`` files of run ``run_id`` under
+    ``folder`` hold; ``None`` when there are none to read or one cannot be read."""
+    dirs = sorted(d for d in folder.glob(f"offline-run-*-{run_id}") if d.is_dir())
+    if not dirs:
+        return None
+    found: set[int] = set()
+    for d in dirs:
+        try:
+            rows = read_offline_run(d).history
+        except FileNotFoundError:
+            continue
+        except ValueError as e:  # a damaged file: fall back to the kept list
+            log.warning("W&B: cannot read %s (%s); trusting state/tracking.json", d, e)
+            return None
+        found |= {int(r["task/completed"]) - 1 for r in rows if "task/completed" in r}
+    return found
 
 
 def open_tracker(cfg: RunConfig, extra_config: dict | None = None) -> Tracker:
@@ -607,14 +700,22 @@ def read_offline_run(folder: str | Path) -> OfflineRun:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m sapt_dist.outputs.tracking <run folder>``: what its W&B files hold, offline."""
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print(
-            "usage: python -m sapt_dist.outputs.tracking <run folder or wandb dir>", file=sys.stderr
-        )
-        return 2
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m sapt_dist.outputs.tracking",
+        description="Read a run's offline W&B files (<run folder>/wandb/offline-run-*/"
+        "run-*.wandb) without network or a W&B account: the run id(s), starts and their "
+        "exit codes, the history's global steps and the final / eval summary.",
+        epilog="Example: python -m sapt_dist.outputs.tracking runs/demo   "
+        "(upload the same files with: wandb sync runs/demo/wandb)",
+    )
+    parser.add_argument(
+        "folder", help="a run folder, its wandb/ folder or one offline-run-* folder"
+    )
+    args = parser.parse_args(argv)
     try:
-        run = read_offline_run(argv[0])
+        run = read_offline_run(args.folder)
     except (FileNotFoundError, ValueError) as e:
         print(f"sapt_dist.outputs.tracking: {e}", file=sys.stderr)
         return 2

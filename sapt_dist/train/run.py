@@ -18,6 +18,7 @@ provenance (``checkpoint.blocks``).
 
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
 
@@ -38,7 +39,13 @@ from sapt_dist.outputs.metrics import routing_summary, score_predictions
 from sapt_dist.outputs.report import write_report
 from sapt_dist.outputs.sharding import write_sharding
 from sapt_dist.outputs.timing import RunTiming
-from sapt_dist.outputs.tracking import Tracker, final_pending, open_tracker, resolve_mode
+from sapt_dist.outputs.tracking import (
+    TaskRecord,
+    Tracker,
+    final_pending,
+    open_tracker,
+    resolve_mode,
+)
 from sapt_dist.outputs.trajectory import RoutingTrajectory
 from sapt_dist.train.block import BlockJob, BlockTraining, TrainingDiverged, num_steps
 from sapt_dist.train.compile import check_device
@@ -91,7 +98,7 @@ class ContinualRun:
                 f"{self.out}: run was started on tasks {progress['tasks']}, now {names}"
             )
         if progress.get("finished"):
-            return self._already_finished(progress)
+            return self._already_finished(progress, tasks)
         self.timing = RunTiming(self.out)
         with self.timing.phase("start_up"):
             self._set_up(tasks, progress)
@@ -103,15 +110,37 @@ class ContinualRun:
                 self._stop(f"after task {i + 1}/{stages} (its checkpoint is saved)")
         return self._finish(stages, progress)
 
-    def _already_finished(self, progress: dict) -> dict:
+    def _already_finished(self, progress: dict, tasks: list) -> dict:
         log.info(
             "%s: run already finished; nothing to train (delete the folder to rerun)", self.out
         )
         results = write_report(self.out, self.cfg, progress)
         if final_pending(self.cfg):  # killed between the finished marker and the W&B summary
             self.tracker = open_tracker(self.cfg)
+            self.tracker.catch_up(self._task_records(progress, tasks))
             self.tracker.log_final(_global_step(progress), results, self.out / "metrics")
         return results
+
+    def _task_records(self, progress: dict, tasks: list) -> list[TaskRecord]:
+        """Every finished task's record as the run folder holds it (what ``_file_task``
+        gave the tracker): the W&B rows a restart logs when the W&B run lacks them."""
+        names = [t.name for t in tasks]
+        ends = list(itertools.accumulate(len(v) for v in progress["losses"].values()))
+        pseudo = PseudoSamples(self.cfg, self.out, tasks, None)
+        records = []
+        for i in range(progress["completed"]):
+            last = i == len(tasks) - 1
+            records.append(
+                TaskRecord(
+                    global_step=ends[i],
+                    index=i,
+                    tasks=names,
+                    matrix=progress["matrix"][: i + 1],
+                    routing=progress["routing"][i] or None,
+                    pseudo_path=pseudo.path(i) if self.method.reflects and not last else None,
+                )
+            )
+        return records
 
     def _check_before_binding(self, n_tasks: int) -> None:
         """The checks that need no model, before the folder is bound to this config (a
@@ -165,6 +194,8 @@ class ContinualRun:
             cfg.eval.batch_size,
         )
         progress["tasks"] = [t.name for t in tasks]
+        if resuming:  # task ends a killed start saved but never showed on the dashboard
+            self.tracker.catch_up(self._task_records(progress, tasks))
 
     def _finish(self, stages: int, progress: dict) -> dict:
         """The final blocks folder, the finished marker, the report, where the time went
@@ -506,6 +537,80 @@ def _global_step(progress: dict) -> int:
     return sum(len(v) for v in progress["losses"].values())
 
 
+def environment(cfg: RunConfig | None = None) -> dict:
+    """What a run's numbers depend on besides its config: Python and library versions,
+    torch's CPU threads (``train.threads``, else OMP_NUM_THREADS or the cores), the CPU
+    and GPU. Two runs of one config agree exactly only where all of it agrees
+    (docs/BENCHMARKS.md measures the spread over thread counts)."""
+    import importlib.metadata as md
+    import os
+    import platform
+    import sys
+
+    def version(name: str) -> str | None:
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    env = {
+        "python": sys.version.split()[0],
+        "versions": {
+            n: version(n)
+            for n in ("torch", "transformers", "peft", "deepspeed", "tokenizers", "wandb")
+        },
+        "threads": torch.get_num_threads(),
+        "threads_from": (
+            "train.threads"
+            if cfg is not None and cfg.train.threads is not None
+            else ("OMP_NUM_THREADS" if os.environ.get("OMP_NUM_THREADS") else "torch default")
+        ),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "platform": platform.platform(),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "world_size": distributed.world_size(),
+    }
+    return env
+
+
+def record_environment(cfg: RunConfig) -> dict:
+    """Log the environment (run.log) and append it to ``<output_dir>/environment.json``
+    beside ``config.yaml``: one entry per start, so a resumed run on another machine says
+    so."""
+    import contextlib
+    import datetime
+    import json
+
+    from sapt_dist.checkpoint.atomic import atomic_write_json
+
+    env = environment(cfg)
+    v = env["versions"]
+    log.info(
+        "environment: python %s, torch %s, transformers %s, peft %s, deepspeed %s; "
+        "%d CPU thread(s) (%s) of %s cores%s",
+        env["python"],
+        v["torch"],
+        v["transformers"],
+        v["peft"],
+        v["deepspeed"],
+        env["threads"],
+        env["threads_from"],
+        env["cpu_count"],
+        f"; GPU {env['gpu']}" if env["gpu"] else "",
+    )
+    path = Path(cfg.output_dir) / "environment.json"
+    starts: list = []
+    # none yet, or unreadable: this record starts the list again
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        starts = list(json.loads(path.read_text())["starts"])
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    starts.append({"time": now, **env})
+    atomic_write_json(path, {"starts": starts})
+    return env
+
+
 def run(cfg: RunConfig) -> dict:
     """Run (or resume) the continual-learning run described by ``cfg``.
 
@@ -526,6 +631,10 @@ def run(cfg: RunConfig) -> dict:
         pkg.addHandler(handler)
         if pkg.getEffectiveLevel() > logging.INFO:
             pkg.setLevel(logging.INFO)
+    if cfg.train.threads is not None:
+        torch.set_num_threads(cfg.train.threads)
+    if distributed.is_main_process():
+        record_environment(cfg)
     try:
         return ContinualRun(cfg).run()
     finally:
