@@ -36,6 +36,12 @@ export SAPT_LOST_MARKER="${SLURM_SUBMIT_DIR:-.}/.sapt-slurm/lost-${SLURM_JOB_ID:
 SAPT_EXIT_PEER_LOST=69
 
 run_step() {
+    if [ "${SAPT_DRY_RUN:-0}" = 1 ]; then  # --dry-run: the launch line, nothing started
+        printf '[sapt] dry run: would run:'
+        printf ' %q' "$@"
+        printf '\n'
+        return 0
+    fi
     rm -f "$SAPT_PREEMPT_MARKER" "$SAPT_LOST_MARKER"
     "$@" &
     _SAPT_STEP_PID=$!
@@ -75,4 +81,30 @@ run_step() {
         exit 0
     fi
     exit "$rc"
+}
+
+# --help / --dry-run of the batch scripts (bash slurm/<script>.sbatch --help), no job needed
+sapt_usage() {  # the script's header comment: its documentation
+    sed -n '2,/^#SBATCH/{/^#SBATCH/d;s/^# \{0,1\}//;p}' "$1"
+}
+
+sapt_first_node() {  # the job's first node (the rendezvous); this host outside a job
+    if [ -n "${SLURM_JOB_NODELIST:-}" ] && command -v scontrol >/dev/null; then
+        scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1
+    else
+        hostname
+    fi
+}
+
+sapt_check_config() {  # the config and overrides load as sapt-train would load them
+    "${SAPT_PYTHON:-python}" -c '
+import sys
+from sapt_dist.config import ConfigError, load_config
+try:
+    load_config(sys.argv[1], sys.argv[2:])
+except ConfigError as e:
+    print(f"[sapt] dry run: {e}", file=sys.stderr)
+    sys.exit(2)
+print(f"[sapt] dry run: the config loads ({sys.argv[1]})", file=sys.stderr)
+' "$@"
 }
