@@ -117,30 +117,9 @@ class ContinualRun:
         results = write_report(self.out, self.cfg, progress)
         if final_pending(self.cfg):  # killed between the finished marker and the W&B summary
             self.tracker = open_tracker(self.cfg)
-            self.tracker.catch_up(self._task_records(progress, tasks))
+            self.tracker.catch_up(task_records(self.cfg, self.out, self.method, progress, tasks))
             self.tracker.log_final(_global_step(progress), results, self.out / "metrics")
         return results
-
-    def _task_records(self, progress: dict, tasks: list) -> list[TaskRecord]:
-        """Every finished task's record as the run folder holds it (what ``_file_task``
-        gave the tracker): the W&B rows a restart logs when the W&B run lacks them."""
-        names = [t.name for t in tasks]
-        ends = list(itertools.accumulate(len(v) for v in progress["losses"].values()))
-        pseudo = PseudoSamples(self.cfg, self.out, tasks, None)
-        records = []
-        for i in range(progress["completed"]):
-            last = i == len(tasks) - 1
-            records.append(
-                TaskRecord(
-                    global_step=ends[i],
-                    index=i,
-                    tasks=names,
-                    matrix=progress["matrix"][: i + 1],
-                    routing=progress["routing"][i] or None,
-                    pseudo_path=pseudo.path(i) if self.method.reflects and not last else None,
-                )
-            )
-        return records
 
     def _check_before_binding(self, n_tasks: int) -> None:
         """The checks that need no model, before the folder is bound to this config (a
@@ -195,7 +174,7 @@ class ContinualRun:
         )
         progress["tasks"] = [t.name for t in tasks]
         if resuming:  # task ends a killed start saved but never showed on the dashboard
-            self.tracker.catch_up(self._task_records(progress, tasks))
+            self.tracker.catch_up(task_records(self.cfg, self.out, self.method, progress, tasks))
 
     def _finish(self, stages: int, progress: dict) -> dict:
         """The final blocks folder, the finished marker, the report, where the time went
@@ -529,6 +508,30 @@ class ContinualRun:
         # would kill it mid-write when another rank exits first)
         distributed.barrier()
         raise preemption.Preempted(where)
+
+
+def task_records(
+    cfg: RunConfig, out: Path, method: Method, progress: dict, tasks: list
+) -> list[TaskRecord]:
+    """Every finished task's record as the run folder holds it (what ``_file_task``
+    gave the tracker): the W&B rows a restart logs when the W&B run lacks them."""
+    names = [t.name for t in tasks]
+    ends = list(itertools.accumulate(len(v) for v in progress["losses"].values()))
+    pseudo = PseudoSamples(cfg, out, tasks, None)
+    records = []
+    for i in range(progress["completed"]):
+        last = i == len(tasks) - 1
+        records.append(
+            TaskRecord(
+                global_step=ends[i],
+                index=i,
+                tasks=names,
+                matrix=progress["matrix"][: i + 1],
+                routing=progress["routing"][i] or None,
+                pseudo_path=pseudo.path(i) if method.reflects and not last else None,
+            )
+        )
+    return records
 
 
 def _global_step(progress: dict) -> int:
