@@ -104,7 +104,14 @@ def _fake_run(
         (folder / "state/finished.json").write_text("{}")
     else:
         (folder / "state/blocks").mkdir(parents=True)
-        prog = {"completed": 1, "tasks": ["t1", "t2"]}
+        # what a run holds after its first task (the report reads it checked)
+        prog = {
+            "completed": 1,
+            "tasks": ["t1", "t2"],
+            "matrix": [[60.0, None]],
+            "routing": [{}],
+            "losses": {"t1": [1.0, 0.5]},
+        }
         (folder / "state/blocks/progress.json").write_text(json.dumps(prog))
 
 
