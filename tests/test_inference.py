@@ -356,7 +356,9 @@ def test_hand_edited_or_foreign_manifest_is_refused(run_copy, tmp_path, capsys):
         load_run(run_copy)
     # ... and with its config.yaml too: the block files then give it away
     shutil.copy(other / "config.yaml", run_copy / "config.yaml")
-    with pytest.raises(CheckpointMismatchError, match="manifest.json does not belong to the files beside it"):
+    with pytest.raises(
+        CheckpointMismatchError, match="manifest.json does not belong to the files beside it"
+    ):
         load_run(run_copy)
 
 
