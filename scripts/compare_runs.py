@@ -20,20 +20,11 @@ import json
 import sys
 from pathlib import Path
 
-TINY = [
-    "data.tasks=[task363_sst2_polarity_classification, task875_emotion_classification]",
-    "data.max_train=48",
-    "data.max_dev=8",
-    "data.max_test=8",
-    "data.max_source_length=96",
-    "train.epochs=1",
-    "train.micro_batch_size=8",
-    "train.checkpoint_every=2",
-    "replay.gen_max_steps=3",
-    "replay.gen_max_new_tokens=24",
-    "eval.max_new_tokens=4",
-    "tracking.backend=none",
-]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+#: the tests' tiny 2-task settings (tests/test_run.py), without tracking
+from tests.test_run import TINY as _TESTS_TINY  # noqa: E402
+
+TINY = [*_TESTS_TINY, "tracking.backend=none"]
 #: keys whose values differ between any two runs of the same config
 VOLATILE = {"trained_at", "time", "versions", "peak_rss_mb", "peak_gpu_mb", "digest"}
 #: keys holding paths of the checkout or the run folder

@@ -8,6 +8,8 @@
 #   bash slurm/local_cluster.sh start --nodes 2    # node1, node2 on their own addresses
 #   bash slurm/local_cluster.sh status             # nodes and addresses; exit 0 when all idle
 #   bash slurm/local_cluster.sh stop               # removes everything start made
+#   bash slurm/local_cluster.sh crash-node 2       # node2 dies: kill -9 all that runs on it
+#   bash slurm/local_cluster.sh revive-node 2      # node2 boots again: its slurmd restarts
 #
 # Everything lives under $SAPT_SLURM_DIR (default /tmp/sapt-slurm): slurm.conf, the
 # daemons' logs, pid files and spool (per node: <dir>/nodeK/, slurmd-nodeK.log). Nothing
@@ -240,6 +242,38 @@ SlurmdLogFile=$DIR/slurmd-%n.log"
     echo "export SLURM_CONF=$CONF"
 }
 
+need_node() {  # need_node <k>: k names a node of this multi-node cluster
+    [ "$NODES" -gt 1 ] || die "crash-node / revive-node need a cluster of several nodes (start --nodes N)"
+    [[ "${1:-}" =~ ^[1-9][0-9]*$ ]] && [ "$1" -le "$NODES" ] || die "no node '${1:-}': nodes are 1..$NODES"
+    [ -e "/run/netns/$(ns_name "$1")" ] || die "node$1's namespace is gone (cluster stopped?)"
+}
+
+cmd_crash_node() {  # what a node that loses power does: everything on it ends at once
+    need_root
+    need_node "${1:-}"
+    local ns pids
+    ns=$(ns_name "$1")
+    pids=$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')
+    # shellcheck disable=SC2086
+    [ -z "${pids// /}" ] || kill -9 $pids 2>/dev/null || true
+    rm -f "$DIR/node$1/slurmd.pid"
+    echo "local_cluster: node$1 crashed: killed slurmd, its job steps and ranks (${pids:-nothing})"
+}
+
+cmd_revive_node() {  # the node is back: its slurmd again (slurmctld takes it back when it registers)
+    need_root
+    need_node "${1:-}"
+    local pid
+    pid=$(cat "$DIR/node$1/slurmd.pid" 2>/dev/null || true)
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+        echo "local_cluster: node$1's slurmd is running ($pid)"
+        return 0
+    fi
+    start_node_slurmd "$1"
+    wait_for 30 "slurmd node$1" test -s "$DIR/node$1/slurmd.pid"
+    echo "local_cluster: node$1's slurmd started; if SLURM marked it down: scontrol update nodename=node$1 state=resume"
+}
+
 stop_pid() {  # stop_pid <pidfile> <name>
     local f=$1 name=$2
     [ -f "$f" ] || return 0
@@ -294,5 +328,7 @@ case "${1:-}" in
     start) shift; cmd_start "$@" ;;
     stop) cmd_stop ;;
     status) cmd_status ;;
-    *) echo "usage: $0 install | start [--nodes N] | stop | status   (state in \$SAPT_SLURM_DIR, default /tmp/sapt-slurm)" >&2; exit 2 ;;
+    crash-node) cmd_crash_node "${2:-}" ;;
+    revive-node) cmd_revive_node "${2:-}" ;;
+    *) echo "usage: $0 install | start [--nodes N] | stop | status | crash-node K | revive-node K   (state in \$SAPT_SLURM_DIR, default /tmp/sapt-slurm)" >&2; exit 2 ;;
 esac

@@ -17,7 +17,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -25,86 +24,16 @@ from sapt_dist.backbone import load as backbone
 from sapt_dist.backbone.load import check_gguf, load_backbone
 from sapt_dist.config import ConfigError, ModelConfig
 from tests.conftest import ROOT, cli_cmd, subprocess_env, tiny_llama
-from tests.test_real_model import _permute
+from tests.test_real_model import write_tiny_gguf
 
 VOCAB = 64
 
-_NAMES = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
-_LEAF = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
 
-
-def write_gguf(
-    path: Path,
-    model=None,
-    *,
-    drop: tuple[str, ...] = (),
-    tokenizer: bool = True,
-    block_count: int | None = None,
-    embedding_length: int | None = None,
-    feed_forward_length: int | None = None,
-    vocab_size: int | None = None,
-) -> Path:
-    """A tiny LLaMA (``model``; default a 2-layer d=32 one) as an fp32 GGUF file; ``drop``:
-    GGUF tensor names left out; the keyword numbers: header claims that replace the truth."""
-    import gguf
-
-    model = model or _model()
-    c = model.config
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(embedding_length or c.hidden_size)
-    w.add_block_count(block_count or c.num_hidden_layers)
-    w.add_feed_forward_length(feed_forward_length or c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_freq_base(10000.0)
-    if vocab_size is not None:
-        w.add_vocab_size(vocab_size)
-    if tokenizer:
-        chars = ["Ġ"] + [chr(x) for x in range(ord("a"), ord("z") + 1)]
-        chars += [chr(x) for x in range(ord("A"), ord("Z") + 1)] + list("0123456789:.")
-        toks = ["<pad>", "<s>", "</s>"] + chars[: c.vocab_size - 3]
-        w.add_tokenizer_model("gpt2")
-        w.add_token_list(toks)
-        w.add_token_types([3, 3, 3] + [1] * (len(toks) - 3))
-        w.add_token_scores([0.0] * len(toks))
-        w.add_token_merges([])
-        w.add_bos_token_id(1)
-        w.add_eos_token_id(2)
-        w.add_pad_token_id(0)
-    names = dict(_NAMES)
-    for i in range(c.num_hidden_layers):
-        for hf, gg in _LEAF.items():
-            names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
-    for k, v in model.state_dict().items():
-        if names[k] in drop:
-            continue
-        a = v.detach().float().numpy()
-        if "q_proj" in k:
-            a = _permute(a, c.num_attention_heads)
-        if "k_proj" in k:
-            a = _permute(a, c.num_key_value_heads)
-        w.add_tensor(names[k], np.ascontiguousarray(a))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+def write_gguf(path: Path, model=None, **claims) -> Path:
+    """A tiny LLaMA (``model``; default a 2-layer d=32 one) as an fp32 GGUF file, written
+    as tests/test_real_model.py writes them; ``claims``: ``drop`` (GGUF tensor names left
+    out), ``tokenizer`` and the header numbers that replace the truth."""
+    return write_tiny_gguf(path, model or _model(), **claims)
 
 
 def _model():

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from sapt_dist.checkpoint.atomic import (
     UnreadableFileError,
@@ -24,22 +23,13 @@ from sapt_dist.checkpoint.atomic import (
     verify_checksums,
 )
 from sapt_dist.checkpoint.blocks import CheckpointMismatchError, read_manifest, save_blocks
-from sapt_dist.checkpoint.run_state import RunState, StateDamagedError, StepState
+from sapt_dist.checkpoint.run_state import RunState, StateDamagedError
 from sapt_dist.config import ConfigError, load_config
 
 from .conftest import ROOT, subprocess_env
+from .test_run_state import _state
 
 DEMO = ["model.builder=demo"]
-
-
-def _state(step: int) -> StepState:
-    p = torch.nn.Parameter(torch.randn(3, 4))
-    opt = torch.optim.AdamW([p], lr=1e-3)
-    p.grad = torch.randn_like(p)
-    opt.step()
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    params = {"w": p.detach().clone()}
-    return StepState(step, params, opt.state_dict(), sched.state_dict(), torch.get_rng_state())
 
 
 def _flip(path: Path) -> None:

@@ -36,21 +36,35 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     )
 
 
-def write_tiny_gguf(path: Path, model, arch: str = "llama", tokenizer: bool = True) -> Path:
+def write_tiny_gguf(
+    path: Path,
+    model,
+    arch: str = "llama",
+    tokenizer: bool = True,
+    *,
+    drop: tuple[str, ...] = (),
+    block_count: int | None = None,
+    embedding_length: int | None = None,
+    feed_forward_length: int | None = None,
+    vocab_size: int | None = None,
+) -> Path:
     """``model`` (a tiny LlamaForCausalLM) as an fp32 GGUF file, with a small byte-level
-    tokenizer inside (unless ``tokenizer=False``)."""
+    tokenizer inside (unless ``tokenizer=False``). For the hostile-file tests: ``drop``,
+    GGUF tensor names left out; the keyword numbers, header claims that replace the truth."""
     import gguf
 
     c = model.config
     w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_block_count(c.num_hidden_layers)
-    w.add_feed_forward_length(c.intermediate_size)
+    w.add_embedding_length(embedding_length or c.hidden_size)
+    w.add_block_count(block_count or c.num_hidden_layers)
+    w.add_feed_forward_length(feed_forward_length or c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_freq_base(float(getattr(c, "rope_theta", None) or 10000.0))
+    if vocab_size is not None:
+        w.add_vocab_size(vocab_size)
     if tokenizer:
         chars = ["Ġ"] + [chr(x) for x in range(ord("a"), ord("z") + 1)]
         chars += [chr(x) for x in range(ord("A"), ord("Z") + 1)] + list("0123456789:.")
@@ -83,6 +97,8 @@ def write_tiny_gguf(path: Path, model, arch: str = "llama", tokenizer: bool = Tr
         for hf, gg in leaf.items():
             names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
     for k, v in model.state_dict().items():
+        if names[k] in drop:
+            continue
         a = v.detach().float().numpy()
         if "q_proj" in k:
             a = _permute(a, c.num_attention_heads)

@@ -207,11 +207,11 @@ def test_time_limit_warning_and_requeue_resume_exactly(slurm_env, reference, tmp
     _same_run(reference, out)
 
 
-@pytest.mark.slow
-def test_sweep_through_the_cluster_and_report(slurm_env, tmp_path):
+def sweep_and_report(slurm_env: dict, tmp_path: Path) -> list[str]:
     """sapt-sweep: 2 tiny model sizes x 2 methods -> one job array on the cluster;
     sapt-report: the table and plots, checked against each run's own results and the
-    backbones' parameter counts."""
+    backbones' parameter counts. Returns the array tasks' job logs (run on the 2-node
+    cluster by tests/test_slurm_multinode.py, where the tasks land on both nodes)."""
     from sapt_dist.backbone.load import load_backbone
     from sapt_dist.cluster import sweep
     from sapt_dist.config import load_config
@@ -237,9 +237,11 @@ def test_sweep_through_the_cluster_and_report(slurm_env, tmp_path):
     job = json.loads((folder / "job.json").read_text())["job_id"]
     runs = json.loads((folder / "runs.json").read_text())["runs"]
     assert len(runs) == 4
+    logs = []
     for r in runs:
         log = folder / "logs" / f"{job}_{r['index']}.out"
         _wait(slurm_env, f"{job}_{r['index']}", {"COMPLETED"}, log)
+        logs.append(log.read_text())
 
     assert study.main([str(folder)]) == 0
     report = folder / "report"
@@ -260,6 +262,7 @@ def test_sweep_through_the_cluster_and_report(slurm_env, tmp_path):
     assert len(sizes) == 2
     for f in ("summary.md", "metrics_vs_size.png", "accuracy_matrices.png"):
         assert (report / f).stat().st_size > 0, f
+    return logs
 
 
 NODE_LISTS = [

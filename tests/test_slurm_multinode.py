@@ -24,7 +24,7 @@ import pytest
 from .conftest import subprocess_env
 from .test_distributed import TINY, ZERO3, _assert_same_results, _cmd
 from .test_run import ROOT
-from .test_slurm import _fail_or_skip, _job, _log_tail, _release, _wait
+from .test_slurm import _fail_or_skip, _job, _log_tail, _release, _wait, sweep_and_report
 
 #: the tests' own cluster: state folder, bridge, subnet and controller ports that no
 #: other local cluster (the one-node tests', a developer's) uses
@@ -244,14 +244,17 @@ def _restore_node2(env) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["kill", "link_down"])
+@pytest.mark.parametrize("how", ["kill", "link_down", "crash"])
 def test_lost_node_ends_the_survivor_and_the_run_resumes(cluster, one_process, tmp_path, how):
-    """During task 2, node2 is lost: its rank killed (-9), or its link cut (veth down: no
-    TCP reset ever arrives, the case that used to hang). The rank on node1 ends within
+    """During task 2, node2 is lost: its rank killed (-9), its link cut (veth down: no
+    TCP reset ever arrives, the case that used to hang), or the node crashed
+    (``local_cluster.sh crash-node 2``: its slurmd, job step and ranks killed at once, so
+    no step on node2 reports its end to srun). The rank on node1 ends within
     distributed.timeout_s + a margin, the job fails (non-zero, reported by the batch
     script), the run folder's checkpoint verifies. The same command resubmitted on both
-    nodes resumes and equals the uninterrupted run; a copy of the folder resubmitted on
-    ONE node (accumulation 2: the same global batch) resumes and equals it too."""
+    nodes resumes and equals the uninterrupted run (node2 back: link up, or revived); after
+    the kill, the folder resubmitted on ONE node instead (accumulation 2: the same global
+    batch) resumes and equals it too."""
     out, log = tmp_path / "run", tmp_path / "job.out"
     args = _args(out, f"distributed.timeout_s={TIMEOUT_S}")
     job = _submit(cluster, log, "slurm/train_multinode.sbatch", args)
@@ -262,6 +265,10 @@ def test_lost_node_ends_the_survivor_and_the_run_resumes(cluster, one_process, t
     veth = f"{CLUSTER['SAPT_SLURM_BRIDGE']}v2"
     if how == "kill":
         os.kill(victim, 9)
+    elif how == "crash":
+        res = _cluster_cmd(cluster, "crash-node", "2")
+        assert res.returncode == 0 and "node2 crashed" in res.stdout, res.stderr
+        assert not _alive(victim)
     else:
         subprocess.run(["ip", "link", "set", veth, "down"], check=True)
     try:
@@ -281,7 +288,10 @@ def test_lost_node_ends_the_survivor_and_the_run_resumes(cluster, one_process, t
     finally:
         if how == "link_down":
             subprocess.run(["ip", "link", "set", veth, "up"], check=True)
-    if how == "link_down":
+    if how == "crash":  # the node boots again: its slurmd back, SLURM told it may use it
+        res = _cluster_cmd(cluster, "revive-node", "2")
+        assert res.returncode == 0, res.stderr
+    if how in ("link_down", "crash"):
         _restore_node2(cluster)
     info = _wait(cluster, job, {"FAILED", "COMPLETED"}, log, timeout=120)
     assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", info
@@ -291,17 +301,15 @@ def test_lost_node_ends_the_survivor_and_the_run_resumes(cluster, one_process, t
         assert "a node was lost: " in text and "node2 (10.78.0.12)" in text, text[-3000:]
     assert not (out / "state/finished.json").exists()
     _verify_checkpoint(out)
-    one_node = tmp_path / "one_node"
-    shutil.copytree(out, one_node)
+    one_node = out
 
-    # resubmitted as it was: both nodes
-    log2 = tmp_path / "again.out"
-    job = _submit(cluster, log2, "slurm/train_multinode.sbatch", args)
-    _wait(cluster, job, {"COMPLETED"}, log2)
-    assert "resumed at step" in (out / "run.log").read_text()
-    _assert_same_results(one_process, out, loss_tol=1e-5, block_rel=BLOCK_REL)
-
-    if how == "kill":  # N -> M once is enough: one node, one rank, the same global batch
+    if how != "kill":  # resubmitted as it was, node2 back: both nodes
+        log2 = tmp_path / "again.out"
+        job = _submit(cluster, log2, "slurm/train_multinode.sbatch", args)
+        _wait(cluster, job, {"COMPLETED"}, log2)
+        assert "resumed at step" in (out / "run.log").read_text()
+        _assert_same_results(one_process, out, loss_tol=1e-5, block_rel=BLOCK_REL)
+    else:  # node2 not back (N -> M): one node, one rank, the same global batch
         log3 = tmp_path / "one_node.out"
         one = [str(ROOT / "sapt_dist/presets/demo.yaml"), f"output_dir={one_node}", *TINY]
         # the same timeout_s: the run folder's config binding does not yet list
@@ -318,6 +326,21 @@ def test_lost_node_ends_the_survivor_and_the_run_resumes(cluster, one_process, t
         text = (one_node / "run.log").read_text()
         assert "resumed at step" in text and "resuming on 1 process" in text, text[-3000:]
         _assert_same_results(one_process, one_node, loss_tol=1e-5, block_rel=BLOCK_REL)
+
+
+@pytest.mark.slow
+def test_sweep_array_on_two_nodes_and_report(cluster, tmp_path):
+    """sapt-sweep slurm/examples/tiny_scaling.yaml --submit: its 4 array tasks (2 ranks on
+    one node each) land on both nodes; sapt-report builds the table from their folders."""
+    t0 = time.time()
+    logs = sweep_and_report(cluster, tmp_path)
+    print(f"sweep, 4 array tasks on 2 nodes, and report: {time.time() - t0:.0f} s")
+    nodes = []
+    for text in logs:
+        m = re.search(r"\) on (node\d): 2 ranks, master (node\d):", text)
+        assert m and m.group(1) == m.group(2), text[-2000:]
+        nodes.append(m.group(1))
+    assert sorted(set(nodes)) == ["node1", "node2"], nodes
 
 
 def _verify_checkpoint(out: Path) -> None:

@@ -175,3 +175,22 @@ def test_local_sweep_runs_and_reports(tmp_path, capsys):
     assert row["status"] == "finished" and float(row["AP"]) == pytest.approx(
         res["metrics"]["AP"], abs=0.005
     )
+
+
+def test_report_names_a_damaged_results_file_and_goes_on(tmp_path, capsys):
+    """A results.json of another shape (a matrix of words) makes its row "damaged",
+    naming the file and the key; the other runs are still reported."""
+    m = tiny_llama(hidden=32)
+    m.save_pretrained(tmp_path / "small")
+    good = {"AP": 50.0, "F.Ra": 10.0, "FWT": None, "BWT": -10.0}
+    _fake_run(tmp_path / "r1", tmp_path / "small", "sapt", [[60, None], [50, 50]], good)
+    _fake_run(tmp_path / "r2", tmp_path / "small", "sapt", [["x", None], [50, 50]], good)
+    assert (
+        study.main([str(tmp_path / "r1"), str(tmp_path / "r2"), "--out", str(tmp_path / "rep")])
+        == 0
+    )
+    rows = list(csv.DictReader((tmp_path / "rep/summary.csv").open()))
+    assert rows[0]["status"] == "finished" and rows[0]["AP"] == "50.00"
+    bad = rows[1]["status"]
+    assert bad.startswith("damaged (") and "r2/metrics/results.json" in bad, bad
+    assert "'matrix'[0][0] must be a number" in bad, bad

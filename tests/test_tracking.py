@@ -521,3 +521,15 @@ def test_catch_up_logs_only_what_the_wandb_run_lacks(tmp_path):
     assert tracker.catch_up(recs) == [] and len(logged) == 2  # once
     tracker.tasks_logged = None
     assert tracker.catch_up(recs) == [] and len(logged) == 2
+
+
+def test_a_tracking_state_of_another_shape_is_named(tmp_path):
+    """state/tracking.json whose run id is a list: named (file and key) before W&B sees it."""
+    from sapt_dist.outputs.tracking import final_pending
+
+    cfg = load_config(DEMO, [f"output_dir={tmp_path}", "tracking.backend=wandb"])
+    atomic_write_checked_json(state_path(tmp_path), {"run_id": ["abc"], "final_logged": False})
+    with pytest.raises(ConfigError, match=r"tracking\.json: damaged, 'run_id' must be a string"):
+        final_pending(cfg)
+    atomic_write_checked_json(state_path(tmp_path), {"run_id": "abc", "final_logged": False})
+    assert final_pending(cfg)

@@ -176,21 +176,18 @@ def read_gguf_header(path: Path) -> tuple[dict[str, Any], dict[str, _GGUFTensor]
             pos += n
             return v
 
-        def string() -> str:
+        def skip_string() -> int:
+            """Past a length-prefixed string, checked against the file's end; its start."""
             nonlocal pos
             n = take("Q")
             if n > size - pos:
                 raise ValueError(f"a string of {n} bytes at byte {pos} runs past the file's end")
-            text = bytes(buf[pos : pos + n]).decode("utf-8", errors="replace")
             pos += n
-            return text
+            return pos - n
 
-        def skip_string() -> None:
-            nonlocal pos
-            n = take("Q")
-            if n > size - pos:
-                raise ValueError(f"a string of {n} bytes at byte {pos} runs past the file's end")
-            pos += n
+        def string() -> str:
+            start = skip_string()
+            return bytes(buf[start:pos]).decode("utf-8", errors="replace")
 
         def value(vtype: int) -> Any:
             nonlocal pos

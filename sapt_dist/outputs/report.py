@@ -15,12 +15,17 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from sapt_dist import distributed
-from sapt_dist.checkpoint.atomic import atomic_file, atomic_write_json, atomic_write_text
+from sapt_dist.checkpoint.atomic import (
+    UnreadableFileError,
+    atomic_file,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+)
 from sapt_dist.config import RunConfig
 from sapt_dist.methods import METHODS
 from sapt_dist.outputs.metrics import cl_metrics, matrix_markdown, save_heatmap, wrap_label
@@ -35,7 +40,11 @@ def load_single_task_scores(folder: str | Path, tasks: list[str]) -> tuple[list[
     path = Path(folder) / "metrics" / "results.json"
     if not path.is_file():
         return None, f"no {path}"
-    scores = json.loads(path.read_text()).get("single_task_scores") or {}
+    try:
+        res = read_json(path, schema={"single_task_scores?": {str: float}})
+    except UnreadableFileError as e:
+        return None, str(e)
+    scores = res.get("single_task_scores") or {}
     missing = [t for t in tasks if t not in scores]
     if missing:
         return None, f"{path} has no single-task score for {missing}"

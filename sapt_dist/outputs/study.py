@@ -33,9 +33,23 @@ from pathlib import Path
 
 import yaml
 
-from sapt_dist.checkpoint.atomic import atomic_file, atomic_write_text
+from sapt_dist.checkpoint.atomic import (
+    UnreadableFileError,
+    atomic_file,
+    atomic_write_text,
+    read_json,
+)
 
 __all__ = ["StudyRun", "backbone_params", "gather", "main", "write_study"]
+
+#: what sapt-report reads of a run's metrics/results.json (a damaged one makes its row
+#: "damaged", naming the key, instead of ending the report)
+RESULTS_SHAPE = {
+    "metrics?": {str: (float, None)},
+    "routing_accuracy?": (float, None),
+    "tasks?": [str],
+    "matrix?": [[(float, None)]],
+}
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +150,11 @@ def _load_run(folder: Path, meta: dict) -> StudyRun:
         status=_status(folder),
     )
     if run.finished:
-        res = json.loads((folder / "metrics" / "results.json").read_text())
+        try:
+            res = read_json(folder / "metrics" / "results.json", schema=RESULTS_SHAPE)
+        except UnreadableFileError as e:
+            run.status = f"damaged ({e})"
+            return run
         run.metrics = {k: res.get("metrics", {}).get(k) for k in METRICS}
         run.routing_accuracy = res.get("routing_accuracy")
         run.tasks = res.get("tasks", [])

@@ -87,6 +87,17 @@ NO_OUTPUT = "(none: a generated pseudo-sample is a prompt; the ARM replays its r
 _SECRET_KEY = re.compile(r"(^|_)(api_?key|token|password|passwd|secret|credentials?)$", re.I)
 
 
+#: state/tracking.json: the W&B run id, whether the final summary was logged, the tasks
+#: whose rows were logged (a damaged file is named, not passed on to W&B)
+STATE_SHAPE = {
+    "run_id?": (str, None),
+    "final_logged?": bool,
+    "tasks_logged?": [int],
+    "project?": (str, None),
+    "entity?": (str, None),
+}
+
+
 def state_path(output_dir: str | Path) -> Path:
     """Where the W&B run id of a run folder is kept."""
     return Path(output_dir) / "state" / "tracking.json"
@@ -253,7 +264,7 @@ class WandbTracker(Tracker):
         saved = {}
         if self.state_file.is_file():
             try:
-                saved = read_checked_json(self.state_file)
+                saved = read_checked_json(self.state_file, schema=STATE_SHAPE)
             except UnreadableFileError as e:
                 raise ConfigError(
                     f"{e}; it keeps this run's W&B run id. Delete it to start a new W&B run "
@@ -555,7 +566,7 @@ def final_pending(cfg: RunConfig) -> bool:
     if cfg.tracking.backend == "none" or not path.is_file():
         return False
     try:
-        return not read_checked_json(path).get("final_logged")
+        return not read_checked_json(path, schema=STATE_SHAPE).get("final_logged")
     except UnreadableFileError as e:
         raise ConfigError(
             f"{e}; it keeps this run's W&B run id. Delete it to start a new W&B run for the "

@@ -67,7 +67,9 @@ class ContinualRun:
         self.state = RunState(self.out)
         self.tracker = Tracker()  # the no-op one until run() opens the real one (rank 0)
         self._sharding_written = False
-        self.timing = RunTiming(self.out)  # where the time goes (replaced once the run starts)
+        #: where the time goes: read from the folder (a resumed run adds to it) once the run
+        #: starts, after the folder and config were checked
+        self.timing: RunTiming
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict:
