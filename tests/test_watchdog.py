@@ -5,6 +5,7 @@ never is; a store that goes away ends the rank too."""
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -95,3 +96,51 @@ def test_an_unreachable_store_ends_the_rank():
         time.sleep(0.05)
     w.stop()
     assert fired and "has not answered" in fired[0][1], fired
+
+
+GLOO_RESET = (
+    "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+    "[10.78.0.12]:41089: Connection reset by peer. This is typically caused by a remote "
+    "worker hanging or bugs in the application."
+)
+
+
+def test_a_closed_connection_names_the_peer_and_exits_as_a_loss(monkeypatch, tmp_path):
+    """A crashed node's kernel closes its sockets: gloo raises 'Connection reset by peer'
+    before the heartbeats can tell (the case a node crash gives). The uncaught error
+    still ends the rank as a lost peer (exit 69, the marker written), naming the rank on
+    that address once its heartbeats stop; an error that is no transport error does not."""
+    from sapt_dist.distributed import watchdog as wd
+
+    assert wd.transport_peer(GLOO_RESET) == "10.78.0.12"
+    assert wd.transport_peer("CUDA out of memory") is None
+    port = _port()
+    store = _store(port)
+    exits, fired = [], []
+    monkeypatch.setattr(wd, "_exit", exits.append)
+    w0 = _watch(port, 0, 2.0, fired)
+    w1 = _watch(port, 1, 2.0, fired)
+    try:
+        time.sleep(1.0)  # both beat; rank 0 records rank 1's host ("vm (127.0.0.1)")
+        monkeypatch.setattr(wd, "_ACTIVE", w0)
+        monkeypatch.setattr(sys, "excepthook", lambda *a: None)  # no traceback printed
+        monkeypatch.setenv(wd.LOST_MARKER_ENV, str(tmp_path / "lost"))
+        wd._install_excepthook()
+        hook = sys.excepthook
+        hook(RuntimeError, RuntimeError("shape mismatch"), None)
+        assert exits == []  # a bug is not a lost node
+        w1.stop()  # rank 1's node crashed: no heartbeat from now on
+        t0 = time.monotonic()
+        hook(RuntimeError, RuntimeError(GLOO_RESET), None)
+        took = time.monotonic() - t0
+        assert exits == [wd.EXIT_PEER_LOST]
+        assert took <= 3 * w0.period + 1.5, took
+        said = (tmp_path / "lost").read_text()
+        assert said.startswith("a collective failed (RuntimeError): lost rank 1 on "), said
+        assert "(127.0.0.1) (last heard" in said, said
+        # before the heartbeats tell: the rank named from the address in gloo's message
+        assert wd._describe_address("127.0.0.1").startswith("rank 1 on ")
+        assert wd._describe_address("10.9.9.9").startswith("the peer at 10.9.9.9 (its conn")
+    finally:
+        w0.stop()
+        w1.stop()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import socket
 import sys
 import threading
@@ -232,9 +233,59 @@ def _install_excepthook() -> None:
 
     def hook(kind, value, tb):
         previous(kind, value, tb)
+        if not issubclass(kind, RuntimeError | ConnectionError):
+            return
         hint = lost_peers_hint()
-        if hint and issubclass(kind, RuntimeError | ConnectionError):
+        peer = transport_peer(str(value))
+        if not hint and peer is not None:
+            # the peer's kernel closed the connection (its process or node died) sooner
+            # than the heartbeats can tell: give them a few periods to name the rank
+            hint = _wait_for_hint() or _describe_address(peer)
+        if hint:
             _end_process(f"a collective failed ({kind.__name__}): lost {hint}")
 
     hook._sapt_watchdog = True  # type: ignore[attr-defined]
     sys.excepthook = hook
+
+
+#: words of a transport error of gloo (or a socket under it): what a rank reads when its
+#: peer's process or node went away mid-collective
+_PEER_ADDRESS = re.compile(r"\[([0-9A-Za-z.:_-]+)\]:\d+")
+_PEER_WORDS = (
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "Broken pipe",
+    "Socket Timeout",
+    "Connection refused",
+    "No route to host",
+)
+
+
+def transport_peer(message: str) -> str | None:
+    """The peer's address in a gloo transport error ('Read error [10.0.0.2]:41089:
+    Connection reset by peer'), or None when ``message`` is not one."""
+    if not any(w in message for w in _PEER_WORDS):
+        return None
+    m = _PEER_ADDRESS.search(message)
+    return m.group(1) if m else "?"
+
+
+def _wait_for_hint() -> str:
+    w = _ACTIVE
+    if w is None:
+        return ""
+    deadline = time.monotonic() + 3 * w.period + 1.0
+    while time.monotonic() < deadline:
+        hint = lost_peers_hint()
+        if hint:
+            return hint
+        time.sleep(min(0.5, w.period))
+    return ""
+
+
+def _describe_address(addr: str) -> str:
+    """The rank(s) and host(s) at ``addr`` (from the heartbeats' host records)."""
+    w = _ACTIVE
+    known = [] if w is None else [(r, h) for r, h in sorted(w._hosts.items()) if addr in h]
+    who = ", ".join(f"rank {r} on {h}" for r, h in known) if known else f"the peer at {addr}"
+    return f"{who} (its connection closed mid-collective: its process or node ended)"
