@@ -207,6 +207,10 @@ def test_inflora_run_files_its_memory(tmp_path):
     for n in layers:
         u = mem1[f"{n}.basis"].double()
         a0, a1 = b0[f"{n}.A"].double(), b1[f"{n}.A"].double()
-        assert float((a1 @ u).norm() / a1.norm()) < 1e-5, n
+        # 1e-3: the one-task run has one slot fewer, so its sums round differently, and
+        # the basis' weakest directions move with that; a Kaiming A gives 0.05 and more
+        assert float((a1 @ u).norm() / a1.norm()) < 1e-3, n
+        plain = torch.nn.init.kaiming_uniform_(torch.empty_like(a1), a=5**0.5)
+        assert float((plain @ u).norm() / plain.norm()) > 0.05, n
         assert not torch.equal(a0, a1)
     assert run_progress(out)["completed"] == 2
