@@ -30,6 +30,7 @@ __all__ = [
     "ModelConfig",
     "ReplayConfig",
     "RunConfig",
+    "SubspaceConfig",
     "TaskSettings",
     "TrackingConfig",
     "TrainConfig",
@@ -337,6 +338,30 @@ class OLoRAConfig:
 
 
 @dataclass
+class SubspaceConfig:
+    """InfLoRA's input-subspace memory (``method=inflora``; liangyanshuo/gainlora's T5
+    code, ``src/cl_trainer_gainlora_inflora.py`` / ``src/cl_trainer_inflora.py``).
+
+    After task t the memory of each adapted layer takes in the directions of the task's
+    inputs that hold a fraction ``threshold_t`` of their energy (DualGPM, with
+    ``threshold_t = threshold + (1 - threshold) * t / total_tasks``, t counted from 0).
+    The inputs are read from the first ``max_batches`` batches of ``batch_size`` training
+    examples, once before the task (the new block's A) and once after it (the memory).
+    Defaults: ``--threshold 0.995`` in every ``gen_script_*_t5_inflora.sh`` (SuperNI
+    orders 1-2, Long Sequence orders 3-4); 1001 batches (``if step > 1000: break``); the
+    released code hard-codes ``total_sessions = 15``, the length of every paper order."""
+
+    #: energy fraction of a task's inputs the memory keeps after the first task, in (0, 1]
+    threshold: float = 0.995
+    #: the task count of the threshold's schedule (None: the run's number of tasks)
+    total_tasks: int | None = None
+    #: batches of training examples read per pass (None: all of them)
+    max_batches: int | None = 1001
+    #: examples per batch of those passes (None: ``train.micro_batch_size``)
+    batch_size: int | None = None
+
+
+@dataclass
 class TaskOverride:
     """Settings of one task that differ from the run's (``per_task.<task name>``): the
     released Long Sequence script trains cb, copa, boolq, imdb, dbpedia and multirc a fixed
@@ -387,6 +412,8 @@ class RunConfig:
     per_task: dict[str, TaskOverride] = field(default_factory=dict)
     #: O-LoRA's regularisers (``method=olora`` only).
     olora: OLoRAConfig = field(default_factory=OLoRAConfig)
+    #: InfLoRA's input-subspace memory (``method=inflora`` only).
+    subspace: SubspaceConfig = field(default_factory=SubspaceConfig)
 
     def for_task(self, name: str) -> TaskSettings:
         """The settings task ``name`` trains with: ``per_task.<name>`` over ``train``
@@ -441,6 +468,22 @@ class RunConfig:
                 "must be >= 1",
             ),
             (self.adapter.query_hidden >= 1, "adapter.query_hidden", "must be >= 1"),
+            (0.0 < self.subspace.threshold <= 1.0, "subspace.threshold", "must be in (0, 1]"),
+            (
+                self.subspace.total_tasks is None or self.subspace.total_tasks >= 1,
+                "subspace.total_tasks",
+                "must be >= 1",
+            ),
+            (
+                self.subspace.max_batches is None or self.subspace.max_batches >= 1,
+                "subspace.max_batches",
+                "must be >= 1",
+            ),
+            (
+                self.subspace.batch_size is None or self.subspace.batch_size >= 1,
+                "subspace.batch_size",
+                "must be >= 1",
+            ),
             (
                 self.model.demo_hidden_size is None
                 or (self.model.demo_hidden_size >= 8 and self.model.demo_hidden_size % 4 == 0),

@@ -10,6 +10,7 @@ method          slots  routing    block   data   replay   router  evaluates  lea
 sapt            N      attention  fresh   task   ARM      trains  seen       own task
 inc_lora        N      sum (=1)   fresh   task   -        -       seen       own task
 olora           N      sum (=1)   fresh   task   -        -       seen       own task
+inflora         N      sum (=1)   fresh   task   -        -       seen       own task
 seq_lora        1      -          kept    task   -        -       seen       seen
 replay          1      -          kept    task   real     -       seen       seen
 mtl             1      -          fresh   all    -        -       all        all
@@ -28,7 +29,13 @@ single_task     1      -          fresh   task   -        -       own        own
   earlier block's A (``olora.lambda_1``) and an L2 term (``olora.lambda_2``), the row's
   ``penalty`` (``sapt_dist.method.penalties``: computed by the training step after the
   forward, from the parameters, never inside ``SAPTModel.forward``).
-- IncLoRA and O-LoRA train with the exact gradient through the earlier blocks whatever
+- InfLoRA (Liang & Li, CVPR 2024; the T5 code of liangyanshuo/gainlora) is IncLoRA whose
+  new block's down-projection A is designed, before the task trains, from the task's
+  inputs of each adapted layer projected off the earlier tasks' input subspace, and then
+  frozen: only B trains, so ``B A`` cannot act on what earlier tasks fed the layer. After
+  the task its inputs join the per-layer subspace memory (DualGPM). The row's
+  ``input_subspace`` (``sapt_dist.method.subspace``; ``subspace.*`` config keys).
+- IncLoRA, O-LoRA and InfLoRA train with the exact gradient through the earlier blocks whatever
   ``adapter.gradient`` says (SAPT's default cut is a quirk of its released code).
 """
 
@@ -69,6 +76,10 @@ class Method:
     penalty: str | None = None
     #: the block kinds (``adapter.kind``) the method works with
     block_kinds: tuple[str, ...] = ("lora", "prompt")
+    #: InfLoRA: a per-layer memory of the earlier tasks' input subspaces; each new block's
+    #: A is designed from the task's inputs projected off it and frozen (only B trains);
+    #: the task's inputs join the memory after it (``sapt_dist.method.subspace``)
+    input_subspace: bool = False
 
     def __post_init__(self) -> None:
         # a row that sets only part of what a feature needs breaks a run: refuse it here
@@ -79,6 +90,11 @@ class Method:
             )
         if self.trains_router and self.routing != "attention":
             raise ValueError(f"method {self.name!r}: trains_router needs routing='attention'")
+        if self.input_subspace and not (self.per_task_slots and self.block_kinds == ("lora",)):
+            raise ValueError(
+                f"method {self.name!r}: input_subspace designs each task's LoRA A: it needs "
+                f"per_task_slots and block_kinds=('lora',)"
+            )
         if self.joint and self.per_task_slots:
             raise ValueError(f"method {self.name!r}: a joint method has one stage, one slot")
 
@@ -138,6 +154,14 @@ METHODS: dict[str, Method] = {
             gradient="exact",
             penalty="olora",
             block_kinds=("lora",),
+        ),
+        Method(
+            "inflora",
+            per_task_slots=True,
+            routing="sum",
+            gradient="exact",
+            block_kinds=("lora",),
+            input_subspace=True,
         ),
         Method("seq_lora", per_task_slots=False, keeps_block=True, learned="seen"),
         Method("replay", per_task_slots=False, keeps_block=True, replay="real", learned="seen"),

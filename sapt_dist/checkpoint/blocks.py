@@ -8,6 +8,7 @@ A blocks folder holds::
                                and a digest of the manifest itself
     router.safetensors         query network g, the stored attention targets a_j*
     block_00.safetensors ...   one per task: A and B of every adapted layer, and its key
+    subspace.safetensors       (InfLoRA) each adapted layer's input-subspace memory
 
 Loading checks the manifest against the model (class, widths, adapted layers and their
 shapes, rank, slot count, routing) and every checksum, and refuses a mismatch with a
@@ -60,6 +61,7 @@ __all__ = [
     "export_peft",
     "library_versions",
     "load_blocks",
+    "load_extra_tensors",
     "manifest_digest",
     "model_signature",
     "read_manifest",
@@ -236,10 +238,13 @@ def save_blocks(
     extra_files: dict[str, str] | None = None,
     provenance: list[dict] | None = None,
     run_config: dict | None = None,
+    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write the blocks of slots ``0..len(task_names)-1`` atomically to ``folder``.
 
-    ``extra_files`` (name -> text) are written in the same atomic swap (the run's progress).
+    ``extra_files`` (name -> text) are written in the same atomic swap (the run's progress);
+    so are ``extra_tensors`` (file name -> tensors: a method's state beside its blocks, such
+    as InfLoRA's subspace memory), checksummed like the blocks.
     ``provenance``: one record per block (task, data, config, versions, time, scores);
     ``run_config``: the run's resolved config, which binds the folder to its run.
     Every block starts enabled. Only rank 0 writes; every rank must call it (ZeRO-3
@@ -262,6 +267,7 @@ def save_blocks(
         files = {"router.safetensors": router}
         for j, block in enumerate(blocks):
             files[f"block_{j:02d}.safetensors"] = block
+        files.update(extra_tensors or {})
         for fname, tensors in files.items():
             save_safetensors(tensors, tmp / fname, folder / fname)
         checksums = checksum_files(tmp, list(files))
@@ -502,6 +508,23 @@ def load_blocks(model: SAPTModel, folder: str | Path) -> list[str]:
             for j in manifest.get("disabled", []):
                 r.active[j] = False
     return tasks
+
+
+def load_extra_tensors(folder: str | Path, name: str) -> dict[str, torch.Tensor] | None:
+    """The tensors of ``name`` that :func:`save_blocks` filed with the blocks (its
+    ``extra_tensors``), checked against the manifest's sha256; None if it filed none."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if name not in (manifest.get("files") or {}):
+        return None
+    verify_checksums(
+        folder,
+        {name: manifest["files"][name]},
+        CheckpointMismatchError,
+        listed_in=folder / "manifest.json",
+        required=[name],
+    )
+    return load_file(str(folder / name))
 
 
 def check_files(manifest: dict[str, Any], folder: str | Path) -> None:

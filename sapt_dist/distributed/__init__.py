@@ -43,6 +43,7 @@ from sapt_dist.distributed.launch import (
     rank0_first,
     slurm_hostnames,
     sum_over_ranks,
+    sum_tensor_over_ranks,
     world_size,
 )
 
@@ -76,6 +77,7 @@ __all__ = [
     "shard_report",
     "slurm_hostnames",
     "sum_over_ranks",
+    "sum_tensor_over_ranks",
     "world_size",
     "zero3_enabled",
     "zero_stage",

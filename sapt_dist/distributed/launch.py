@@ -241,6 +241,15 @@ def sum_over_ranks(values: torch.Tensor) -> list[float]:
     return values.tolist()
 
 
+def sum_tensor_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum of a tensor of any shape across ranks, on its device, never read
+    to the host (a statistic summed over the ranks' batches). A copy: ``values`` stays."""
+    values = values.clone()
+    if world_size() > 1:
+        torch.distributed.all_reduce(values)
+    return values
+
+
 @contextlib.contextmanager
 def rank0_first() -> Iterator[None]:
     """Rank 0 runs the block first (e.g. builds a cache), the others after it finished."""

@@ -26,7 +26,7 @@ import torch
 
 from sapt_dist import distributed
 from sapt_dist.backbone.load import check_model_files
-from sapt_dist.checkpoint.blocks import block_provenance, save_blocks
+from sapt_dist.checkpoint.blocks import block_provenance, load_extra_tensors, save_blocks
 from sapt_dist.checkpoint.run_model import build_run_model
 from sapt_dist.checkpoint.run_state import RunState, lock_run_folder, unlock_run_folder
 from sapt_dist.config import ConfigError, RunConfig, resolve_batch, to_dict
@@ -51,6 +51,7 @@ from sapt_dist.train.block import BlockJob, BlockTraining, TrainingDiverged, num
 from sapt_dist.train.compile import check_device
 from sapt_dist.train.replay import PseudoSamples
 from sapt_dist.train.setup import EncodedTask, encode_tasks, load_run_tasks
+from sapt_dist.train.subspace import design_task_blocks, new_memory, remember_task
 
 __all__ = ["ContinualRun", "run"]
 
@@ -164,6 +165,12 @@ class ContinualRun:
         )
         if self.method.penalty is not None:
             build_penalty(self.method.penalty, self.model, cfg)
+        self.memory = None  # InfLoRA's input subspaces, filed with the blocks
+        if self.method.input_subspace:
+            self.memory = new_memory(self.model)
+            saved = load_extra_tensors(self.state.blocks, self.memory.FILE) if resuming else None
+            if saved is not None:
+                self.memory.load_tensors(saved, str(self.state.blocks / self.memory.FILE))
         if cfg.model.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.enc: list[EncodedTask] = encode_tasks(self.tokenizer, tasks, cfg.data)
@@ -189,6 +196,7 @@ class ContinualRun:
                 self._block_names(stages - 1),
                 provenance=progress.get("provenance"),
                 run_config=to_dict(self.cfg),
+                extra_tensors=self._extra_tensors(),
             )
             distributed.finish()
             self.state.mark_finished()
@@ -199,6 +207,12 @@ class ContinualRun:
         results["report"] = results.get("report", "") + "\n" + self.timing.table()
         self.tracker.log_final(_global_step(progress), results, self.out / "metrics")
         return results
+
+    def _extra_tensors(self) -> dict | None:
+        """What the method files beside its blocks: InfLoRA's subspace memory."""
+        if self.memory is None:
+            return None
+        return {self.memory.FILE: self.memory.tensors()}
 
     def _block_names(self, i: int) -> list[str]:
         names = [e.data.name for e in self.enc]
@@ -218,6 +232,11 @@ class ContinualRun:
             job = self._block_job(i, progress)
             losses = self._train_with_checkpoints(i, job, progress)
             self.model.file_current()  # block (and key) -> slot of the banks
+            if self.memory is not None:  # the task's inputs join the subspace memory
+                pad = self.tokenizer.pad_token_id
+                remember_task(
+                    self.model, self.memory, self.enc[i].train, pad, self.cfg, i, len(self.enc)
+                )
         progress["losses"][self.enc[i].data.name] = losses
         if self.method.reflects:
             with clock("pseudo_samples", name):
@@ -237,6 +256,9 @@ class ContinualRun:
         # a fresh block's initialisation is a function of (seed, task), whatever ran before
         torch.manual_seed(cfg.train.seed + 1000 * i)
         model.start_task(slot, fresh=not (self.method.keeps_block and i > 0))
+        if self.memory is not None:  # InfLoRA: A from the task's inputs, off the memory
+            pad = self.tokenizer.pad_token_id
+            design_task_blocks(model, self.memory, self.enc[i].train, pad, cfg)
         if self.method.trains_router and cfg.adapter.router_center != "none":
             # the router's input center takes in this task (recomputed the same on resume)
             task = self.enc[i]
@@ -282,7 +304,8 @@ class ContinualRun:
                     "replay.kl_ratio=0" if task.reflection else f"per_task.{name}.reflection=false"
                 )
                 log.info("%s: attentive reflection off (%s)", label, why)
-        params = self.model.named_adapter_params()
+        # a frozen part of the block (InfLoRA's designed A) is not trained
+        params = {n: p for n, p in self.model.named_adapter_params().items() if p.requires_grad}
         if not method.trains_router:
             params = {n: p for n, p in params.items() if not n.startswith("router.")}
         steps = num_steps(
@@ -482,6 +505,7 @@ class ContinualRun:
             extra_files=self.state.progress_file(progress),
             provenance=prov,
             run_config=to_dict(cfg),
+            extra_tensors=self._extra_tensors(),
         )
         if model.n_slots == 1 and not self.method.joint:
             save_blocks(
