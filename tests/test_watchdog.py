@@ -144,3 +144,4 @@ def test_a_closed_connection_names_the_peer_and_exits_as_a_loss(monkeypatch, tmp
     finally:
         w0.stop()
         w1.stop()
+        del store  # the store server lives until here
