@@ -52,7 +52,7 @@ def test_two_task_sapt_run_writes_every_output(tmp_path):
     out = tmp_path / "run"
     m = results["matrix"]
     assert len(m) == 2 and m[0][1] is None and all(v is not None for v in m[1])
-    assert set(results["metrics"]) == {"AP", "F.Ra", "FWT", "BWT"}
+    assert set(results["metrics"]) == {"AP", "F.Ra", "FWT", "BWT", "BWT_released", "FWT_released"}
     assert results["metrics"]["FWT"] is None and "single_task_run" in results["fwt_source"]
     assert results["metrics"]["AP"] == pytest.approx((m[1][0] + m[1][1]) / 2)
     for f in [

@@ -39,7 +39,8 @@ __all__ = ["StudyRun", "backbone_params", "gather", "main", "write_study"]
 
 log = logging.getLogger(__name__)
 
-METRICS = ("AP", "F.Ra", "FWT", "BWT")
+#: ours, then BWT / FWT in the released scorer's convention (``metrics.released_metrics``)
+METRICS = ("AP", "F.Ra", "FWT", "BWT", "BWT_released", "FWT_released")
 
 
 @dataclass
