@@ -123,6 +123,14 @@ class AdapterConfig:
     #: ``_init_weights`` with LLaMA-2's ``initializer_range``). ``g`` first learns at the
     #: second task, so this is where it starts from then.
     query_init: Literal["pytorch", "normal"] = "pytorch"
+    #: The mixture the training forward of a task's block runs with (a method that trains
+    #: the router: SAPT). ``attention``: the attention's weights over every active block
+    #: (the paper's shared attentive learning). ``new_block``: one-hot on the new block,
+    #: the earlier blocks weighted 0 (no reuse while learning), an ablation; the router
+    #: still learns from the task loss (straight-through: the value is one-hot, the
+    #: gradient reaches the attention as through its weights), and the ARM, the attention
+    #: targets, selection at test time and everything else are unchanged.
+    learning_mixture: Literal["attention", "new_block"] = "attention"
 
 
 @dataclass
@@ -588,6 +596,12 @@ class RunConfig:
             ):
                 if v is not None and v < 0:
                     raise ConfigError(f"config key 'per_task.{name}.{field_}' must be >= 0")
+        if self.adapter.learning_mixture != "attention" and not METHODS[self.method].trains_router:
+            raise ConfigError(
+                f"config key 'adapter.learning_mixture' is {self.adapter.learning_mixture!r}: "
+                f"method {self.method!r} has no learned attention mixture to change (only a "
+                f"method that trains the router, as sapt, has one)"
+            )
         if self.per_task and METHODS[self.method].joint:
             raise ConfigError(
                 f"config key 'per_task': {self.method} trains one stage on every task at once; "
