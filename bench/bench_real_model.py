@@ -1,24 +1,37 @@
 """SAPT against its baselines on a real pretrained model (SmolLM2-135M-Instruct), seeds x
 methods, one table.
 
-Every run is an ordinary ``sapt-train`` of the ``smollm2_superni`` preset, started here as
-a subprocess (``--jobs`` at a time, the cores shared out between them), into
-``<out>/<method>_s<seed>``; a finished run is read, not retrained, and a killed one resumes.
-Methods: ``sapt`` (the preset: centered router input), ``sapt_paper`` (the paper's router
-input, ``adapter.router_center=none``), ``seq_lora``, ``inc_lora``, ``replay``, ``mtl``,
-``single_task`` (gives ``b_j`` for FWT), ``sapt_prompt`` (SAPT with prompt-tuning blocks,
-``adapter.kind=prompt``, lr 3e-2; no FWT: its reference would be LoRA blocks). The zero-shot row is the backbone without blocks
+Every run is an ordinary ``sapt-train`` of a preset (``--preset``: ``smollm2_superni``, the
+3-task SuperNI benchmark, or ``smollm2_long5``, the 5-task Long Sequence one), started here
+as a subprocess (``--jobs`` at a time, the cores shared out between them), into
+``<out>/<method>_s<seed>`` (``--out``: ``runs/real`` for ``smollm2_superni``, else
+``runs/real_<preset>``); a finished run is read, not retrained, and a killed one resumes, so
+a benchmark spreads over sittings. Methods: ``sapt`` (the preset: centered router input),
+``sapt_paper`` (the paper's router input, ``adapter.router_center=none``), ``sapt_onehot``
+(SAPT whose training mixture is one-hot on the new block, ``adapter.learning_mixture=
+new_block``: no reuse of earlier blocks while learning), ``seq_lora``, ``inc_lora``,
+``olora``, ``inflora``, ``gainlora``, ``replay``, ``mtl``, ``single_task`` (gives ``b_j`` for
+FWT), ``sapt_prompt`` (SAPT with prompt-tuning blocks, ``adapter.kind=prompt``, lr 3e-2; no
+FWT: its reference would be LoRA blocks). The zero-shot row is the backbone without blocks
 on the same prompts (``<out>/zero_shot.json``).
 
-Printed (markdown, also written to ``<out>/table.md``): per method the mean and every
-seed's AP, F.Ra, FWT, BWT, routing accuracy and mean weight on the own block, the zero-shot
-row, one accuracy matrix per method (first seed), and the targets of issue 10 checked per
-seed: routing accuracy >= 90%, F.Ra(SAPT) <= 0.5 x F.Ra(SeqLoRA), AP(SAPT) within 5 points
-of MTL.
+Seeds: ``--seeds`` for every method; without it 42 and 1 for SAPT and the LoRA-family
+baselines, 42 for MTL and single-task (FWT of a seed without its own single-task run uses
+the first seed's).
 
-    python bench/bench_real_model.py --seeds 42 1 2 --jobs 2
+Printed (markdown, also written to ``<out>/table.md``): per method the mean and every
+seed's AP, F.Ra, FWT, BWT, FWT and BWT in the released scorer's convention
+(``outputs.metrics.released_metrics``: BWT over N, FWT = mean diagonal - 50.94), routing
+accuracy, the mean weight on the own block, the mean off-diagonal mass of the attention
+targets a* SAPT files per task (``1 - a_j*[j]`` over tasks 2..N: how much a task's own
+inputs weighed earlier blocks when it was learned), the zero-shot row, one accuracy
+matrix per method (first seed), and the targets of issue 10 checked per seed: routing
+accuracy >= 90%, F.Ra(SAPT) <= 0.5 x F.Ra(SeqLoRA), AP(SAPT) within 5 points of MTL.
+
+    python bench/bench_real_model.py --jobs 2                         # smollm2_superni
+    python bench/bench_real_model.py --preset smollm2_long5 --jobs 1  # the 5-task benchmark
     python bench/bench_real_model.py --methods sapt sapt_paper --seeds 42 --jobs 2
-    python bench/bench_real_model.py --collect-only          # just the table
+    python bench/bench_real_model.py --preset smollm2_long5 --collect-only   # just the table
 """
 
 from __future__ import annotations
@@ -38,16 +51,36 @@ sys.path.insert(0, str(ROOT))
 METHODS = [
     "sapt",
     "sapt_paper",
+    "sapt_onehot",
     "seq_lora",
+    "inc_lora",
+    "olora",
+    "inflora",
+    "gainlora",
     "mtl",
     "single_task",
-    "inc_lora",
     "replay",
     "sapt_prompt",
 ]
+#: the methods run by default (``--methods``)
+DEFAULT_METHODS = [
+    "sapt",
+    "sapt_onehot",
+    "seq_lora",
+    "inc_lora",
+    "olora",
+    "inflora",
+    "gainlora",
+    "mtl",
+    "single_task",
+]
+#: default seeds: two for SAPT and the LoRA-family baselines, one for the references
+SEEDS = [42, 1]
+ONE_SEED = {"mtl", "single_task"}
 #: settings of the methods that are SAPT with something changed
 VARIANTS = {
     "sapt_paper": ["method=sapt", "adapter.router_center=none"],
+    "sapt_onehot": ["method=sapt", "adapter.learning_mixture=new_block"],
     "sapt_prompt": [
         "method=sapt",
         "adapter.kind=prompt",
@@ -56,26 +89,57 @@ VARIANTS = {
     ],
 }
 PRESET = "smollm2_superni"
+#: SAPT's rows: the methods whose runs train the router (routing accuracy, a*)
+SAPT_ROWS = {"sapt", "sapt_paper", "sapt_onehot", "sapt_prompt"}
+
+
+def default_out(preset: str) -> Path:
+    """Where a preset's runs go: ``runs/real`` (``smollm2_superni``, as before), else
+    ``runs/real_<preset>``."""
+    return ROOT / "runs" / ("real" if preset == PRESET else f"real_{preset}")
+
+
+def method_seeds(method: str, seeds: list[int] | None) -> list[int]:
+    """The seeds ``method`` runs with: ``seeds`` when given, else the defaults."""
+    if seeds is not None:
+        return list(seeds)
+    return SEEDS[:1] if method in ONE_SEED else list(SEEDS)
+
+
+def single_dir(out: Path, seed: int, single_seeds: list[int]) -> Path:
+    """The single-task run giving FWT to a run of ``seed``: its own seed's when that seed
+    is run (or finished), else the first single-task seed's."""
+    own = run_dir(out, "single_task", seed)
+    if seed in single_seeds or finished(own):
+        return own
+    return run_dir(out, "single_task", single_seeds[0])
 
 
 def run_dir(out: Path, method: str, seed: int) -> Path:
     return out / f"{method}_s{seed}"
 
 
-def command(out: Path, method: str, seed: int, extra: list[str]) -> list[str]:
+def command(
+    out: Path,
+    method: str,
+    seed: int,
+    extra: list[str],
+    preset: str = PRESET,
+    single_seeds: list[int] | None = None,
+) -> list[str]:
     folder = run_dir(out, method, seed)
     args = [
         sys.executable,
         "-m",
         "sapt_dist.cli.train",
         "--preset",
-        PRESET,
+        preset,
         f"output_dir={folder}",
         f"train.seed={seed}",
     ]
     args += VARIANTS.get(method, [f"method={method}"])
     if method not in ("single_task", "mtl", "sapt_prompt"):
-        args.append(f"single_task_run={run_dir(out, 'single_task', seed)}")
+        args.append(f"single_task_run={single_dir(out, seed, single_seeds or [seed])}")
     return args + extra
 
 
@@ -85,9 +149,18 @@ def finished(folder: Path) -> bool:
     ).is_file()
 
 
-def run_all(out: Path, jobs: list[tuple[str, int]], lanes: int, extra: list[str]) -> None:
-    """Run the unfinished (method, seed) pairs, ``lanes`` at a time."""
+def run_all(
+    out: Path,
+    jobs: list[tuple[str, int]],
+    lanes: int,
+    extra: list[str],
+    preset: str = PRESET,
+    single_seeds: list[int] | None = None,
+) -> None:
+    """Run the unfinished (method, seed) pairs, ``lanes`` at a time (single-task runs
+    first: the others' FWT reads them)."""
     todo = [(m, s) for m, s in jobs if not finished(run_dir(out, m, s))]
+    todo.sort(key=lambda ms: ms[0] != "single_task")
     threads = max(1, (os.cpu_count() or 2) // max(1, lanes))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     env.setdefault("DS_ACCELERATOR", "cpu")
@@ -96,7 +169,7 @@ def run_all(out: Path, jobs: list[tuple[str, int]], lanes: int, extra: list[str]
     while todo or running:
         while todo and len(running) < lanes:
             m, s = todo.pop(0)
-            cmd = command(out, m, s, extra)
+            cmd = command(out, m, s, extra, preset, single_seeds)
             log = open(out / f"{m}_s{s}.log", "ab")  # noqa: SIM115 - closed with the process
             print(f"[bench] start {m} seed {s}: {' '.join(cmd[2:])}", flush=True)
             running.append(
@@ -111,7 +184,7 @@ def run_all(out: Path, jobs: list[tuple[str, int]], lanes: int, extra: list[str]
                 print(f"[bench] {name} {state} in {time.time() - t0:.0f} s", flush=True)
 
 
-def zero_shot(out: Path, extra: list[str]) -> dict[str, float]:
+def zero_shot(out: Path, extra: list[str], preset: str = PRESET) -> dict[str, float]:
     """The backbone without blocks on every task's test prompts (cached in zero_shot.json)."""
     path = out / "zero_shot.json"
     if path.is_file():
@@ -132,7 +205,7 @@ def zero_shot(out: Path, extra: list[str]) -> dict[str, float]:
     from sapt_dist.method.model import SAPTModel
     from sapt_dist.outputs.metrics import score_predictions
 
-    cfg = load_config(preset_path(PRESET), extra)
+    cfg = load_config(preset_path(preset), extra)
     backbone, tok = load_backbone(cfg.model)
     model = SAPTModel(backbone, cfg.adapter, n_slots=1)  # one zero block: the plain model
     root = resolve_data_root(cfg.data.root)
@@ -158,8 +231,24 @@ def zero_shot(out: Path, extra: list[str]) -> dict[str, float]:
     return scores
 
 
+def off_diagonal_mass(folder: Path) -> float | None:
+    """Mean over tasks 2..N of ``1 - a_j*[j]``: the weight a task's own dev inputs put on
+    earlier blocks when it was learned (the attention targets SAPT files, ``targets`` in
+    the run's ``blocks/router.safetensors``); None without them."""
+    path = folder / "blocks" / "router.safetensors"
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    targets = load_file(str(path)).get("targets")
+    n = len(json.loads((folder / "metrics" / "results.json").read_text())["tasks"])
+    if targets is None or n < 2:
+        return None
+    return sum(1.0 - float(targets[j, j]) for j in range(1, n)) / (n - 1)
+
+
 def read_run(folder: Path, single: list[float] | None) -> dict | None:
-    from sapt_dist.outputs.metrics import cl_metrics
+    from sapt_dist.outputs.metrics import cl_metrics, released_metrics
 
     if not finished(folder):
         return None
@@ -170,7 +259,10 @@ def read_run(folder: Path, single: list[float] | None) -> dict | None:
         row["AP"] = res["metrics"]["AP"]
         return row
     row.update(cl_metrics(matrix, single))
+    row.update(released_metrics(matrix))  # computed here: runs written before it lack it
     routing = folder / "metrics" / "routing.json"
+    if res["method"] == "sapt":
+        row["a_off"] = off_diagonal_mass(folder)
     if res["method"] == "sapt" and routing.is_file():
         r = json.loads(routing.read_text())
         row["routing"] = 100 * r["overall_routing_accuracy"]
@@ -196,32 +288,48 @@ def _fmt(vals: list[float | None], digits: int = 1) -> str:
     return f"{mean:.{digits}f}" + (f" ({each})" if len(vals) > 1 else "")
 
 
-def table(out: Path, methods: list[str], seeds: list[int], zs: dict[str, float] | None) -> str:
+def table(
+    out: Path,
+    methods: list[str],
+    seeds: list[int] | None,
+    zs: dict[str, float] | None,
+    preset: str = PRESET,
+) -> str:
     runs: dict[str, dict[int, dict]] = {}
+    single_seeds = method_seeds("single_task", seeds)
     for m in methods:
-        for s in seeds:
-            single_dir = run_dir(out, "single_task", s)
+        for s in method_seeds(m, seeds):
+            sdir = single_dir(out, s, single_seeds)
             single = None
-            if finished(single_dir):
-                sres = json.loads((single_dir / "metrics" / "results.json").read_text())
+            if finished(sdir):
+                sres = json.loads((sdir / "metrics" / "results.json").read_text())
                 single = list(sres["single_task_scores"].values())
             r = read_run(run_dir(out, m, s), single)
             if r is not None:
                 runs.setdefault(m, {})[s] = r
+    all_seeds = sorted({s for m in methods for s in method_seeds(m, seeds)}, key=str)
     lines = [
-        f"SmolLM2-135M-Instruct, preset `{PRESET}`, seeds {seeds}; mean (per seed). CPU.",
+        f"SmolLM2-135M-Instruct, preset `{preset}`, seeds {seeds or 'default'}; mean (per "
+        "seed). CPU. `*_rel`: the released scorer's convention (BWT over N, FWT = mean "
+        "diagonal - 50.94); a* off-diag: mean over tasks 2..N of 1 - a_j*[j].",
         "",
-        "| method | seeds done | AP | F.Ra | FWT | BWT | routing acc % | own-block weight | pseudo well-formed |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | seeds done | AP | F.Ra | FWT | BWT | FWT_rel | BWT_rel | routing acc % "
+        "| own-block weight | a* off-diag | pseudo well-formed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in methods:
         rs = runs.get(m, {})
-        got = [rs[s] for s in seeds if s in rs]
+        want = method_seeds(m, seeds)
+        got = [rs[s] for s in want if s in rs]
         lines.append(
-            f"| {m} | {len(got)}/{len(seeds)} | {_fmt([r.get('AP') for r in got])} | "
+            f"| {m} | {len(got)}/{len(want)} | {_fmt([r.get('AP') for r in got])} | "
             f"{_fmt([r.get('F.Ra') for r in got])} | {_fmt([r.get('FWT') for r in got])} | "
-            f"{_fmt([r.get('BWT') for r in got])} | {_fmt([r.get('routing') for r in got])} | "
+            f"{_fmt([r.get('BWT') for r in got])} | "
+            f"{_fmt([r.get('FWT_released') for r in got])} | "
+            f"{_fmt([r.get('BWT_released') for r in got])} | "
+            f"{_fmt([r.get('routing') for r in got])} | "
             f"{_fmt([r.get('own_weight') for r in got], 2)} | "
+            f"{_fmt([r.get('a_off') for r in got], 2)} | "
             f"{'; '.join(r.get('well_formed', '') for r in got if r.get('well_formed')) or '-'} |"
         )
     any_run = next((r for rs in runs.values() for r in rs.values()), None)
@@ -249,7 +357,7 @@ def table(out: Path, methods: list[str], seeds: list[int], zs: dict[str, float] 
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     # the targets of issue 10, per seed
     checks = []
-    for s in seeds:
+    for s in all_seeds:
         sapt, seq, mtl = (runs.get(k, {}).get(s) for k in ("sapt", "seq_lora", "mtl"))
         if sapt is None:
             continue
@@ -279,9 +387,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "real")
-    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    ap.add_argument("--seeds", nargs="+", type=int, default=[42, 1, 2])
+    ap.add_argument(
+        "--preset", default=PRESET, help="a shipped preset (smollm2_superni, smollm2_long5)"
+    )
+    ap.add_argument("--out", type=Path, default=None, help="default: runs/real[_<preset>]")
+    ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=METHODS)
+    ap.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        help="seeds of every method (default: 42 1 for SAPT and the LoRA family, 42 for "
+        "mtl and single_task)",
+    )
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (cores shared out)")
     ap.add_argument(
         "--runs",
@@ -295,18 +413,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-zero-shot", action="store_true")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="preset overrides")
     args = ap.parse_args(argv)
+    from sapt_dist.config import preset_path
+
+    if not preset_path(args.preset).is_file():
+        ap.error(f"--preset: no shipped preset {args.preset!r} (sapt_dist/presets/)")
+    out = args.out or default_out(args.preset)
     methods = list(args.methods)
     if not args.collect_only:
-        jobs = [(m, s) for s in args.seeds for m in methods]
+        jobs = [(m, s) for m in methods for s in method_seeds(m, args.seeds)]
         if args.runs:
             jobs = [(r.split(":")[0], int(r.split(":")[1])) for r in args.runs]
             bad = [m for m, _ in jobs if m not in METHODS]
             if bad:
                 ap.error(f"--runs: unknown method(s) {bad}; known: {METHODS}")
-        run_all(args.out, jobs, args.jobs, args.set)
-    zs = None if args.no_zero_shot else zero_shot(args.out, args.set)
-    text = table(args.out, methods, args.seeds, zs)
-    (args.out / "table.md").write_text(text)
+        single_seeds = method_seeds("single_task", args.seeds)
+        run_all(out, jobs, args.jobs, args.set, args.preset, single_seeds)
+    zs = None if args.no_zero_shot else zero_shot(out, args.set, args.preset)
+    text = table(out, methods, args.seeds, zs, args.preset)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(text)
     print(text)
     return 0
 

@@ -124,6 +124,14 @@ class AdapterConfig:
     #: ``_init_weights`` with LLaMA-2's ``initializer_range``). ``g`` first learns at the
     #: second task, so this is where it starts from then.
     query_init: Literal["pytorch", "normal"] = "pytorch"
+    #: The mixture the training forward of a task's block runs with (a method that trains
+    #: the router: SAPT). ``attention``: the attention's weights over every active block
+    #: (the paper's shared attentive learning). ``new_block``: one-hot on the new block,
+    #: the earlier blocks weighted 0 (no reuse while learning), an ablation; the router
+    #: still learns from the task loss (straight-through: the value is one-hot, the
+    #: gradient reaches the attention as through its weights), and the ARM, the attention
+    #: targets, selection at test time and everything else are unchanged.
+    learning_mixture: Literal["attention", "new_block"] = "attention"
 
 
 @dataclass
@@ -331,7 +339,8 @@ class OLoRAConfig:
     over adapted layers of ``|A_old A_new^T|`` (every entry, every earlier block) and
     ``lambda_2`` x the sum of the new block's parameter 2-norms, as its released trainer.
     Defaults: lambda_1 0.5 (its scripts); lambda_2 0 (set it to the script you compare
-    with)."""
+    with). Its released scripts change both per task: ``per_task.<task>.olora_lambda_1`` /
+    ``olora_lambda_2`` (the ``*_olora`` presets carry its Long Sequence values)."""
 
     lambda_1: float = 0.5
     lambda_2: float = 0.0
@@ -374,6 +383,10 @@ class TaskOverride:
     lr: float | None = None
     #: ``false``: no attentive reflection (ARM) while this task trains.
     reflection: bool | None = None
+    #: O-LoRA's ``olora.lambda_1`` / ``olora.lambda_2`` while this task trains (its released
+    #: scripts set them per task); methods without O-LoRA's penalty ignore them.
+    olora_lambda_1: float | None = None
+    olora_lambda_2: float | None = None
 
 
 @dataclass(frozen=True)
@@ -386,6 +399,9 @@ class TaskSettings:
     lr: float
     #: attentive reflection (ARM) while this task trains
     reflection: bool
+    #: O-LoRA's two penalty weights while this task trains (``olora`` unless overridden)
+    olora_lambda_1: float
+    olora_lambda_2: float
     #: the ``per_task`` fields that were set for this task (name -> value), for the log
     overridden: dict[str, Any]
 
@@ -418,11 +434,12 @@ class RunConfig:
     def for_task(self, name: str) -> TaskSettings:
         """The settings task ``name`` trains with: ``per_task.<name>`` over ``train``
         (its ``epochs`` replaces the run's ``max_steps``; its ``max_steps`` wins over
-        both). A joint method's one stage has no per-task settings."""
-        t = self.train
+        both; its ``olora_lambda_*`` over ``olora.lambda_*``). A joint method's one stage has
+        no per-task settings."""
+        t, o = self.train, self.olora
         ov = None if METHODS[self.method].joint else self.per_task.get(name)
         if ov is None:
-            return TaskSettings(t.epochs, t.max_steps, t.lr, True, {})
+            return TaskSettings(t.epochs, t.max_steps, t.lr, True, o.lambda_1, o.lambda_2, {})
         epochs, max_steps = t.epochs, t.max_steps
         if ov.epochs is not None:
             epochs, max_steps = ov.epochs, None
@@ -433,6 +450,8 @@ class RunConfig:
             max_steps=max_steps,
             lr=ov.lr if ov.lr is not None else t.lr,
             reflection=ov.reflection if ov.reflection is not None else True,
+            olora_lambda_1=o.lambda_1 if ov.olora_lambda_1 is None else ov.olora_lambda_1,
+            olora_lambda_2=o.lambda_2 if ov.olora_lambda_2 is None else ov.olora_lambda_2,
             overridden={k: v for k, v in dataclasses.asdict(ov).items() if v is not None},
         )
 
@@ -561,6 +580,8 @@ class RunConfig:
                 "must be >= 1",
             ),
             (self.replay.kl_ratio >= 0, "replay.kl_ratio", "must be >= 0"),
+            (self.olora.lambda_1 >= 0, "olora.lambda_1", "must be >= 0"),
+            (self.olora.lambda_2 >= 0, "olora.lambda_2", "must be >= 0"),
             (self.eval.batch_size >= 1, "eval.batch_size", "must be >= 1"),
             (self.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1"),
             (self.eval.routing_every >= 0, "eval.routing_every", "must be >= 0"),
@@ -612,6 +633,18 @@ class RunConfig:
                     raise ConfigError(f"config key 'per_task.{name}.{field_}' must be >= 1")
             if ov.lr is not None and not ov.lr > 0:
                 raise ConfigError(f"config key 'per_task.{name}.lr' must be > 0")
+            for field_, v in (
+                ("olora_lambda_1", ov.olora_lambda_1),
+                ("olora_lambda_2", ov.olora_lambda_2),
+            ):
+                if v is not None and v < 0:
+                    raise ConfigError(f"config key 'per_task.{name}.{field_}' must be >= 0")
+        if self.adapter.learning_mixture != "attention" and not METHODS[self.method].trains_router:
+            raise ConfigError(
+                f"config key 'adapter.learning_mixture' is {self.adapter.learning_mixture!r}: "
+                f"method {self.method!r} has no learned attention mixture to change (only a "
+                f"method that trains the router, as sapt, has one)"
+            )
         if self.per_task and METHODS[self.method].joint:
             raise ConfigError(
                 f"config key 'per_task': {self.method} trains one stage on every task at once; "

@@ -86,3 +86,59 @@ def test_bench_op_count_tiny_runs() -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "RESULT sapt15_ops_vs_lora=" in proc.stdout, proc.stdout
+
+
+def test_bench_real_model_plans_and_tables_finished_runs(tmp_path: Path) -> None:
+    """bench_real_model.py: --preset's runs and their commands (the variants' settings, the
+    single-task run FWT reads, per-method default seeds), and the table from finished run
+    folders: ours and the released scorer's BWT / FWT, the a* off-diagonal mass."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import bench_real_model as b
+    finally:
+        sys.path.pop(0)
+    assert b.method_seeds("sapt", None) == [42, 1] and b.method_seeds("mtl", None) == [42]
+    assert b.method_seeds("mtl", [3, 4]) == [3, 4]
+    assert b.default_out("smollm2_long5").name == "real_smollm2_long5"
+    cmd = b.command(tmp_path, "sapt_onehot", 1, [], "smollm2_long5", [42])
+    assert cmd[cmd.index("--preset") + 1] == "smollm2_long5"
+    assert "method=sapt" in cmd and "adapter.learning_mixture=new_block" in cmd
+    # seed 1 has no single-task run of its own: FWT from seed 42's
+    assert f"single_task_run={tmp_path / 'single_task_s42'}" in cmd
+    assert "method=olora" in b.command(tmp_path, "olora", 42, [], "smollm2_long5", [42])
+
+    def fake(name: str, method: str, matrix: list, targets: list | None = None, **res) -> None:
+        folder = tmp_path / name
+        (folder / "metrics").mkdir(parents=True)
+        (folder / "state").mkdir()
+        (folder / "state/finished.json").write_text("{}")
+        (folder / "metrics/results.json").write_text(
+            json.dumps({"method": method, "tasks": ["t1", "t2", "t3"], "matrix": matrix, **res})
+        )
+        if targets is not None:
+            (folder / "blocks").mkdir()
+            save_file({"targets": torch.tensor(targets)}, str(folder / "blocks/router.safetensors"))
+
+    m = [[80.0, None, None], [70.0, 60.0, None], [50.0, 55.0, 90.0]]
+    a_star = [[1.0, 0.0, 0.0], [0.2, 0.8, 0.0], [0.1, 0.3, 0.6]]
+    fake("sapt_s42", "sapt", m, a_star, metrics={})
+    diag = [[70.0, None, None], [None, 60.0, None], [None, None, 80.0]]
+    fake(
+        "single_task_s42",
+        "single_task",
+        diag,
+        metrics={"AP": 70.0},
+        single_task_scores={"t1": 70.0, "t2": 60.0, "t3": 80.0},
+    )
+    text = b.table(tmp_path, ["sapt", "single_task"], [42], None, "smollm2_long5")
+    row = next(line for line in text.splitlines() if line.startswith("| sapt |"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    # AP 65, F.Ra 17.5, FWT ((80-70)+(60-60)+(90-80))/3, BWT -17.5; released: FWT 230/3 -
+    # 50.94, BWT -35/3; a* off-diagonal over tasks 2, 3: (0.2 + 0.4) / 2
+    assert cells[1:8] == ["1/1", "65.0", "17.5", "6.7", "-17.5", "25.7", "-11.7"]
+    assert cells[10] == "0.30"

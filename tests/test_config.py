@@ -90,6 +90,9 @@ def test_presets_load_and_headers_are_commands(preset):
     with pytest.raises(ConfigError, match="'model.path' is required"):
         load_config(preset)
     cfg = load_config(preset, ["model.path=/models/m"])
+    if preset.stem.endswith("_olora"):  # O-LoRA as released: test_olora_presets_*
+        assert cfg.method == "olora" and cfg.adapter.alpha == 32
+        return
     assert cfg.adapter.alpha == 32 and cfg.train.select_best
     if preset.stem.startswith("t5"):  # SAPT.md's T5 setting: q, v (encoder, decoder, cross)
         superni = "superni" in preset.stem
@@ -102,6 +105,61 @@ def test_presets_load_and_headers_are_commands(preset):
         return
     assert cfg.adapter.rank == 4 and cfg.train.lr == 5e-5
     assert cfg.model.dtype == "bfloat16"
+
+
+#: O-LoRA's scripts/long.sh (github.com/cmnfriend/O-LoRA), task by task: (epochs,
+#: lambda_1, lambda_2); the same order as Long Sequence order 4
+OLORA_LONG = {
+    "yelp": (1, 0.0, 0.0),
+    "amazon": (1, 0.5, 0.0),
+    "mnli": (2, 0.5, 0.0),
+    "cb": (1, 0.5, 0.0),
+    "copa": (1, 0.5, 0.1),
+    "qqp": (1, 0.5, 0.1),
+    "rte": (1, 0.5, 0.3),
+    "imdb": (1, 0.5, 0.0),
+    "sst2": (1, 0.5, 0.1),
+    "dbpedia": (1, 5.0, 0.0),
+    "agnews": (1, 5.0, 0.0),
+    "yahoo": (1, 5.0, 0.1),
+    "multirc": (1, 5.0, 0.0),
+    "boolq": (1, 5.0, 0.1),
+    "wic": (1, 5.0, 0.3),
+}
+
+
+@pytest.mark.parametrize("name", ["t5_large_long_order4_olora", "llama2_7b_long_order4_olora"])
+def test_olora_presets_carry_the_released_long_sequence_script(name):
+    """The O-LoRA presets: its released Long Sequence script's per-task epochs and
+    lambdas (through RunConfig.for_task, what the penalty gets), r 8 / alpha 32 / dropout
+    0.1, global batch 64, constant lr without warm-up, no dev-set selection."""
+    from sapt_dist.data.tasks import ORDERS
+
+    cfg = load_config(ROOT / "sapt_dist/presets" / f"{name}.yaml", ["model.path=/m"])
+    assert cfg.method == "olora" and cfg.data.order == "long_4"
+    assert list(OLORA_LONG) == ORDERS["long_4"]
+    got = {
+        t: (s.epochs, s.olora_lambda_1, s.olora_lambda_2)
+        for t in OLORA_LONG
+        for s in [cfg.for_task(t)]
+    }
+    assert got == OLORA_LONG
+    a, t = cfg.adapter, cfg.train
+    assert (a.rank, a.alpha, a.dropout) == (8, 32, 0.1)
+    assert (t.global_batch, t.lr_schedule, t.warmup_steps, t.select_best) == (
+        64,
+        "constant",
+        0,
+        False,
+    )
+    assert (cfg.data.max_source_length, cfg.data.max_target_length) == (512, 50)
+    lrs = {cfg.for_task(t).lr for t in OLORA_LONG if t != "yelp"}
+    if name.startswith("t5"):  # scripts/long.sh: 1e-3 throughout, fp32, peft's T5 q, v
+        assert cfg.for_task("yelp").lr == 1e-3 and lrs == {1e-3}
+        assert cfg.model.dtype == "float32" and a.target_modules == ["q", "v"]
+    else:  # scripts_llama/order_*.sh: 1e-3 for the first task, 1e-4 after; bf16
+        assert cfg.for_task("yelp").lr == 1e-3 and lrs == {1e-4}
+        assert cfg.model.dtype == "bfloat16" and a.target_modules == ["q_proj", "v_proj"]
 
 
 def test_deepspeed_config_names_and_files(tmp_path):

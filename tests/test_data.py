@@ -249,9 +249,13 @@ def test_named_order_subset_and_missing() -> None:
     ]
     with pytest.raises(TaskDataError, match=r"\['nope'\] not in order 'demo'"):
         resolve_order(DataConfig(tasks=["nope"]), root)
-    with pytest.raises(TaskDataError, match=r"holds none of the tasks of order 'long_3'"):
-        resolve_order(DataConfig(order="long_3"), root)
-    with pytest.raises(TaskDataError, match=r"lacks task\(s\) .*'mnli'.*skip_missing_tasks"):
+    # the shipped Long Sequence subsets (smollm2_long5) sit one folder down: a named Long
+    # Sequence order finds them and skips the rest (strict: names the first it lacks)
+    names, missing = resolve_order(DataConfig(order="long_3"), root)
+    assert names == ["mnli", "rte", "imdb", "sst2", "agnews"] and "cb" in missing
+    with pytest.raises(TaskDataError, match=r"holds none of the tasks of order 'demo'"):
+        resolve_order(DataConfig(order="demo"), root / "Long_Sequence")
+    with pytest.raises(TaskDataError, match=r"lacks task\(s\) .*'cb'.*skip_missing_tasks"):
         resolve_order(DataConfig(order="long_3", skip_missing_tasks=False), root)
 
 

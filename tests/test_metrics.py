@@ -12,6 +12,7 @@ from sapt_dist.outputs.metrics import (
     exact_match,
     matrix_markdown,
     normalize_answer,
+    released_metrics,
     rouge_l,
     routing_summary,
     save_heatmap,
@@ -35,6 +36,29 @@ def test_cl_metrics_3x3() -> None:
     assert m["F.Ra"] == pytest.approx(17.5)
     assert m["BWT"] == pytest.approx(-17.5)
     assert m["FWT"] is None
+
+
+def test_released_metrics_3x3() -> None:
+    """The released SAPT score.py's BWT and FWT of M3, by hand, and its own code run on
+    the same matrix (zeros above the diagonal, as it pads)."""
+    # BWT_released = ((50 - 80) + (55 - 60) + (90 - 90)) / 3 = -35 / 3
+    # FWT_released = (80 + 60 + 90) / 3 - 50.94               = 76.666... - 50.94
+    m = released_metrics(M3)
+    assert m["BWT_released"] == pytest.approx(-35 / 3)
+    assert m["FWT_released"] == pytest.approx(230 / 3 - 50.94)
+    # ours is the released BWT x N / (N - 1)
+    assert cl_metrics(M3)["BWT"] == pytest.approx(m["BWT_released"] * 3 / 2)
+
+    def released(scores_array):  # score.py's cal_continue_learning_metrics, copied
+        task_num = len(scores_array)
+        fwt = sum([scores_array[i][i] for i in range(task_num)]) / task_num - 50.94
+        bwt = sum([scores_array[-1][i] - scores_array[i][i] for i in range(task_num)]) / task_num
+        return bwt, fwt
+
+    padded = [[0.0 if v is None else v for v in row] for row in M3]
+    assert (m["BWT_released"], m["FWT_released"]) == pytest.approx(released(padded))
+    one = released_metrics([[42.0]])
+    assert one["BWT_released"] is None and one["FWT_released"] == pytest.approx(42.0 - 50.94)
 
 
 def test_cl_metrics_forgetting_uses_best_earlier_score() -> None:

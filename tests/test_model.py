@@ -571,3 +571,67 @@ def test_quantized_linears_are_recognised_by_type(tmp_path):
     fake = LookAlike()
     fake.in_features, fake.out_features, fake.weight = 4, 4, torch.nn.Parameter(torch.zeros(4, 4))
     assert not is_quantized_linear(fake) and not is_adaptable_linear(fake)
+
+
+def test_new_block_learning_mixture_changes_the_training_mixture_only(llama):
+    """adapter.learning_mixture=new_block: the training forward mixes exactly one-hot on
+    the new block (the loss is that of a forward given those weights), the attention's
+    parameters still get the task loss's gradient through its weights (straight-through:
+    d loss / d w taken at the one-hot weights, then back through the attention), and
+    everything else is the paper's: the ARM loss, and weights and logits in eval mode
+    (selection, generation, the attention targets)."""
+    from sapt_dist.config import ConfigError, load_config
+
+    torch.manual_seed(0)
+    paper = SAPTModel(llama, AdapterConfig(), n_slots=3)
+    file_random_blocks(paper, 2)
+    paper.start_task(2)
+    with torch.no_grad():
+        for p in paper.block_params():
+            p.normal_(0, 0.3)
+        paper.router.targets[0, 0] = 1.0
+        paper.router.targets[1, :2] = torch.tensor([0.3, 0.7])
+    onehot, given = copy.deepcopy(paper), copy.deepcopy(paper)
+    onehot.adapter_config = AdapterConfig(learning_mixture="new_block")
+    ids, am = _batch()
+    replay = dict(
+        replay_input_ids=ids.repeat(2, 1),
+        replay_attention_mask=am.repeat(2, 1),
+        replay_task=torch.tensor([0, 0, 1, 1]),
+    )
+    for m in (paper, onehot, given):
+        m.train()
+    ref = paper(ids, am, ids, prompt_mask=am, **replay)
+    out = onehot(ids, am, ids, prompt_mask=am, **replay)
+    one = torch.tensor([[0.0, 0.0, 1.0]] * 2)
+    assert 0 < ref.weights[:, 2].min() < 1  # the paper's mixture reuses the earlier blocks
+    assert torch.equal(out.weights, one)  # exactly one-hot on the new block
+    torch.testing.assert_close(out.arm_loss, ref.arm_loss, rtol=0, atol=0)  # ARM unchanged
+    # the task loss is that of the new block alone
+    w_one = one.clone().requires_grad_(True)
+    forced = given(ids, am, ids, prompt_mask=am, weights=w_one)
+    torch.testing.assert_close(out.task_loss, forced.task_loss, rtol=0, atol=0)
+    # the router learns from the task loss: d loss / d w at one-hot, through the attention
+    out.task_loss.backward()
+    forced.task_loss.backward()
+    given.routing_weights(ids, am).backward(w_one.grad)
+    for (name, p), q in zip(
+        onehot.router.named_parameters(), given.router.parameters(), strict=True
+    ):
+        if q.grad is None:
+            assert p.grad is None or not p.grad.any(), name
+        else:
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+    assert onehot.router.key.grad is not None and onehot.router.key.grad.abs().sum() > 0
+    # eval mode (selection, generation, a*): the attention's weights, as the paper's
+    paper.eval()
+    onehot.eval()
+    with torch.no_grad():
+        a, b = paper(ids, am), onehot(ids, am)
+    torch.testing.assert_close(b.weights, a.weights, rtol=0, atol=0)
+    torch.testing.assert_close(b.logits, a.logits, rtol=0, atol=0)
+    # a method without a learned attention mixture refuses it, naming the key
+    with pytest.raises(ConfigError, match=r"'adapter.learning_mixture'.*inc_lora"):
+        load_config(
+            None, ["model.builder=demo", "method=inc_lora", "adapter.learning_mixture=new_block"]
+        )

@@ -52,7 +52,7 @@ def test_two_task_sapt_run_writes_every_output(tmp_path):
     out = tmp_path / "run"
     m = results["matrix"]
     assert len(m) == 2 and m[0][1] is None and all(v is not None for v in m[1])
-    assert set(results["metrics"]) == {"AP", "F.Ra", "FWT", "BWT"}
+    assert set(results["metrics"]) == {"AP", "F.Ra", "FWT", "BWT", "BWT_released", "FWT_released"}
     assert results["metrics"]["FWT"] is None and "single_task_run" in results["fwt_source"]
     assert results["metrics"]["AP"] == pytest.approx((m[1][0] + m[1][1]) / 2)
     for f in [
@@ -907,6 +907,7 @@ def test_every_paper_preset_runs_a_few_steps_on_a_tiny_backbone(tmp_path, preset
     two steps each on the demo backbone; the second task reflects on the first unless the
     preset turns its reflection off."""
     from sapt_dist.data.tasks import resolve_order
+    from sapt_dist.methods import METHODS
     from sapt_dist.train.run import run
 
     from .conftest import shared_data_or_skip
@@ -944,7 +945,8 @@ def test_every_paper_preset_runs_a_few_steps_on_a_tiny_backbone(tmp_path, preset
     assert [len(v) for v in progress["losses"].values()] == [2, 2]
     log = (out / "run.log").read_text()
     state = "on" if reflects else "off"
-    assert f"task 2/2 {first_two[1]}: attentive reflection {state}" in log
+    if METHODS[cfg.method].reflects:  # an O-LoRA preset has no reflection to switch
+        assert f"task 2/2 {first_two[1]}: attentive reflection {state}" in log
 
 
 @pytest.mark.slow
@@ -1013,3 +1015,37 @@ def test_environment_is_recorded_per_start(tmp_path, caplog):
     for name in ("torch", "transformers", "peft", "deepspeed"):
         assert starts[1]["versions"][name] == md.version(name)
     assert f"torch {md.version('torch')}" in caplog.text and "1 CPU thread(s)" in caplog.text
+
+
+@pytest.mark.slow
+def test_olora_per_task_lambdas_reach_the_penalty(tmp_path, monkeypatch):
+    """per_task.<task>.olora_lambda_1 / olora_lambda_2 are the weights the training step's
+    O-LoRA penalty uses while that task trains (O-LoRA's released scripts change them per
+    task); a task without an entry uses olora.lambda_*. Read from every penalty call."""
+    from sapt_dist.method.penalties import OLoRAPenalty
+    from sapt_dist.train.run import run
+
+    seen: list[tuple[int, float, float]] = []
+    forward = OLoRAPenalty.forward
+
+    def recording(self):
+        seen.append((int(self._layers[0]._context.current.nonzero()), self.lambda_1, self.lambda_2))
+        return forward(self)
+
+    monkeypatch.setattr(OLoRAPenalty, "forward", recording)
+    t1, t2 = "task363_sst2_polarity_classification", "task875_emotion_classification"
+    cfg = _cfg(
+        tmp_path,
+        "method=olora",
+        "train.max_steps=2",
+        "tracking.backend=none",
+        "olora.lambda_1=0.5",
+        "olora.lambda_2=0.25",
+        f"per_task={{{t1}: {{olora_lambda_1: 0.0}}, {t2}: {{olora_lambda_1: 5, olora_lambda_2: 0.3}}}}",
+    )
+    assert cfg.for_task(t1).olora_lambda_1 == 0.0 and cfg.for_task(t1).olora_lambda_2 == 0.25
+    assert cfg.for_task("other").olora_lambda_1 == 0.5
+    run(cfg)
+    assert sorted(set(seen)) == [(0, 0.0, 0.25), (1, 5.0, 0.3)]
+    with pytest.raises(ConfigError, match=r"per_task.x.olora_lambda_2' must be >= 0"):
+        load_config(None, ["model.builder=demo", "per_task={x: {olora_lambda_2: -1}}"])

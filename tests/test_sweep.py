@@ -121,7 +121,7 @@ def test_report_table_and_plots(tmp_path):
         m = tiny_llama(hidden=hidden)
         m.save_pretrained(tmp_path / name)
         sizes[name] = sum(p.numel() for p in m.parameters())
-    m1 = {"AP": 50.0, "F.Ra": 10.0, "FWT": None, "BWT": -10.0}
+    m1 = {"AP": 50.0, "F.Ra": 10.0, "FWT": None, "BWT": -10.0, "BWT_released": -5.0}
     m2 = {"AP": 70.0, "F.Ra": 0.0, "FWT": None, "BWT": 0.0}
     _fake_run(tmp_path / "r1", tmp_path / "small", "sapt", [[60, None], [50, 50]], m1)
     _fake_run(tmp_path / "r2", tmp_path / "big", "sapt", [[70, None], [70, 70]], m2)
@@ -139,6 +139,8 @@ def test_report_table_and_plots(tmp_path):
     assert [r["run"] for r in rows] == ["r1", "r2", "r3"]
     assert [int(r["params"]) for r in rows] == [sizes["small"], sizes["big"], sizes["big"]]
     assert [r["AP"] for r in rows] == ["50.00", "70.00", ""]
+    # the released scorer's BWT where a run has it (runs written before it: blank)
+    assert [r["BWT_released"] for r in rows] == ["-5.00", "", ""]
     assert rows[2]["status"] == "running: 1/2 tasks"
     md = (tmp_path / "rep/summary.md").read_text()
     assert "3 of 4 run(s) finished" in md

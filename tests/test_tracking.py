@@ -278,6 +278,11 @@ def test_tracked_run_reads_back_complete(tmp_path, monkeypatch):
     fwt = sum(matrix[j][j] - single[t] for j, t in enumerate(TASKS)) / 2
     assert s["final/FWT"] == pytest.approx(res["metrics"]["FWT"]) == pytest.approx(fwt)
     assert s["final/fwt_source"].endswith("single/metrics/results.json")
+    # the released scorer's convention beside ours: BWT over N, FWT against its 50.94
+    assert s["final/BWT_released"] == pytest.approx(res["metrics"]["BWT"] / 2)
+    diag = sum(matrix[j][j] for j in range(2)) / 2
+    assert s["final/FWT_released"] == pytest.approx(diag - 50.94)
+    assert "50.94" in s["final/released_convention"]
     assert s["final/routing_accuracy"] == pytest.approx(res["routing_accuracy"])
     heat = _media(wb, s["final/accuracy_matrix_heatmap"])
     assert heat.read_bytes() == (out / "metrics/accuracy_matrix.png").read_bytes()

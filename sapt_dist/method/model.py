@@ -298,6 +298,13 @@ class SAPTModel(nn.Module):
         :meth:`SharedAttention.scores`), from the same pooled prompt as the weights."""
         return self.router(max_pool_prompt(self.embed(input_ids), prompt_mask), output="scores")
 
+    def _new_block_only(self, weights: torch.Tensor) -> torch.Tensor:
+        """``adapter.learning_mixture=new_block``: the training mixture one-hot on the
+        trainable slot, exactly (``w - w.detach()`` is 0); the gradient reaches the
+        attention as through ``weights`` (straight-through)."""
+        onehot = self.router.current.to(weights.dtype).expand_as(weights)
+        return onehot + (weights - weights.detach())
+
     def _route(self, weights: torch.Tensor, tokens: int | None = None) -> None:
         """Hand the (batch, T) or (batch, layer slots) weights to every adapted layer.
 
@@ -361,6 +368,8 @@ class SAPTModel(nn.Module):
         embeds = self.embed(input_ids)
         if weights is None:
             weights = self.routing_weights(input_ids, prompt_mask, embeds=embeds)
+            if self.training and self.adapter_config.learning_mixture == "new_block":
+                weights = self._new_block_only(weights)
         # LoRA layers' shared scales are prepared once here (prompt blocks have none)
         self._route(weights, tokens=None if self.prompts is not None else input_ids.shape[1])
         if self.prompts is not None:

@@ -5,7 +5,9 @@ and the model's own code are untouched).
 A method's row names its penalty (``Method.penalty``); the run builds it with
 :func:`build_penalty`, puts it in ``SAPTModel.penalties`` (so that ZeRO-3's hooks gather
 the parameters it reads: :func:`sapt_dist.distributed.gather_in_forward`) and the
-training step adds ``penalty()`` to the loss.
+training step adds ``penalty()`` to the loss. Before each task trains, the run calls
+``set_task(settings)`` with that task's :class:`sapt_dist.config.TaskSettings`, so a
+penalty's weights follow ``per_task`` (O-LoRA's released scripts change them per task).
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ class OLoRAPenalty(nn.Module):
         old = (layer.A_bank * earlier.view(-1, 1, 1)).reshape(-1, layer.in_features)
         orth = (old @ layer.lora_A.t()).abs().sum()
         return orth, layer.lora_A.norm() + layer.lora_B.norm()
+
+    def set_task(self, settings: Any) -> None:
+        """The weights task ``settings`` (a :class:`sapt_dist.config.TaskSettings`) trains
+        with: ``per_task.<task>.olora_lambda_*`` where set, else ``olora.lambda_*``."""
+        self.lambda_1 = float(settings.olora_lambda_1)
+        self.lambda_2 = float(settings.olora_lambda_2)
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The two weighted terms for the model's current slot (set by its last forward);

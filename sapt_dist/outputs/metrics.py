@@ -17,10 +17,12 @@ from typing import Any
 import torch
 
 __all__ = [
+    "RELEASED_FWT_CONSTANT",
     "cl_metrics",
     "exact_match",
     "matrix_markdown",
     "normalize_answer",
+    "released_metrics",
     "rouge_l",
     "routing_summary",
     "save_heatmap",
@@ -183,6 +185,35 @@ def cl_metrics(
             raise ValueError(f"single-task scores at {bad} are not finite numbers")
         fwt = sum(a[j][j] - float(single_task[j]) for j in range(n)) / n
     return {"AP": ap, "F.Ra": fra, "FWT": fwt, "BWT": bwt}
+
+
+#: the constant the released SAPT scorer (circle-hit/SAPT ``score.py``) subtracts from the
+#: mean diagonal score for FWT, whatever the benchmark, model or order it scores
+RELEASED_FWT_CONSTANT = 50.94
+
+
+def released_metrics(matrix: list[list[float | None]]) -> dict[str, float | None]:
+    """BWT and FWT as the released SAPT scorer computes them (``score.py``,
+    ``cal_continue_learning_metrics``), to compare with the paper's tables:
+
+    - ``BWT_released`` = sum over j < N-1 of (``a[N-1][j]`` - ``a[j][j]``), divided by N
+      (its sum runs over every task, the last one's zero term included): ``BWT x (N-1)/N``
+    - ``FWT_released`` = mean over j of ``a[j][j]`` - :data:`RELEASED_FWT_CONSTANT` (50.94,
+      hard-coded there: it reads the single-task scores but does not use them; on any
+      other benchmark than the one that constant came from this is not a transfer
+      measure, only the released number's formula)
+
+    Its AP and F.Ra equal ours (:func:`cl_metrics`). ``BWT_released`` is ``None`` for
+    N == 1, as ours (no earlier task).
+
+    Raises:
+        ValueError: as :func:`cl_metrics`, for a bad matrix.
+    """
+    n = _check_square(matrix)
+    a = [[float(v) if _is_number(v) else math.nan for v in r] for r in matrix]
+    bwt = sum(a[n - 1][j] - a[j][j] for j in range(n - 1)) / n if n > 1 else None
+    fwt = sum(a[j][j] for j in range(n)) / n - RELEASED_FWT_CONSTANT
+    return {"BWT_released": bwt, "FWT_released": fwt}
 
 
 def matrix_markdown(

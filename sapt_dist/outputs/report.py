@@ -28,7 +28,14 @@ from sapt_dist.checkpoint.atomic import (
 )
 from sapt_dist.config import RunConfig
 from sapt_dist.methods import METHODS
-from sapt_dist.outputs.metrics import cl_metrics, matrix_markdown, save_heatmap, wrap_label
+from sapt_dist.outputs.metrics import (
+    RELEASED_FWT_CONSTANT,
+    cl_metrics,
+    matrix_markdown,
+    released_metrics,
+    save_heatmap,
+    wrap_label,
+)
 
 __all__ = ["load_single_task_scores", "plot_trajectory", "write_report"]
 
@@ -51,6 +58,14 @@ def load_single_task_scores(folder: str | Path, tasks: list[str]) -> tuple[list[
     return [float(scores[t]) for t in tasks], str(path)
 
 
+#: what the ``*_released`` metrics are (results.json's ``released_convention``)
+RELEASED_NOTE = (
+    "the released SAPT score.py's convention: BWT divided by N (the last task's zero term "
+    f"counted), FWT = mean a[j][j] - {RELEASED_FWT_CONSTANT} (its hard-coded constant, "
+    "whatever the benchmark; not a transfer measure elsewhere)"
+)
+
+
 def _fmt(v: float | None) -> str:
     return "missing" if v is None else f"{v:.2f}"
 
@@ -71,8 +86,10 @@ def write_report(out: Path, cfg: RunConfig, progress: dict) -> dict:
         single, why = (None, "no single_task_run in the config")
         if cfg.single_task_run:
             single, why = load_single_task_scores(cfg.single_task_run, tasks)
-        results["metrics"] = cl_metrics(matrix, single)
+        # ours, then the released scorer's convention beside them (to compare with the paper)
+        results["metrics"] = {**cl_metrics(matrix, single), **released_metrics(matrix)}
         results["fwt_source"] = why
+        results["released_convention"] = RELEASED_NOTE
     last_routing = progress["routing"][-1] if progress.get("routing") else {}
     if method.trains_router and last_routing:
         # mean over tasks of each task's share (every task weighs the same)
@@ -100,6 +117,8 @@ def write_report(out: Path, cfg: RunConfig, progress: dict) -> dict:
         )
     summary = "  ".join(f"{k} {_fmt(v)}" for k, v in results["metrics"].items())
     text = f"# {cfg.method} on {n} tasks\n\n{table}\n\n{summary}\n"
+    if "released_convention" in results:
+        text += f"\n*_released: {RELEASED_NOTE}\n"
     if "routing_accuracy" in results:
         text += (
             f"\nrouting accuracy {100 * results['routing_accuracy']:.1f}% (chance {100 / n:.1f}%)\n"

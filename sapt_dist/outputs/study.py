@@ -53,7 +53,8 @@ RESULTS_SHAPE = {
 
 log = logging.getLogger(__name__)
 
-METRICS = ("AP", "F.Ra", "FWT", "BWT")
+#: ours, then BWT / FWT in the released scorer's convention (``metrics.released_metrics``)
+METRICS = ("AP", "F.Ra", "FWT", "BWT", "BWT_released", "FWT_released")
 
 
 @dataclass

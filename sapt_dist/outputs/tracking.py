@@ -496,8 +496,9 @@ class WandbTracker(Tracker):
         for k, v in (results.get("metrics") or {}).items():
             # F.Ra as F_Ra: W&B reads a dot in a key as nesting
             summary[f"final/{k.replace('.', '_')}"] = v
-        if "fwt_source" in results:
-            summary["final/fwt_source"] = results["fwt_source"]
+        for k in ("fwt_source", "released_convention"):
+            if k in results:
+                summary[f"final/{k}"] = results[k]
         for k in ("routing_accuracy", "routing_chance"):
             if k in results:
                 summary[f"final/{k}"] = results[k]

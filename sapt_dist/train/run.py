@@ -317,6 +317,9 @@ class ContinualRun:
             distributed.world_size(),
         )
         penalty = self.model.penalties[method.penalty] if method.penalty else None
+        set_task = getattr(penalty, "set_task", None)
+        if set_task is not None:  # the penalty's weights for this task (O-LoRA's per_task)
+            set_task(task)
         return BlockJob(
             name=label,
             examples=examples,
