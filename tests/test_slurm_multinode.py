@@ -196,6 +196,21 @@ def test_time_limit_warning_across_nodes_requeues_and_resumes(cluster, one_proce
     _assert_same_results(one_process, out, loss_tol=1e-5, block_rel=BLOCK_REL)
 
 
+@pytest.mark.slow
+def test_sweep_array_on_two_nodes_and_report(cluster, tmp_path):
+    """sapt-sweep slurm/examples/tiny_scaling.yaml --submit: its 4 array tasks (2 ranks on
+    one node each) land on both nodes; sapt-report builds the table from their folders."""
+    t0 = time.time()
+    logs = sweep_and_report(cluster, tmp_path)
+    print(f"sweep, 4 array tasks on 2 nodes, and report: {time.time() - t0:.0f} s")
+    nodes = []
+    for text in logs:
+        m = re.search(r"\) on (node\d): 2 ranks, master (node\d):", text)
+        assert m and m.group(1) == m.group(2), text[-2000:]
+        nodes.append(m.group(1))
+    assert sorted(set(nodes)) == ["node1", "node2"], nodes
+
+
 def _node_pids(ns: str) -> list[int]:
     res = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
     return [int(p) for p in res.stdout.split()]
@@ -326,21 +341,6 @@ def test_lost_node_ends_the_survivor_and_the_run_resumes(cluster, one_process, t
         text = (one_node / "run.log").read_text()
         assert "resumed at step" in text and "resuming on 1 process" in text, text[-3000:]
         _assert_same_results(one_process, one_node, loss_tol=1e-5, block_rel=BLOCK_REL)
-
-
-@pytest.mark.slow
-def test_sweep_array_on_two_nodes_and_report(cluster, tmp_path):
-    """sapt-sweep slurm/examples/tiny_scaling.yaml --submit: its 4 array tasks (2 ranks on
-    one node each) land on both nodes; sapt-report builds the table from their folders."""
-    t0 = time.time()
-    logs = sweep_and_report(cluster, tmp_path)
-    print(f"sweep, 4 array tasks on 2 nodes, and report: {time.time() - t0:.0f} s")
-    nodes = []
-    for text in logs:
-        m = re.search(r"\) on (node\d): 2 ranks, master (node\d):", text)
-        assert m and m.group(1) == m.group(2), text[-2000:]
-        nodes.append(m.group(1))
-    assert sorted(set(nodes)) == ["node1", "node2"], nodes
 
 
 def _verify_checkpoint(out: Path) -> None:
