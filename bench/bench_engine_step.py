@@ -20,9 +20,10 @@ state copied to the host (the state ``distributed.full_optimizer_state`` gathers
     PYTHONPATH=. torchrun --nproc_per_node 2 bench/bench_engine_step.py --tiny --zero 3
 
 With ``--zero 3`` (2 ranks under torchrun) the plain loop has no counterpart (it does
-not shard) and the ratios are against the bare DeepSpeed engine under the same ZeRO-3;
-each contender gets its own copy of the backbone (ZeRO-3 partitions the weights it is
-given), and only rank 0 prints.
+not shard) and the ratios are against the bare DeepSpeed engine under the same ZeRO-3
+(``ds_configs/zero3.json``); each contender gets its own copy of the backbone (ZeRO-3
+partitions the weights it is given) and they run one after another (one engine at a
+time, as a run has); only rank 0 prints.
 
 Targets (issue 21): syncs of ``BlockTraining`` <= the plain loop's + 2; step time <= 1.05x
 the plain loop at 1 slot and <= 1.10x at 15 (SmolLM2-135M); no state copied to the host in
@@ -129,6 +130,17 @@ def plain_loop(model, exs, steps: int):
         yield
 
 
+def ds_config(stage: int) -> dict:
+    """ZeRO-0, or the shipped ``ds_configs/zero3.json`` (what ``distributed.deepspeed_config
+    =zero3`` runs with)."""
+    if stage == 0:
+        return {"zero_optimization": {"stage": 0}}
+    import json
+
+    path = Path(__file__).resolve().parents[1] / "sapt_dist/ds_configs/zero3.json"
+    return {"zero_optimization": json.loads(path.read_text())["zero_optimization"]}
+
+
 def deepspeed_loop(model, exs, steps: int, stage: int = 0):
     from sapt_dist import distributed
 
@@ -142,7 +154,7 @@ def deepspeed_loop(model, exs, steps: int, stage: int = 0):
         grad_accum=ACCUM,
         max_grad_norm=1.0,
         dtype="float32",
-        ds_config={"zero_optimization": {"stage": stage}},
+        ds_config=ds_config(stage),
     )
     it = batches(exs, steps)
     device = params[0].device
@@ -174,9 +186,7 @@ def block_loop(model, exs, steps: int, compile_mode: str = "off", stage: int = 0
     if model.n_slots == 1:
         params = {n: p for n, p in params.items() if not n.startswith("router.")}
     job = BlockJob("bench", exs, params, steps, seed=0, lr=1e-3)
-    training = BlockTraining(
-        model, job, cfg, "float32", 0, {"zero_optimization": {"stage": stage}}, stats=True
-    )
+    training = BlockTraining(model, job, cfg, "float32", 0, ds_config(stage), stats=True)
     yield from training.steps()
 
 
@@ -265,21 +275,31 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, list[float]] = {k: [] for k in loops}
     counts: dict[str, list[Counter]] = {k: [] for k in loops}
     copied: dict[str, int] = dict.fromkeys(loops, 0)
-    for step in range(total):
-        order = list(loops) if step % 2 == 0 else list(loops)[::-1]
-        for k in order:
-            timed = step >= args.warmup
-            before = gathered[0]
-            if timed and step == args.warmup + 1:  # one counted step (counting is slow)
-                with Counter() as c:
-                    next(loops[k])
-                counts[k].append(c)
-                continue
+    if z == 3:
+        # one engine at a time: under ZeRO-3 the package keeps the last engine's parameter
+        # hooks until the next is built, so contenders run one after another, not interleaved
+        schedule = [(k, step) for k in loops for step in range(total)]
+    else:
+        schedule = [
+            (k, step)
+            for step in range(total)
+            for k in (list(loops) if step % 2 == 0 else list(loops)[::-1])
+        ]
+    for k, step in schedule:
+        timed = step >= args.warmup
+        before = gathered[0]
+        if timed and step == args.warmup + 1:  # one counted step (counting is slow)
+            with Counter() as c:
+                next(loops[k])
+            counts[k].append(c)
+        else:
             t0 = time.perf_counter()
             next(loops[k])
             if timed:
                 times[k].append((time.perf_counter() - t0) * 1e3)
                 copied[k] += gathered[0] - before
+        if z == 3 and step == total - 1:
+            loops[k].close()  # its engine released before the next contender builds one
     for gen in loops.values():
         gen.close()
     base_t = statistics.median(times[ref])
@@ -292,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.machine() + ' CPU'}, "
         f"train.compile={args.compile} (sapt), ZeRO-{z} on {world} rank(s), "
         f"{torch.get_num_threads()} thread(s), torch {torch.__version__}; median of "
-        f"{args.steps} steps, interleaved"
+        f"{args.steps} steps, {'one contender after another' if z == 3 else 'interleaved'}"
     )
     print()
     print(
