@@ -213,7 +213,6 @@ def sweep_and_report(slurm_env: dict, tmp_path: Path) -> list[str]:
     backbones' parameter counts. Returns the array tasks' job logs (run on the 2-node
     cluster by tests/test_slurm_multinode.py, where the tasks land on both nodes)."""
     from sapt_dist.backbone.load import load_backbone
-    from sapt_dist.cluster import sweep
     from sapt_dist.config import load_config
     from sapt_dist.outputs import study
 
@@ -223,16 +222,10 @@ def sweep_and_report(slurm_env: dict, tmp_path: Path) -> list[str]:
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(spec))
 
-    old = dict(os.environ)
-    old_cwd = Path.cwd()
-    os.environ.update(slurm_env)
-    try:
-        os.chdir(ROOT)
-        assert sweep.main([str(path), "--submit"]) == 0
-    finally:
-        os.chdir(old_cwd)
-        os.environ.clear()
-        os.environ.update(old)
+    # as a user's shell runs it (the environment sbatch hands to the array tasks)
+    cmd = [sys.executable, "-m", "sapt_dist.cluster.sweep", str(path), "--submit"]
+    res = subprocess.run(cmd, env=slurm_env, cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     folder = tmp_path / "sweeps" / "tiny_scaling"
     job = json.loads((folder / "job.json").read_text())["job_id"]
     runs = json.loads((folder / "runs.json").read_text())["runs"]

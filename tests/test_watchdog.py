@@ -130,16 +130,21 @@ def test_a_closed_connection_names_the_peer_and_exits_as_a_loss(monkeypatch, tmp
         hook(RuntimeError, RuntimeError("shape mismatch"), None)
         assert exits == []  # a bug is not a lost node
         w1.stop()  # rank 1's node crashed: no heartbeat from now on
+        # its address is rank 1's: named at once
+        t0 = time.monotonic()
+        hook(RuntimeError, RuntimeError(GLOO_RESET.replace("10.78.0.12", "127.0.0.1")), None)
+        assert exits == [wd.EXIT_PEER_LOST] and time.monotonic() - t0 < 1.0
+        said = (tmp_path / "lost").read_text()
+        assert said.startswith("a collective failed (RuntimeError): lost rank 1 on "), said
+        assert "(127.0.0.1) (its connection closed mid-collective" in said, said
+        # an address no rank recorded: the heartbeats name it within 3 periods
         t0 = time.monotonic()
         hook(RuntimeError, RuntimeError(GLOO_RESET), None)
         took = time.monotonic() - t0
-        assert exits == [wd.EXIT_PEER_LOST]
+        assert exits == [wd.EXIT_PEER_LOST] * 2
         assert took <= 3 * w0.period + 1.5, took
-        said = (tmp_path / "lost").read_text()
-        assert said.startswith("a collective failed (RuntimeError): lost rank 1 on "), said
-        assert "(127.0.0.1) (last heard" in said, said
-        # before the heartbeats tell: the rank named from the address in gloo's message
-        assert wd._describe_address("127.0.0.1").startswith("rank 1 on ")
+        said = (tmp_path / "lost").read_text().splitlines()[-1]
+        assert "lost rank 1 on " in said and "(127.0.0.1) (last heard" in said, said
         assert wd._describe_address("10.9.9.9").startswith("the peer at 10.9.9.9 (its conn")
     finally:
         w0.stop()

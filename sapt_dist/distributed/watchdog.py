@@ -239,8 +239,9 @@ def _install_excepthook() -> None:
         peer = transport_peer(str(value))
         if not hint and peer is not None:
             # the peer's kernel closed the connection (its process or node died) sooner
-            # than the heartbeats can tell: give them a few periods to name the rank
-            hint = _wait_for_hint() or _describe_address(peer)
+            # than the heartbeats can tell: the rank(s) at that address, or else a few
+            # periods for the heartbeats to name it
+            hint = _ranks_at(peer) or _wait_for_hint() or _describe_address(peer)
         if hint:
             _end_process(f"a collective failed ({kind.__name__}): lost {hint}")
 
@@ -283,9 +284,17 @@ def _wait_for_hint() -> str:
     return ""
 
 
-def _describe_address(addr: str) -> str:
-    """The rank(s) and host(s) at ``addr`` (from the heartbeats' host records)."""
+def _ranks_at(addr: str) -> str:
+    """The rank(s) whose recorded host has ``addr`` ('' when none is known)."""
     w = _ACTIVE
-    known = [] if w is None else [(r, h) for r, h in sorted(w._hosts.items()) if addr in h]
-    who = ", ".join(f"rank {r} on {h}" for r, h in known) if known else f"the peer at {addr}"
+    known = [] if w is None else [(r, h) for r, h in sorted(w._hosts.items()) if f"({addr})" in h]
+    if not known:
+        return ""
+    who = ", ".join(f"rank {r} on {h}" for r, h in known)
     return f"{who} (its connection closed mid-collective: its process or node ended)"
+
+
+def _describe_address(addr: str) -> str:
+    return _ranks_at(addr) or (
+        f"the peer at {addr} (its connection closed mid-collective: its process or node ended)"
+    )
