@@ -63,6 +63,10 @@ wait_for() {  # wait_for <seconds> <what> <command...>
     die "$what did not come up within ${n}s (logs in $DIR)"
 }
 
+# the CPUs this machine gives us: nproc, but not the OMP_NUM_THREADS it honours (a caller
+# running one thread per process would otherwise make every node a 1-CPU node)
+cpus() { env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc; }
+
 node_idle() { sinfo -h -o %t 2>/dev/null | grep -qx 'idle\|mix\|alloc'; }
 # every one of the N nodes idle (or busy with a job), none down or unknown
 all_nodes_up() {
@@ -216,7 +220,7 @@ cmd_start() {
             "SlurmdSpoolDir=$DIR/d
 SlurmdPidFile=$DIR/slurmd.pid
 SlurmdLogFile=$DIR/slurmd.log"
-        echo "local_cluster: $(nproc) CPU(s) on $host, config $CONF"
+        echo "local_cluster: $(cpus) CPU(s) on $host, config $CONF"
         slurmctld -c -f "$CONF"
         wait_for 30 slurmctld scontrol ping
         slurmd -f "$CONF"
@@ -227,7 +231,7 @@ SlurmdLogFile=$DIR/slurmd.log"
         local lines="" k
         for k in $(seq "$NODES"); do
             make_node_net "$k"
-            lines+="NodeName=node$k NodeAddr=$(node_addr "$k") NodeHostname=node$k CPUs=$(nproc) State=UNKNOWN"$'\n'
+            lines+="NodeName=node$k NodeAddr=$(node_addr "$k") NodeHostname=node$k CPUs=$(cpus) State=UNKNOWN"$'\n'
         done
         write_conf "$host($SUBNET.1)" "$lines" "SlurmdSpoolDir=$DIR/%n
 SlurmdPidFile=$DIR/%n/slurmd.pid

@@ -119,3 +119,21 @@ def shared_data_or_skip() -> Path:
     if not (SHARED_DATA / "CL_Benchmark").is_dir():
         pytest.skip(f"needs the shared benchmarks at {SHARED_DATA} (absent on this machine)")
     return SHARED_DATA
+
+
+#: lines a test wants in the CI log even when it passes (the 2-node SLURM jobs' hosts,
+#: addresses and times): printed at the end of the run by pytest_terminal_summary
+CI_REPORT: list[str] = []
+
+
+def report(line: str) -> None:
+    """Print ``line`` now (seen with -s) and again in the run's summary (always seen)."""
+    print(line)
+    CI_REPORT.append(line)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if CI_REPORT:
+        terminalreporter.section("multi-node SLURM jobs (tests/test_slurm_multinode.py)")
+        for line in CI_REPORT:
+            terminalreporter.write_line(line)

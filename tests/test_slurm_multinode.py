@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import subprocess_env
+from .conftest import report, subprocess_env
 from .test_distributed import TINY, ZERO3, _assert_same_results, _cmd
 from .test_run import ROOT
 from .test_slurm import _fail_or_skip, _job, _log_tail, _release, _wait, sweep_and_report
@@ -83,7 +83,7 @@ def cluster(tmp_path_factory):
     if res.returncode != 0:
         _cluster_cmd(env, "stop")
         _fail_or_skip(f"could not start the 2-node cluster: {res.stderr.strip()[-800:]}")
-    print(f"2-node cluster up in {time.time() - t0:.1f} s")
+    report(f"2-node cluster up in {time.time() - t0:.1f} s")
     yield env
     _cluster_cmd(env, "stop")
 
@@ -134,8 +134,14 @@ def test_multinode_sbatch_on_two_nodes_equals_one_process(cluster, one_process, 
     job = _submit(cluster, log, "slurm/train_multinode.sbatch", _args(out))
     t0 = time.time()
     _wait(cluster, job, {"COMPLETED"}, log)
-    print(f"train_multinode.sbatch, 2 nodes: {time.time() - t0:.0f} s to COMPLETED")
+    report(f"train_multinode.sbatch, 2 nodes: {time.time() - t0:.0f} s to COMPLETED")
     text = log.read_text()
+    for line in text.splitlines():  # the job log's own lines: the nodes, their addresses
+        if line.startswith("[sapt") and (
+            "node(s) x" in line or ": node" in line or "exited" in line
+        ):
+            report("  job log: " + line[:200])
+    report("  run.log: " + _hosts_line((out / "run.log").read_text()))
     assert "2 node(s) x 1 ranks, master node1:" in text, text[-2000:]
     assert f"node 0: node1 ({NODE_ADDR['node1']}), torchrun" in text, text[-2000:]
     assert f"node 1: node2 ({NODE_ADDR['node2']}), torchrun" in text, text[-2000:]
@@ -154,7 +160,7 @@ def test_train_sbatch_on_two_nodes_equals_one_process(cluster, one_process, tmp_
     job = _submit(cluster, log, "slurm/train.sbatch", _args(out), opts=opts)
     t0 = time.time()
     _wait(cluster, job, {"COMPLETED"}, log)
-    print(f"train.sbatch, 2 nodes: {time.time() - t0:.0f} s to COMPLETED")
+    report(f"train.sbatch, 2 nodes: {time.time() - t0:.0f} s to COMPLETED")
     text = log.read_text()
     assert "on node[1-2]: 2 ranks, master node1:" in text, text[-2000:]
     _assert_two_hosts(text, (out / "run.log").read_text())
@@ -185,7 +191,7 @@ def test_time_limit_warning_across_nodes_requeues_and_resumes(cluster, one_proce
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True)
     _release(cluster, job, log)
     info = _wait(cluster, job, {"COMPLETED"}, log)
-    print(f"preemption across 2 nodes, requeue, resume: {time.time() - t0:.0f} s")
+    report(f"preemption across 2 nodes, requeue, resume: {time.time() - t0:.0f} s")
     assert info["Restarts"] == "1"
     text = (out / "run.log").read_text()
     stops = re.findall(r"stopping at step (\d+)/(\d+) of task (\d)/2 \S+ on SIGUSR1", text)
@@ -202,7 +208,7 @@ def test_sweep_array_on_two_nodes_and_report(cluster, tmp_path):
     one node each) land on both nodes; sapt-report builds the table from their folders."""
     t0 = time.time()
     logs = sweep_and_report(cluster, tmp_path)
-    print(f"sweep, 4 array tasks on 2 nodes, and report: {time.time() - t0:.0f} s")
+    report(f"sweep, 4 array tasks on 2 nodes, and report: {time.time() - t0:.0f} s")
     nodes = []
     for text in logs:
         m = re.search(r"\) on (node\d): 2 ranks, master (node\d):", text)
@@ -290,7 +296,7 @@ def test_lost_node_ends_the_survivor_and_the_run_resumes(cluster, one_process, t
         while _alive(survivor) and time.time() - t_lost < TIMEOUT_S + MARGIN_S + 30:
             time.sleep(0.2)
         survivor_s = time.time() - t_lost
-        print(f"{how}: the rank on node1 ended {survivor_s:.1f} s after node2 was lost")
+        report(f"{how}: the rank on node1 ended {survivor_s:.1f} s after node2 was lost")
         assert not _alive(survivor), f"rank on node1 still alive {survivor_s:.0f} s later"
         assert survivor_s <= TIMEOUT_S + MARGIN_S, survivor_s
         # the batch script ends (node2's share of the job may stay COMPLETING until SLURM
@@ -299,7 +305,7 @@ def test_lost_node_ends_the_survivor_and_the_run_resumes(cluster, one_process, t
         while not re.search(r"training step exited with \d+", _log_tail(log)):
             assert time.time() < deadline, _log_tail(log)
             time.sleep(0.5)
-        print(f"{how}: batch script reported the end {time.time() - t_lost:.1f} s after the loss")
+        report(f"{how}: batch script reported the end {time.time() - t_lost:.1f} s after the loss")
     finally:
         if how == "link_down":
             subprocess.run(["ip", "link", "set", veth, "up"], check=True)
@@ -311,6 +317,9 @@ def test_lost_node_ends_the_survivor_and_the_run_resumes(cluster, one_process, t
     info = _wait(cluster, job, {"FAILED", "COMPLETED"}, log, timeout=120)
     assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", info
     text = log.read_text()
+    for line in text.splitlines():
+        if "training step exited" in line or "a node was lost" in line:
+            report(f"  {how}, job log: " + line[:240])
     assert re.search(r"training step exited with [1-9]", text), text[-3000:]
     if how == "link_down":  # the survivor's own watchdog or gloo's timeout, named
         assert "a node was lost: " in text and "node2 (10.78.0.12)" in text, text[-3000:]
