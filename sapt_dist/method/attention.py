@@ -198,7 +198,7 @@ class SharedAttention(nn.Module):
         if self.mode == "sum":
             raise ValueError("routing 'sum' (inc_lora) has no key scores: every block weighs 1")
         if self.gates is not None:  # the gates' cosines (the weights are |2 sigmoid(4 cos) - 1|)
-            return self.gates.cosines(u, self.keys(), self.current)
+            return self.gates(u, self.keys(), self.active, self.current, output="cosines")
         # in fp32: the center removes the large shared part of u, whose rounding in bf16
         # would be of the size of what tells tasks apart
         q = self.query((u.float() - self.center).to(self.key.dtype))
@@ -230,7 +230,7 @@ class SharedAttention(nn.Module):
         if output == "arm":
             return self.arm_loss(u, replay_task)
         if output == "gate_features":  # the trainable gate's (hidden, output) of ``u``
-            return self.gates.features(u)
+            return self.gates(u, self.keys(), self.active, self.current, output="features")
         if self.gates is not None:
             return self.gates(u, self.keys(), self.active, self.current)
         return self.log_weights(u).exp()

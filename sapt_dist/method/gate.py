@@ -55,7 +55,9 @@ def project_change(
     if basis is None or basis.shape[1] == 0:
         return new
     shape = new.shape
-    n, o = new.reshape(-1, shape[-1]).float(), old.reshape(-1, shape[-1]).float()
+    # in float64: the fp32 result then does not hang on which kernel a product takes (a
+    # basis read back from a file sits elsewhere in memory: a resume must step the same)
+    n, o = new.reshape(-1, shape[-1]).double(), old.reshape(-1, shape[-1]).double()
     b = basis.to(n)
     out = n - ((n - o) @ b) @ b.t()
     out = out * (n.norm(dim=1, keepdim=True) / out.norm(dim=1, keepdim=True).clamp_min(1e-30))
@@ -118,8 +120,20 @@ class GateBank(nn.Module):
         return F.cosine_similarity(out.float(), keys.float().unsqueeze(0), dim=-1, eps=1e-12)
 
     def forward(
-        self, u: torch.Tensor, keys: torch.Tensor, active: torch.Tensor, current: torch.Tensor
-    ) -> torch.Tensor:
-        """(b, T) the gate values, exactly 0 on inactive slots."""
-        w = gate_value(self.cosines(u, keys, current))
+        self,
+        u: torch.Tensor,
+        keys: torch.Tensor,
+        active: torch.Tensor,
+        current: torch.Tensor,
+        output: str = "weights",
+    ):
+        """(b, T) the gate values, exactly 0 on inactive slots; ``output="cosines"``:
+        :meth:`cosines`; ``"features"``: :meth:`features`. Callers go through here (the
+        module call) so that ZeRO-3's hooks gather the trainable gate."""
+        if output == "features":
+            return self.features(u)
+        cos = self.cosines(u, keys, current)
+        if output == "cosines":
+            return cos
+        w = gate_value(cos)
         return torch.where(active.unsqueeze(0), w, torch.zeros_like(w))

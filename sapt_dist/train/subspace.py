@@ -236,15 +236,19 @@ def design_gate_key(
 ) -> None:
     """Before the current task trains: its key := the top left singular vector of its gate
     outputs' covariance projected off the output memory, at the norm of the key as
-    initialised (the released ``get_reg_matrix``)."""
+    initialised (the released ``get_reg_matrix``), its sign fixed (largest component > 0)."""
     cov = _gate_covariances(model, examples, pad_id, cfg)["output"]
     basis = memory.basis("output", cov.device)
     if basis is not None:
         cov = cov - basis @ (basis.t() @ cov)
     u, _, _ = torch.linalg.svd(cov, full_matrices=False)
+    top = u[:, 0]
+    # the sign SVD leaves open (the gate is even in it): the largest component positive, so
+    # that runs on any rank count agree
+    top = top * torch.sign(top[top.abs().argmax()])
     key = model.router.key
     with distributed.gathered([key], modify=True):
-        key.copy_((u[:, 0] * key.detach().float().norm()).to(key))
+        key.copy_((top * key.detach().float().norm()).to(key))
 
 
 @torch.no_grad()
