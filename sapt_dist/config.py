@@ -31,6 +31,7 @@ __all__ = [
     "ReplayConfig",
     "RunConfig",
     "SubspaceConfig",
+    "GateConfig",
     "TaskSettings",
     "TrackingConfig",
     "TrainConfig",
@@ -348,8 +349,8 @@ class OLoRAConfig:
 
 @dataclass
 class SubspaceConfig:
-    """InfLoRA's input-subspace memory (``method=inflora``; liangyanshuo/gainlora's T5
-    code, ``src/cl_trainer_gainlora_inflora.py`` / ``src/cl_trainer_inflora.py``).
+    """InfLoRA's input-subspace memory (``method=inflora``, ``gainlora``; the T5 code of
+    liangyanshuo/gainlora, ``src/cl_trainer_gainlora_inflora.py`` / ``src/cl_trainer_inflora.py``).
 
     After task t the memory of each adapted layer takes in the directions of the task's
     inputs that hold a fraction ``threshold_t`` of their energy (DualGPM, with
@@ -368,6 +369,29 @@ class SubspaceConfig:
     max_batches: int | None = 1001
     #: examples per batch of those passes (None: ``train.micro_batch_size``)
     batch_size: int | None = None
+
+
+@dataclass
+class GateConfig:
+    """GainLoRA's gates (``method=gainlora``; liangyanshuo/gainlora's T5 code,
+    ``src/t5_large.py``, ``src/cl_trainer_gainlora_inflora.py``).
+
+    A gate network per task, ``Linear(d -> adapter.query_hidden) -> SiLU -> Linear(->
+    d) -> SiLU`` (no biases; ``--mlp_hidden_dim 100``, the same key as SAPT's query width),
+    and a key; the branch weight is ``|2 sigmoid(4 cos(g_t(u), k_t)) - 1|``. After each task
+    three memories take in the task's gate inputs, hidden activations and outputs
+    (DualGPM, as ``subspace.*``, with ``threshold`` on the same schedule and the same
+    ``subspace.total_tasks`` / ``max_batches`` / ``batch_size`` passes); after every
+    optimizer step of a later task the change of the gate weights and key is projected
+    off them. Default: ``--transthreshold 0.995`` in every
+    ``gen_script_*_t5_gainlora_inflora.sh``."""
+
+    #: energy fraction of a task's gate inputs / hiddens / outputs the memories keep after
+    #: the first task, in (0, 1]
+    threshold: float = 0.995
+    #: project each step's change of the gate off the old tasks' subspaces (false: an
+    #: ablation, the new gate then drifts on old inputs)
+    project: bool = True
 
 
 @dataclass
@@ -428,8 +452,10 @@ class RunConfig:
     per_task: dict[str, TaskOverride] = field(default_factory=dict)
     #: O-LoRA's regularisers (``method=olora`` only).
     olora: OLoRAConfig = field(default_factory=OLoRAConfig)
-    #: InfLoRA's input-subspace memory (``method=inflora`` only).
+    #: InfLoRA's input-subspace memory (``method=inflora`` and ``gainlora``).
     subspace: SubspaceConfig = field(default_factory=SubspaceConfig)
+    #: GainLoRA's gates and their subspace memories (``method=gainlora`` only).
+    gate: GateConfig = field(default_factory=GateConfig)
 
     def for_task(self, name: str) -> TaskSettings:
         """The settings task ``name`` trains with: ``per_task.<name>`` over ``train``
@@ -488,6 +514,7 @@ class RunConfig:
             ),
             (self.adapter.query_hidden >= 1, "adapter.query_hidden", "must be >= 1"),
             (0.0 < self.subspace.threshold <= 1.0, "subspace.threshold", "must be in (0, 1]"),
+            (0.0 < self.gate.threshold <= 1.0, "gate.threshold", "must be in (0, 1]"),
             (
                 self.subspace.total_tasks is None or self.subspace.total_tasks >= 1,
                 "subspace.total_tasks",

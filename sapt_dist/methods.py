@@ -11,6 +11,7 @@ sapt            N      attention  fresh   task   ARM      trains  seen       own
 inc_lora        N      sum (=1)   fresh   task   -        -       seen       own task
 olora           N      sum (=1)   fresh   task   -        -       seen       own task
 inflora         N      sum (=1)   fresh   task   -        -       seen       own task
+gainlora        N      gate       fresh   task   -        gates   seen       own task
 seq_lora        1      -          kept    task   -        -       seen       seen
 replay          1      -          kept    task   real     -       seen       seen
 mtl             1      -          fresh   all    -        -       all        all
@@ -35,7 +36,15 @@ single_task     1      -          fresh   task   -        -       own        own
   frozen: only B trains, so ``B A`` cannot act on what earlier tasks fed the layer. After
   the task its inputs join the per-layer subspace memory (DualGPM). The row's
   ``input_subspace`` (``sapt_dist.method.subspace``; ``subspace.*`` config keys).
-- IncLoRA, O-LoRA and InfLoRA train with the exact gradient through the earlier blocks whatever
+- GainLoRA (NeurIPS 2025; liangyanshuo/gainlora's flagship, GainLoRA on InfLoRA) is
+  InfLoRA whose branches are summed with a gate per task and sequence instead of 1:
+  ``|2 sigmoid(4 cos(g_t(u), k_t)) - 1|`` of the prompt's mean embedding ``u`` through
+  the task's gate network ``g_t`` and its key ``k_t`` (``routing='gate'``,
+  ``sapt_dist.method.gate``). The task's gate starts as the previous task's and trains
+  with its key and B; after every optimizer step the change of the gate weights is
+  projected off the old tasks' gate input / hidden / output subspaces (``gate.*`` config
+  keys), so the new gate weighs ~0 on old inputs. Loss: cross-entropy only.
+- IncLoRA, O-LoRA, InfLoRA and GainLoRA train with the exact gradient through the earlier blocks whatever
   ``adapter.gradient`` says (SAPT's default cut is a quirk of its released code).
 """
 
@@ -54,8 +63,10 @@ class Method:
     name: str
     #: one slot per task (mixed by ``routing``), or a single slot
     per_task_slots: bool
-    #: how the slots' blocks are mixed: SAPT's shared attention, or a plain sum
-    routing: Literal["attention", "sum"] = "attention"
+    #: how the slots' blocks are mixed: SAPT's shared attention, a plain sum, or
+    #: GainLoRA's per-task gates (a gate network and key per slot, trained with the block;
+    #: their subspace memories and post-step projection go with it)
+    routing: Literal["attention", "sum", "gate"] = "attention"
     #: the single block continues from the previous task instead of starting fresh
     keeps_block: bool = False
     #: one stage on the union of every task's training data
@@ -90,6 +101,8 @@ class Method:
             )
         if self.trains_router and self.routing != "attention":
             raise ValueError(f"method {self.name!r}: trains_router needs routing='attention'")
+        if self.routing == "gate" and not self.per_task_slots:
+            raise ValueError(f"method {self.name!r}: routing='gate' needs per_task_slots")
         if self.input_subspace and not (self.per_task_slots and self.block_kinds == ("lora",)):
             raise ValueError(
                 f"method {self.name!r}: input_subspace designs each task's LoRA A: it needs "
@@ -97,6 +110,16 @@ class Method:
             )
         if self.joint and self.per_task_slots:
             raise ValueError(f"method {self.name!r}: a joint method has one stage, one slot")
+
+    @property
+    def trains_routing(self) -> bool:
+        """Routing parameters train with the blocks: SAPT's shared attention or the gates."""
+        return self.trains_router or self.routing == "gate"
+
+    @property
+    def gated(self) -> bool:
+        """GainLoRA's gates: their subspace memories, designed keys, post-step projection."""
+        return self.routing == "gate"
 
     @property
     def reflects(self) -> bool:
@@ -159,6 +182,14 @@ METHODS: dict[str, Method] = {
             "inflora",
             per_task_slots=True,
             routing="sum",
+            gradient="exact",
+            block_kinds=("lora",),
+            input_subspace=True,
+        ),
+        Method(
+            "gainlora",
+            per_task_slots=True,
+            routing="gate",
             gradient="exact",
             block_kinds=("lora",),
             input_subspace=True,

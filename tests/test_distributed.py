@@ -659,3 +659,21 @@ def test_inflora_zero3_and_resume_equal_one_process(tmp_path):
     res = _run(1, killed, *inflora, "train.grad_accum=2")
     assert "resumed at step" in res.stderr
     _assert_same_results(tmp_path / "one", killed, loss_tol=0.0, block_rel=0.0)
+
+
+@pytest.mark.slow
+def test_gainlora_zero3_and_resume_equal_one_process(tmp_path):
+    """GainLoRA's gate statistics are summed over the ranks' batches and its post-step
+    projection runs on DeepSpeed's fp32 masters: 2 ZeRO-3 ranks design the same key, train
+    the same gates and B and file the same gate memories as one process; a run killed in
+    task 2 resumes with task 1's memories read back from state/blocks."""
+    gainlora = ["method=gainlora", "tracking.backend=none"]
+    _run(1, tmp_path / "one", *gainlora, "train.grad_accum=2")
+    _run(2, tmp_path / "two", *gainlora, "train.grad_accum=1", ZERO3)
+    assert (tmp_path / "two/blocks/gate_subspace.safetensors").is_file()
+    _assert_same_results(tmp_path / "one", tmp_path / "two", loss_tol=1e-5, block_rel=3e-2)
+    killed = tmp_path / "killed"
+    _kill_mid_task_two(1, killed, *gainlora, "train.grad_accum=2")
+    res = _run(1, killed, *gainlora, "train.grad_accum=2")
+    assert "resumed at step" in res.stderr
+    _assert_same_results(tmp_path / "one", killed, loss_tol=0.0, block_rel=0.0)

@@ -8,7 +8,9 @@ A blocks folder holds::
                                and a digest of the manifest itself
     router.safetensors         query network g, the stored attention targets a_j*
     block_00.safetensors ...   one per task: A and B of every adapted layer, and its key
+                               (GainLoRA: and its gate network, ``gate.w1`` / ``gate.w2``)
     subspace.safetensors       (InfLoRA) each adapted layer's input-subspace memory
+    gate_subspace.safetensors  (GainLoRA) the gates' input / hidden / output subspaces
 
 Loading checks the manifest against the model (class, widths, adapted layers and their
 shapes, rank, slot count, routing) and every checksum, and refuses a mismatch with a
@@ -71,6 +73,8 @@ __all__ = [
 ]
 
 FORMAT = "sapt-dist-blocks"
+#: a gate-routed (GainLoRA) block's gate network in its block file
+GATE_TENSORS = ("gate.w1", "gate.w2")
 #: 2 added ``digest``, ``disabled``, ``history``, ``provenance``, ``run_config``;
 #: version-1 folders still load (no digest to check, nothing disabled).
 FORMAT_VERSION = 2
@@ -221,12 +225,18 @@ def _block_tensors(model: SAPTModel, slot: int) -> dict[str, torch.Tensor]:
     """Slot ``slot``'s A and B of every layer and its key (trainable copy if current)."""
     params = [p for layer in model.layers.values() for p in layer.adapter_params()]
     params.append(model.router.key)
+    gates = model.router.gates
+    if gates is not None:
+        params += [gates.w1, gates.w2]
     out: dict[str, torch.Tensor] = {}
     with distributed.gathered(params):
         for name, layer in model.layers.items():
             for part, t in zip(layer.BLOCK_PARTS, layer.stacked()):
                 out[f"{name}.{part}"] = _cpu(t[slot])
         out["key"] = _cpu(model.router.keys()[slot])
+        if gates is not None:  # GainLoRA: the slot's gate network goes with its block
+            for part, t in zip(GATE_TENSORS, gates.stacked(model.router.current)):
+                out[part] = _cpu(t[slot])
     return out
 
 
@@ -502,6 +512,15 @@ def load_blocks(model: SAPTModel, folder: str | Path) -> list[str]:
                 for part, bank in zip(layer.BLOCK_PARTS, layer.banks()):
                     bank[j].copy_(block[f"{name}.{part}"].to(bank))
             r.key_bank[j].copy_(block["key"].to(r.key_bank))
+            if r.gates is not None:
+                missing = [k for k in GATE_TENSORS if k not in block]
+                if missing:
+                    raise CheckpointMismatchError(
+                        f"{folder / f'block_{j:02d}.safetensors'}: no gate network "
+                        f"({missing}), but the model routes by gates (routing='gate')"
+                    )
+                r.gates.w1_bank[j].copy_(block["gate.w1"].to(r.gates.w1_bank))
+                r.gates.w2_bank[j].copy_(block["gate.w2"].to(r.gates.w2_bank))
     if tasks:
         model.start_task(len(tasks) - 1, fresh=False)
         with torch.no_grad():

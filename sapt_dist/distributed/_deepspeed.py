@@ -533,6 +533,31 @@ def _stepped_tensors(optimizer, inner: torch.optim.Optimizer) -> list[torch.Tens
     return list(unique.values())
 
 
+def full_master(p: torch.nn.Parameter) -> torch.Tensor:
+    """The full fp32 value the optimizer steps of a trained ``p`` (DeepSpeed's master copy
+    under ZeRO 1-3 / bf16, else ``p``), on the device, a copy. Collective under ZeRO-3."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    master = safe_get_full_fp32_param(p) if safe_get_fp32_mapping(p) else None
+    if master is None:
+        with gathered([p]):
+            return p.detach().float().clone()
+    return master.detach().float().clone()
+
+
+@torch.no_grad()
+def set_full_master(p: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """Set a trained ``p`` to the full fp32 ``value``: the model's (low-precision,
+    possibly partitioned) weight and DeepSpeed's fp32 master alike, on the device (every
+    rank, the same value; collective under ZeRO-3)."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    with gathered([p], modify=True):
+        p.copy_(value.to(p))
+    if safe_get_fp32_mapping(p):
+        safe_set_full_fp32_param(p, value.to(torch.float32))
+
+
 def safe_get_fp32_mapping(p: torch.Tensor) -> bool:
     """True when DeepSpeed keeps a separate fp32 master of ``p`` (ZeRO 1-3, bf16)."""
     return hasattr(p, "ds_id") or getattr(p, "_hp_mapping", None) is not None

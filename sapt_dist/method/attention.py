@@ -29,10 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from sapt_dist import distributed
+from sapt_dist.method.gate import GateBank, mean_pool_prompt
 
 __all__ = ["QueryNetwork", "SharedAttention", "max_pool_prompt", "arm_kl"]
 
-RoutingMode = Literal["attention", "sum"]
+RoutingMode = Literal["attention", "sum", "gate"]
 
 
 def max_pool_prompt(embeds: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
@@ -99,8 +100,8 @@ class SharedAttention(nn.Module):
         query_init_std: float | None = None,
     ) -> None:
         super().__init__()
-        if mode not in ("attention", "sum"):
-            raise ValueError(f"routing mode must be 'attention' or 'sum', got {mode!r}")
+        if mode not in ("attention", "sum", "gate"):
+            raise ValueError(f"routing mode must be 'attention', 'sum' or 'gate', got {mode!r}")
         self.d = d
         self.n_slots = n_slots
         self.mode = mode
@@ -121,6 +122,9 @@ class SharedAttention(nn.Module):
         self.register_buffer("task_means", torch.zeros(n_slots, d))
         self.register_buffer("has_mean", torch.zeros(n_slots, dtype=torch.bool))
         self.register_buffer("center", torch.zeros(d))
+        #: ``gate`` (GainLoRA): a gate network per slot (``method.gate``); the keys above
+        #: are the gates' keys and the query network is not used
+        self.gates = GateBank(d, n_slots, hidden) if mode == "gate" else None
         self.reset_key()
 
     def _apply(self, fn, recurse: bool = True):
@@ -154,7 +158,16 @@ class SharedAttention(nn.Module):
         """Trainable parameters of the attention (none in ``sum`` mode)."""
         if self.mode == "sum":
             return []
+        if self.gates is not None:
+            return [self.key, self.gates.w1, self.gates.w2]
         return [self.key, *self.query.parameters()]
+
+    def pool(self, embeds: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """(batch, d) what the routing reads of a sequence: the prompt's max-pooled token
+        embeddings (SAPT), their mean (GainLoRA's gates)."""
+        if self.gates is not None:
+            return mean_pool_prompt(embeds, prompt_mask)
+        return max_pool_prompt(embeds, prompt_mask)
 
     @torch.no_grad()
     def reset_key(self) -> None:
@@ -184,6 +197,8 @@ class SharedAttention(nn.Module):
         """
         if self.mode == "sum":
             raise ValueError("routing 'sum' (inc_lora) has no key scores: every block weighs 1")
+        if self.gates is not None:  # the gates' cosines (the weights are |2 sigmoid(4 cos) - 1|)
+            return self.gates(u, self.keys(), self.active, self.current, output="cosines")
         # in fp32: the center removes the large shared part of u, whose rounding in bf16
         # would be of the size of what tells tasks apart
         q = self.query((u.float() - self.center).to(self.key.dtype))
@@ -214,6 +229,10 @@ class SharedAttention(nn.Module):
             return self.scores(u)
         if output == "arm":
             return self.arm_loss(u, replay_task)
+        if output == "gate_features":  # the trainable gate's (hidden, output) of ``u``
+            return self.gates(u, self.keys(), self.active, self.current, output="features")
+        if self.gates is not None:
+            return self.gates(u, self.keys(), self.active, self.current)
         return self.log_weights(u).exp()
 
     def arm_loss(self, u_replay: torch.Tensor, replay_task: torch.Tensor) -> torch.Tensor:

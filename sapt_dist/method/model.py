@@ -96,7 +96,8 @@ class SAPTModel(nn.Module):
             encoder-decoder (T5-style); its parameters are frozen here.
         adapter: rank, alpha, dropout, targets, query width, temperature, gradient mode.
         n_slots: number of task slots, fixed for the model's life.
-        routing: ``attention`` (SAPT) or ``sum`` (IncLoRA: every active block, weight 1).
+        routing: ``attention`` (SAPT), ``sum`` (IncLoRA: every active block, weight 1) or
+            ``gate`` (GainLoRA: a gate network and key per slot, ``method.gate``).
     """
 
     def __init__(
@@ -234,6 +235,14 @@ class SAPTModel(nn.Module):
             r.reset_key()
         else:
             r.load_key(slot)
+        if r.gates is not None:
+            # GainLoRA: a new task's gate starts as the previous task's (the first: fresh)
+            if not fresh:
+                r.gates.load(slot)
+            elif slot > 0:
+                r.gates.load(slot - 1)
+            else:
+                r.gates.reset()
 
     @property
     def generator_slot(self) -> int:
@@ -264,6 +273,8 @@ class SAPTModel(nn.Module):
         for layer in self.layers.values():
             layer.file_current(slot)
         self.router.file_key(slot)
+        if self.router.gates is not None:
+            self.router.gates.file(slot)
 
     @torch.no_grad()
     def set_target(self, slot: int, target: torch.Tensor) -> None:
@@ -273,8 +284,9 @@ class SAPTModel(nn.Module):
         self.router.targets[slot].copy_(row.to(self.router.targets.device))
 
     def pooled_prompts(self, input_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-        """(batch, d) the max-pooled prompt embeddings the attention reads (before centering)."""
-        return max_pool_prompt(self.embed(input_ids), prompt_mask)
+        """(batch, d) the pooled prompt embeddings the routing reads (SAPT: max-pooled,
+        before centering; gates: their mean)."""
+        return self.router.pool(self.embed(input_ids), prompt_mask)
 
     def x_grad_mask(self) -> torch.Tensor | None:
         if self.adapter_config.gradient == "exact":
@@ -291,12 +303,12 @@ class SAPTModel(nn.Module):
         """(batch, T) mixture weights from the prompt tokens of ``input_ids``."""
         if embeds is None:
             embeds = self.embed(input_ids)
-        return self.router(max_pool_prompt(embeds, prompt_mask))
+        return self.router(self.router.pool(embeds, prompt_mask))
 
     def routing_scores(self, input_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         """(batch, T) the attention's key scores before the softmax (see
         :meth:`SharedAttention.scores`), from the same pooled prompt as the weights."""
-        return self.router(max_pool_prompt(self.embed(input_ids), prompt_mask), output="scores")
+        return self.router(self.router.pool(self.embed(input_ids), prompt_mask), output="scores")
 
     def _new_block_only(self, weights: torch.Tensor) -> torch.Tensor:
         """``adapter.learning_mixture=new_block``: the training mixture one-hot on the

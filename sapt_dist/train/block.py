@@ -19,6 +19,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -87,6 +88,10 @@ class BlockJob:
     router_lr: float | None = None
     #: loss terms on the parameters added after every forward (``method.penalties``)
     penalty: Callable[[], tuple[torch.Tensor, ...]] | None = None
+    #: a constraint on every optimizer step's change (GainLoRA's gate projection,
+    #: ``train.subspace.GateProjection``): ``kept = before()`` ahead of the step,
+    #: ``after(kept)`` once it is taken, both on the device
+    constraint: Any = None
 
 
 def num_steps(
@@ -347,11 +352,16 @@ class BlockTraining:
             # float64 on the device: the same sums a host float would make
             part = torch.stack([task_loss.detach().double(), arm.detach().double()]) / ga
             acc = part if acc is None else acc + part
+            kept = None
             if micro == (step + 1) * ga - 1:
                 summary = self._summary(acc)
                 if summary[2] > 0 or not all(map(math.isfinite, summary[:2])):
                     self._drop_gradients()
+                if job.constraint is not None:
+                    kept = job.constraint.before()
             engine.step()
+            if kept is not None:  # the step's change, constrained (a skipped step: none)
+                job.constraint.after(kept)
         world = distributed.world_size()
         task, arm, bad, stop = summary[0] / world, summary[1] / world, summary[2], summary[3]
         good = bad == 0 and math.isfinite(task) and math.isfinite(arm)

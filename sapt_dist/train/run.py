@@ -51,7 +51,16 @@ from sapt_dist.train.block import BlockJob, BlockTraining, TrainingDiverged, num
 from sapt_dist.train.compile import check_device
 from sapt_dist.train.replay import PseudoSamples
 from sapt_dist.train.setup import EncodedTask, encode_tasks, load_run_tasks
-from sapt_dist.train.subspace import design_task_blocks, new_memory, remember_task
+from sapt_dist.train.subspace import (
+    GATE_MEMORY_FILE,
+    GateProjection,
+    design_gate_key,
+    design_task_blocks,
+    new_gate_memory,
+    new_memory,
+    remember_gates,
+    remember_task,
+)
 
 __all__ = ["ContinualRun", "run"]
 
@@ -171,6 +180,13 @@ class ContinualRun:
             saved = load_extra_tensors(self.state.blocks, self.memory.FILE) if resuming else None
             if saved is not None:
                 self.memory.load_tensors(saved, str(self.state.blocks / self.memory.FILE))
+        self.gate_memory = None  # GainLoRA's gate subspaces, filed with the blocks
+        if self.method.gated:
+            self.gate_memory = new_gate_memory()
+            where = self.state.blocks / GATE_MEMORY_FILE
+            saved = load_extra_tensors(self.state.blocks, GATE_MEMORY_FILE) if resuming else None
+            if saved is not None:
+                self.gate_memory.load_tensors(saved, str(where))
         if cfg.model.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.enc: list[EncodedTask] = encode_tasks(self.tokenizer, tasks, cfg.data)
@@ -209,10 +225,14 @@ class ContinualRun:
         return results
 
     def _extra_tensors(self) -> dict | None:
-        """What the method files beside its blocks: InfLoRA's subspace memory."""
-        if self.memory is None:
-            return None
-        return {self.memory.FILE: self.memory.tensors()}
+        """What the method files beside its blocks: InfLoRA's subspace memory, GainLoRA's
+        gate subspaces."""
+        out = {}
+        if self.memory is not None:
+            out[self.memory.FILE] = self.memory.tensors()
+        if self.gate_memory is not None:
+            out[GATE_MEMORY_FILE] = self.gate_memory.tensors()
+        return out or None
 
     def _block_names(self, i: int) -> list[str]:
         names = [e.data.name for e in self.enc]
@@ -237,6 +257,17 @@ class ContinualRun:
                 remember_task(
                     self.model, self.memory, self.enc[i].train, pad, self.cfg, i, len(self.enc)
                 )
+            if self.gate_memory is not None:  # the task's gate features join their memories
+                pad = self.tokenizer.pad_token_id
+                remember_gates(
+                    self.model,
+                    self.gate_memory,
+                    self.enc[i].train,
+                    pad,
+                    self.cfg,
+                    i,
+                    len(self.enc),
+                )
         progress["losses"][self.enc[i].data.name] = losses
         if self.method.reflects:
             with clock("pseudo_samples", name):
@@ -259,6 +290,9 @@ class ContinualRun:
         if self.memory is not None:  # InfLoRA: A from the task's inputs, off the memory
             pad = self.tokenizer.pad_token_id
             design_task_blocks(model, self.memory, self.enc[i].train, pad, cfg)
+        if self.gate_memory is not None:  # GainLoRA: the key off the old gate outputs
+            pad = self.tokenizer.pad_token_id
+            design_gate_key(model, self.gate_memory, self.enc[i].train, pad, cfg)
         if self.method.trains_router and cfg.adapter.router_center != "none":
             # the router's input center takes in this task (recomputed the same on resume)
             task = self.enc[i]
@@ -306,7 +340,7 @@ class ContinualRun:
                 log.info("%s: attentive reflection off (%s)", label, why)
         # a frozen part of the block (InfLoRA's designed A) is not trained
         params = {n: p for n, p in self.model.named_adapter_params().items() if p.requires_grad}
-        if not method.trains_router:
+        if not method.trains_routing:
             params = {n: p for n, p in params.items() if not n.startswith("router.")}
         steps = num_steps(
             len(examples),
@@ -320,6 +354,9 @@ class ContinualRun:
         set_task = getattr(penalty, "set_task", None)
         if set_task is not None:  # the penalty's weights for this task (O-LoRA's per_task)
             set_task(task)
+        constraint = None  # GainLoRA: each step's gate change off the old tasks' subspaces
+        if self.gate_memory is not None and cfg.gate.project and i > 0:
+            constraint = GateProjection(self.model, self.gate_memory)
         return BlockJob(
             name=label,
             examples=examples,
@@ -331,6 +368,7 @@ class ContinualRun:
             kl_ratio=cfg.replay.kl_ratio,
             router_lr=t.router_lr,
             penalty=penalty,
+            constraint=constraint,
         )
 
     def _train_with_checkpoints(self, i: int, job: BlockJob, progress: dict) -> list:

@@ -10,6 +10,17 @@ Around each task of such a method the run calls:
 - :func:`remember_task` after the block is filed: the same pass with the trained model,
   and the memory takes in the task (:meth:`SubspaceMemory.update`).
 
+GainLoRA's gates (a method row's ``routing='gate'``) have three such memories, over the
+gate inputs (the prompts' mean embeddings), the gates' hidden activations and their
+outputs (:func:`new_gate_memory`); the passes read the embeddings and the current gate
+only, no backbone layer (:func:`gate_covariances`):
+
+- :func:`design_gate_key` after ``start_task``: the new key is the top direction of the
+  task's gate outputs off the output memory, at the norm of its uniform initialisation;
+- :class:`GateProjection` around every optimizer step: the step's change of the gate
+  weights and key, projected off the memories, row norms kept (on the device);
+- :func:`remember_gates` after the block is filed: the memories take in the task.
+
 Batches are shared out over the ranks (rank r reads batches r, r + W, ...; every rank runs
 the same number of forwards, which ZeRO-3's gathers need: a rank short of a batch runs
 its first one again uncounted), and each layer's sum and row count are then summed over
@@ -26,10 +37,22 @@ import torch
 from sapt_dist import distributed
 from sapt_dist.config import RunConfig
 from sapt_dist.data.tasks import EncodedExample, collate_train
+from sapt_dist.method.gate import GATE_PARTS, project_change
 from sapt_dist.method.lora import MixtureLoRALinear
 from sapt_dist.method.subspace import InputStatistic, SubspaceMemory, design_down, task_threshold
 
-__all__ = ["design_task_blocks", "input_covariances", "new_memory", "remember_task"]
+__all__ = [
+    "GATE_MEMORY_FILE",
+    "GateProjection",
+    "design_gate_key",
+    "design_task_blocks",
+    "gate_covariances",
+    "input_covariances",
+    "new_gate_memory",
+    "new_memory",
+    "remember_gates",
+    "remember_task",
+]
 
 log = logging.getLogger(__name__)
 
@@ -133,3 +156,146 @@ def remember_task(
         max(dims.values()),
         max(m.in_features for m in _lora_layers(model).values()),
     )
+
+
+# ---------------------------------------------------------------------- GainLoRA's gates
+#: the gate memories' file in a blocks folder (``input.basis``, ``hidden.basis``, ...)
+GATE_MEMORY_FILE = "gate_subspace.safetensors"
+
+
+def new_gate_memory() -> SubspaceMemory:
+    """An empty memory of the gates' input, hidden and output subspaces."""
+    return SubspaceMemory(list(GATE_PARTS))
+
+
+def _prompt_mask(batch: dict[str, torch.Tensor], seq2seq: bool) -> torch.Tensor:
+    mask = batch["attention_mask"].bool()
+    if not seq2seq:  # causal LM: prompt + target in one sequence; the target is not routed on
+        mask = mask & (batch["labels"] == -100)
+    return mask
+
+
+@torch.no_grad()
+def gate_covariances(
+    model,
+    examples: list[EncodedExample],
+    pad_id: int,
+    batch_size: int,
+    max_batches: int | None,
+) -> dict[str, torch.Tensor]:
+    """``input`` / ``hidden`` / ``output`` -> the mean ``x x^T`` over the sequences of
+    ``examples`` of the current gate's input ``u``, hidden activation and output, over
+    every rank (batches shared out as :func:`input_covariances` does)."""
+    batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
+    if max_batches is not None:
+        batches = batches[:max_batches]
+    world, rank = distributed.world_size(), distributed.rank()
+    mine = batches[rank::world]
+    rounds = -(-len(batches) // world)
+    seq2seq = bool(getattr(model, "is_encoder_decoder", False))
+    device = model.layer_current.device
+    distributed.ready_for_inference(model)
+    d, h = model.router.d, model.router.gates.hidden
+    sums = {
+        "input": torch.zeros(d, d, device=device),
+        "hidden": torch.zeros(h, h, device=device),
+        "output": torch.zeros(d, d, device=device),
+    }
+    rows = 0
+    for k in range(rounds):
+        counting = k < len(mine)
+        part = mine[k] if counting else (mine or batches)[0]
+        batch = {n: v.to(device) for n, v in collate_train(part, pad_id, seq2seq).items()}
+        u = model.router.pool(model.embed(batch["input_ids"]), _prompt_mask(batch, seq2seq))
+        hidden, out = model.router(u, output="gate_features")
+        if not counting:  # a rank short of a batch: the same forwards, nothing counted
+            continue
+        for name, x in zip(GATE_PARTS, (u, hidden, out)):
+            x = x.float()
+            sums[name].addmm_(x.t(), x)
+        rows += u.shape[0]
+    n = distributed.sum_tensor_over_ranks(
+        torch.tensor([float(rows)], device=device, dtype=torch.float64)
+    )
+    return {
+        name: distributed.sum_tensor_over_ranks(t) / n.clamp_min(1.0).to(t.dtype)
+        for name, t in sums.items()
+    }
+
+
+def _gate_covariances(model, examples, pad_id: int, cfg: RunConfig) -> dict[str, torch.Tensor]:
+    s = cfg.subspace
+    return gate_covariances(
+        model, examples, pad_id, s.batch_size or cfg.train.micro_batch_size, s.max_batches
+    )
+
+
+@torch.no_grad()
+def design_gate_key(
+    model, memory: SubspaceMemory, examples: list[EncodedExample], pad_id: int, cfg: RunConfig
+) -> None:
+    """Before the current task trains: its key := the top left singular vector of its gate
+    outputs' covariance projected off the output memory, at the norm of the key as
+    initialised (the released ``get_reg_matrix``), its sign fixed (largest component > 0)."""
+    cov = _gate_covariances(model, examples, pad_id, cfg)["output"]
+    basis = memory.basis("output", cov.device)
+    if basis is not None:
+        cov = cov - basis @ (basis.t() @ cov)
+    u, _, _ = torch.linalg.svd(cov, full_matrices=False)
+    top = u[:, 0]
+    # the sign SVD leaves open (the gate is even in it): the largest component positive, so
+    # that runs on any rank count agree
+    top = top * torch.sign(top[top.abs().argmax()])
+    key = model.router.key
+    with distributed.gathered([key], modify=True):
+        key.copy_((top * key.detach().float().norm()).to(key))
+
+
+@torch.no_grad()
+def remember_gates(
+    model,
+    memory: SubspaceMemory,
+    examples: list[EncodedExample],
+    pad_id: int,
+    cfg: RunConfig,
+    task: int,
+    n_tasks: int,
+) -> None:
+    """After task ``task`` (from 0) is filed: the gate memories take in its gate inputs,
+    hidden activations and outputs (the trained gate's)."""
+    covs = _gate_covariances(model, examples, pad_id, cfg)
+    threshold = task_threshold(cfg.gate.threshold, task, cfg.subspace.total_tasks or n_tasks)
+    for name, cov in covs.items():
+        memory.update(name, cov, threshold)
+    log.info(
+        "gate subspaces after task %d (threshold %.4f): %s",
+        task + 1,
+        threshold,
+        ", ".join(f"{n} {k}" for n, k in memory.dims().items()),
+    )
+
+
+class GateProjection:
+    """Around every optimizer step of a task after the first: :meth:`before` keeps the
+    gate's weights and key (full fp32, on the device), :meth:`after` replaces each with the
+    step's change projected off its memory (the first layer's rows off the gate inputs,
+    the second's off the hidden activations, the key off the gate outputs), every row at
+    its norm after the step (the released trainer). Nothing is read to the host; under
+    ZeRO-3 the reads and writes are collective (every rank runs them alike)."""
+
+    def __init__(self, model, memory: SubspaceMemory) -> None:
+        gates = model.router.gates
+        device = model.layer_current.device
+        self.pairs = [
+            (p, memory.basis(part, device))
+            for p, part in ((gates.w1, "input"), (gates.w2, "hidden"), (model.router.key, "output"))
+        ]
+        self.pairs = [(p, b) for p, b in self.pairs if b is not None and b.shape[1] > 0]
+
+    def before(self) -> list[torch.Tensor]:
+        return [distributed.full_master(p) for p, _ in self.pairs]
+
+    @torch.no_grad()
+    def after(self, old: list[torch.Tensor]) -> None:
+        for (p, basis), o in zip(self.pairs, old):
+            distributed.set_full_master(p, project_change(distributed.full_master(p), o, basis))
