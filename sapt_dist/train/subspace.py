@@ -31,6 +31,7 @@ sums).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import torch
 
@@ -66,6 +67,27 @@ def new_memory(model) -> SubspaceMemory:
     return SubspaceMemory(sorted(_lora_layers(model)))
 
 
+def _rank_batches(
+    examples: list[EncodedExample], batch_size: int, max_batches: int | None
+) -> Iterator[tuple[list[EncodedExample], bool]]:
+    """This rank's share of the statistics pass, as (batch, counted): ``examples`` in order,
+    ``batch_size`` a batch, the first ``max_batches``, dealt out over the ranks; a rank short
+    of a batch gets an uncounted one so that every rank runs the same number of forwards
+    (ZeRO-3's gathers are collectives)."""
+    batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
+    if max_batches is not None:
+        batches = batches[:max_batches]
+    world, rank = distributed.world_size(), distributed.rank()
+    mine = batches[rank::world]
+    for k in range(-(-len(batches) // world)):
+        yield (mine[k], True) if k < len(mine) else ((mine or batches)[0], False)
+
+
+def _pass_args(cfg: RunConfig) -> tuple[int, int | None]:
+    """The statistics passes' batch size and batch cap (``subspace.*``)."""
+    return cfg.subspace.batch_size or cfg.train.micro_batch_size, cfg.subspace.max_batches
+
+
 @torch.no_grad()
 def input_covariances(
     model,
@@ -78,12 +100,6 @@ def input_covariances(
     the model ran on ``examples`` (in order, ``batch_size`` a batch, the first
     ``max_batches``), over every rank."""
     layers = _lora_layers(model)
-    batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
-    if max_batches is not None:
-        batches = batches[:max_batches]
-    world, rank = distributed.world_size(), distributed.rank()
-    mine = batches[rank::world]
-    rounds = -(-len(batches) // world)
     seq2seq = bool(getattr(model, "is_encoder_decoder", False))
     device = model.layer_current.device
     distributed.ready_for_inference(model)
@@ -91,9 +107,7 @@ def input_covariances(
     model.eval()
     stat = InputStatistic(layers)
     with stat:
-        for k in range(rounds):
-            stat.counting = k < len(mine)
-            part = mine[k] if stat.counting else (mine or batches)[0]
+        for part, stat.counting in _rank_batches(examples, batch_size, max_batches):
             batch = collate_train(part, pad_id, seq2seq)
             model(**{n: v.to(device) for n, v in batch.items()})
     model.train(was_training)
@@ -111,20 +125,13 @@ def input_covariances(
     return covs
 
 
-def _covariances(model, examples, pad_id: int, cfg: RunConfig) -> dict[str, torch.Tensor]:
-    s = cfg.subspace
-    return input_covariances(
-        model, examples, pad_id, s.batch_size or cfg.train.micro_batch_size, s.max_batches
-    )
-
-
 @torch.no_grad()
 def design_task_blocks(
     model, memory: SubspaceMemory, examples: list[EncodedExample], pad_id: int, cfg: RunConfig
 ) -> None:
     """Before the current task trains: each layer's A from the task's inputs, projected off
     the memory, then frozen."""
-    covs = _covariances(model, examples, pad_id, cfg)
+    covs = input_covariances(model, examples, pad_id, *_pass_args(cfg))
     for name, layer in _lora_layers(model).items():
         a = design_down(covs[name], memory.basis(name, covs[name].device), layer.rank)
         with distributed.gathered([layer.lora_A], modify=True):
@@ -143,7 +150,7 @@ def remember_task(
     n_tasks: int,
 ) -> None:
     """After task ``task`` (from 0) is filed: the memory takes in its inputs."""
-    covs = _covariances(model, examples, pad_id, cfg)
+    covs = input_covariances(model, examples, pad_id, *_pass_args(cfg))
     threshold = task_threshold(cfg.subspace.threshold, task, cfg.subspace.total_tasks or n_tasks)
     for name, cov in covs.items():
         memory.update(name, cov, threshold)
@@ -186,12 +193,6 @@ def gate_covariances(
     """``input`` / ``hidden`` / ``output`` -> the mean ``x x^T`` over the sequences of
     ``examples`` of the current gate's input ``u``, hidden activation and output, over
     every rank (batches shared out as :func:`input_covariances` does)."""
-    batches = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
-    if max_batches is not None:
-        batches = batches[:max_batches]
-    world, rank = distributed.world_size(), distributed.rank()
-    mine = batches[rank::world]
-    rounds = -(-len(batches) // world)
     seq2seq = bool(getattr(model, "is_encoder_decoder", False))
     device = model.layer_current.device
     distributed.ready_for_inference(model)
@@ -202,9 +203,7 @@ def gate_covariances(
         "output": torch.zeros(d, d, device=device),
     }
     rows = 0
-    for k in range(rounds):
-        counting = k < len(mine)
-        part = mine[k] if counting else (mine or batches)[0]
+    for part, counting in _rank_batches(examples, batch_size, max_batches):
         batch = {n: v.to(device) for n, v in collate_train(part, pad_id, seq2seq).items()}
         u = model.router.pool(model.embed(batch["input_ids"]), _prompt_mask(batch, seq2seq))
         hidden, out = model.router(u, output="gate_features")
@@ -223,13 +222,6 @@ def gate_covariances(
     }
 
 
-def _gate_covariances(model, examples, pad_id: int, cfg: RunConfig) -> dict[str, torch.Tensor]:
-    s = cfg.subspace
-    return gate_covariances(
-        model, examples, pad_id, s.batch_size or cfg.train.micro_batch_size, s.max_batches
-    )
-
-
 @torch.no_grad()
 def design_gate_key(
     model, memory: SubspaceMemory, examples: list[EncodedExample], pad_id: int, cfg: RunConfig
@@ -237,7 +229,7 @@ def design_gate_key(
     """Before the current task trains: its key := the top left singular vector of its gate
     outputs' covariance projected off the output memory, at the norm of the key as
     initialised (the released ``get_reg_matrix``), its sign fixed (largest component > 0)."""
-    cov = _gate_covariances(model, examples, pad_id, cfg)["output"]
+    cov = gate_covariances(model, examples, pad_id, *_pass_args(cfg))["output"]
     basis = memory.basis("output", cov.device)
     if basis is not None:
         cov = cov - basis @ (basis.t() @ cov)
@@ -263,7 +255,7 @@ def remember_gates(
 ) -> None:
     """After task ``task`` (from 0) is filed: the gate memories take in its gate inputs,
     hidden activations and outputs (the trained gate's)."""
-    covs = _gate_covariances(model, examples, pad_id, cfg)
+    covs = gate_covariances(model, examples, pad_id, *_pass_args(cfg))
     threshold = task_threshold(cfg.gate.threshold, task, cfg.subspace.total_tasks or n_tasks)
     for name, cov in covs.items():
         memory.update(name, cov, threshold)
