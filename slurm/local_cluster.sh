@@ -255,13 +255,24 @@ need_node() {  # need_node <k>: k names a node of this multi-node cluster
 cmd_crash_node() {  # what a node that loses power does: everything on it ends at once
     need_root
     need_node "${1:-}"
-    local ns pids
+    local ns pids left killed=""
     ns=$(ns_name "$1")
-    pids=$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')
-    # shellcheck disable=SC2086
-    [ -z "${pids// /}" ] || kill -9 $pids 2>/dev/null || true
+    # kill -9 is delivered at once but a big process takes a while to exit, and a process
+    # forked meanwhile (slurmstepd spawning a task) was not in the first list: kill what the
+    # namespace holds until it holds nothing (zombies are gone: they hold no namespace)
+    for _ in $(seq 40); do
+        pids=$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')
+        [ -n "${pids// /}" ] || break
+        killed="$killed $pids"
+        # shellcheck disable=SC2086
+        kill -9 $pids 2>/dev/null || true
+        sleep 0.25
+    done
+    left=$(ip netns pids "$ns" 2>/dev/null | tr '\n' ' ')
     rm -f "$DIR/node$1/slurmd.pid"
-    echo "local_cluster: node$1 crashed: killed slurmd, its job steps and ranks (${pids:-nothing})"
+    [ -z "${left// /}" ] || die "node$1 did not die: still running after kill -9 for 10 s: $left"
+    killed=$(echo "$killed" | tr ' ' '\n' | awk 'NF && !seen[$0]++' | tr '\n' ' ')
+    echo "local_cluster: node$1 crashed: killed slurmd, its job steps and ranks (${killed:-nothing})"
 }
 
 cmd_revive_node() {  # the node is back: its slurmd again (slurmctld takes it back when it registers)

@@ -286,13 +286,13 @@ def test_lost_node_ends_the_survivor_and_the_run_resumes(cluster, one_process, t
     veth = f"{CLUSTER['SAPT_SLURM_BRIDGE']}v2"
     if how == "kill":
         os.kill(victim, 9)
-    elif how == "crash":
-        res = _cluster_cmd(cluster, "crash-node", "2")
-        assert res.returncode == 0 and "node2 crashed" in res.stdout, res.stderr
-        assert not _alive(victim)
-    else:
+    elif how == "link_down":
         subprocess.run(["ip", "link", "set", veth, "down"], check=True)
     try:
+        if how == "crash":  # returns once nothing runs on node2 any more
+            res = _cluster_cmd(cluster, "crash-node", "2")
+            assert res.returncode == 0 and "node2 crashed" in res.stdout, res.stderr
+            assert not _alive(victim), f"node2's rank {victim} outlived the crash"
         while _alive(survivor) and time.time() - t_lost < TIMEOUT_S + MARGIN_S + 30:
             time.sleep(0.2)
         survivor_s = time.time() - t_lost
@@ -306,14 +306,14 @@ def test_lost_node_ends_the_survivor_and_the_run_resumes(cluster, one_process, t
             assert time.time() < deadline, _log_tail(log)
             time.sleep(0.5)
         report(f"{how}: batch script reported the end {time.time() - t_lost:.1f} s after the loss")
-    finally:
+    finally:  # node2 back even when an assertion failed: the next tests need both nodes
         if how == "link_down":
             subprocess.run(["ip", "link", "set", veth, "up"], check=True)
-    if how == "crash":  # the node boots again: its slurmd back, SLURM told it may use it
-        res = _cluster_cmd(cluster, "revive-node", "2")
-        assert res.returncode == 0, res.stderr
-    if how in ("link_down", "crash"):
-        _restore_node2(cluster)
+        if how == "crash":  # the node boots again: its slurmd back, SLURM told it may use it
+            res = _cluster_cmd(cluster, "revive-node", "2")
+            assert res.returncode == 0, res.stderr
+        if how in ("link_down", "crash"):
+            _restore_node2(cluster)
     info = _wait(cluster, job, {"FAILED", "COMPLETED"}, log, timeout=120)
     assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", info
     text = log.read_text()
