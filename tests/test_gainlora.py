@@ -132,9 +132,14 @@ def _one_prompt(n: int, seed: int) -> list[EncodedExample]:
 
 def _train(model, examples, constraint, steps=12, lr=0.01):
     """Adam steps on the trainable tensors (the current B, gate and key), with the
-    constraint around each step as the training step runs it."""
+    constraint around each step as the training step runs it.
+
+    eps 1e-5, not Adam's 1e-8: while a task's B is still ~0 the gate's gradient is at the
+    level of rounding (~1e-9), and Adam would turn that noise into steps of a full lr, so
+    the outcome would depend on the order of float sums (it did: a reordering flipped the
+    unprojected gate's drift from 0.9 to 0.09); with 1e-5 only real gradients move it."""
     params = [p for p in model.adapter_params() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, eps=1e-5)
     model.train()
     for k in range(steps):
         batch = collate_train(examples[(4 * k) % len(examples) :][:4], 0)

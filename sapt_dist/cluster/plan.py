@@ -49,9 +49,10 @@ activations
     ``d_kv = d``); the attention's log-sum-exp (``4 b heads s``) and, with padding, its
     mask (``e b s^2``); the SwiGLU MLP's gate, up and SiLU outputs (``3 e N d_ff``); per
     adapted linear its input (once per tensor read), the stacked blocks
-    ``e T r (in + out)`` and ``z = x A^T`` (``e N T r``); once per forward the scales every
-    adapted linear shares (``SlotPlan``: ``e N T r`` per token, ``e N r`` of the current
-    slot, ``8 r`` of indices; with checkpointing held by the routing context, not saved).
+    ``e T r (in + out)``, ``z = x A^T`` (``e N T r``) and the current slot's columns of
+    ``z w`` (``e N r``); once per forward the scales every adapted linear shares
+    (``SlotPlan``: ``e N T r``, one row per token; one sequence: ``e T r``; with
+    checkpointing held by the routing context, not saved).
     ZeRO-3's ``memory_efficient_linear`` (DeepSpeed's default) replaces torch's linear by
     one that saves every linear's input, frozen or not: the MLP input (``e N d``), the
     SwiGLU product (``e N d_ff``) and ``lm_head``'s input (``e N d``) are added (o_proj's
@@ -659,10 +660,11 @@ def activation_bytes(inp: PlanInputs) -> dict[str, int]:
         mixture += 2 * e * b * inp.prompt_length * d
     for t in targets:
         d_in, d_out = dims[t]
-        mixture += e * (T * r * (d_in + d_out) + n * T * r)
-    # once per forward, shared by every adapted linear (``SlotPlan``): the per-token
-    # scales, the current slot's columns of them and their int64 indices
-    plan = e * n * T * r + e * n * r + 8 * r
+        # the stacked blocks, z = x A^T and the current slot's columns of z w (lora_B's)
+        mixture += e * (T * r * (d_in + d_out) + n * T * r + n * r)
+    # once per forward, shared by every adapted linear (``SlotPlan``): the scales, one row
+    # per token (one sequence: its one row); the slot tables are the model's buffers
+    plan = e * (n if b > 1 else 1) * T * r
     layer = core + norm + mixture
     layer0 = core + mixture
     rope = 2 * e * S * hd  # cos, sin (shared by every layer)

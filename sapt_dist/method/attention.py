@@ -46,9 +46,10 @@ def max_pool_prompt(embeds: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Te
         (batch, d). A row with no prompt token pools to zeros (no NaN, no host sync).
     """
     mask = prompt_mask.to(torch.bool).unsqueeze(-1)
-    low = torch.finfo(embeds.dtype).min
-    pooled = torch.where(mask, embeds, embeds.new_full((), low)).amax(dim=1)
-    return torch.where(mask.any(dim=1), pooled, torch.zeros_like(pooled))
+    pooled = torch.where(mask, embeds, float("-inf")).amax(dim=1)
+    # only a row without prompt tokens pools to -inf (embeddings are finite): make it 0,
+    # keeping any NaN / +inf as they are
+    return pooled.nan_to_num(nan=float("nan"), posinf=float("inf"), neginf=0.0)
 
 
 class QueryNetwork(nn.Module):
@@ -187,7 +188,7 @@ class SharedAttention(nn.Module):
 
     def keys(self) -> torch.Tensor:
         """(T, d) every slot's key with the current slot's trainable key in place."""
-        return torch.where(self.current.unsqueeze(-1), self.key.unsqueeze(0), self.key_bank)
+        return torch.where(self.current.unsqueeze(-1), self.key, self.key_bank)  # key broadcast
 
     def scores(self, u: torch.Tensor) -> torch.Tensor:
         """(batch, T) key scores before the softmax, ``z_j = <k_j, g(u)> / tau``, for every
@@ -199,10 +200,20 @@ class SharedAttention(nn.Module):
             raise ValueError("routing 'sum' (inc_lora) has no key scores: every block weighs 1")
         if self.gates is not None:  # the gates' cosines (the weights are |2 sigmoid(4 cos) - 1|)
             return self.gates(u, self.keys(), self.active, self.current, output="cosines")
-        # in fp32: the center removes the large shared part of u, whose rounding in bf16
-        # would be of the size of what tells tasks apart
-        q = self.query((u.float() - self.center).to(self.key.dtype))
-        return (q @ self.keys().t() / self.tau).float()
+        return (self._query(u) @ self.keys().t() / self.tau).float()
+
+    def _query(self, u: torch.Tensor) -> torch.Tensor:
+        """``g(u - c)``. The centering in fp32: the center removes the large shared part of
+        u, whose rounding in bf16 would be of the size of what tells tasks apart."""
+        if self.center_mode == "none":  # c = 0: nothing to subtract
+            return self.query(u.to(self.key.dtype))
+        return self.query((u.float() - self.center).to(self.key.dtype))
+
+    def _masked_scores(self, u: torch.Tensor) -> torch.Tensor:
+        """(batch, T) the scores with ``-inf`` on inactive slots, in one ``addmm``: the
+        mask enters as the bias ``log(active)`` (0 or -inf), the temperature as alpha."""
+        bias = torch.log(self.active).to(self.key.dtype)
+        return torch.addmm(bias, self._query(u), self.keys().t(), alpha=1.0 / self.tau).float()
 
     def log_weights(self, u: torch.Tensor) -> torch.Tensor:
         """(batch, T) log of the mixture weights for pooled prompts ``u`` (batch, d)."""
@@ -210,8 +221,7 @@ class SharedAttention(nn.Module):
             # IncLoRA: every active block with weight 1 (log 0 on active slots)
             w = self.active.to(u.dtype).expand(u.shape[0], -1)
             return torch.log(w)
-        z = self.scores(u).masked_fill(~self.active, float("-inf"))
-        return F.log_softmax(z, dim=-1)
+        return F.log_softmax(self._masked_scores(u), dim=-1)
 
     def forward(
         self,
@@ -233,7 +243,9 @@ class SharedAttention(nn.Module):
             return self.gates(u, self.keys(), self.active, self.current, output="features")
         if self.gates is not None:
             return self.gates(u, self.keys(), self.active, self.current)
-        return self.log_weights(u).exp()
+        if self.mode == "sum":
+            return self.log_weights(u).exp()
+        return F.softmax(self._masked_scores(u), dim=-1)
 
     def arm_loss(self, u_replay: torch.Tensor, replay_task: torch.Tensor) -> torch.Tensor:
         """Attentive reflection: ``sum_j mean_{p in P_j} KL(a_j* || w(p))``.

@@ -37,6 +37,7 @@ from torch import nn
 from sapt_dist import distributed
 from sapt_dist.method.ops import (
     SlotPlan,
+    SlotTables,
     mix_stacked,
     mixture_lora,
     mixture_lora_train,
@@ -78,6 +79,9 @@ class RoutingContext:
         self._x_grad_mask: torch.Tensor | None = None
         self._plans: dict = {}
         self.inference: dict | None = None
+        #: (scaling, rank) -> the :class:`~sapt_dist.method.ops.SlotTables` of ``current``
+        #: the model holds (buffers); a kind without them has its plan build them
+        self.tables: dict[tuple[float, int], SlotTables] = {}
 
     @property
     def weights(self) -> torch.Tensor | None:
@@ -125,7 +129,8 @@ class RoutingContext:
         if plan is None:
             if self._weights is None or self._current is None:
                 raise RuntimeError("RoutingContext.plan needs weights and current set")
-            plan = plan_slots(self._weights, self._current, scaling, rank, dtype, tokens)
+            tables = self.tables.get((scaling, rank))
+            plan = plan_slots(self._weights, self._current, scaling, rank, dtype, tokens, tables)
             self._plans[key] = plan
         return plan
 

@@ -37,6 +37,7 @@ from sapt_dist.method.lora import (
     disable_bnb_cpu_packing,
     is_adaptable_linear,
 )
+from sapt_dist.method.ops import SlotTables, slot_expansion, slot_tables
 from sapt_dist.method.prompt import PROMPT_BLOCK, MixturePrompt
 
 __all__ = ["SAPTModel", "SAPTOutput", "find_target_layers"]
@@ -172,12 +173,61 @@ class SAPTModel(nn.Module):
         device = emb.weight.device if emb.weight.device.type != "meta" else "cpu"
         self.router.to(device)
         self.layer_current.data = self.layer_current.to(device)
+        #: the LoRA layers' (scaling, rank) and output widths: what ``_slot_tables`` serve
+        self._plan_kind = (adapter.alpha / adapter.rank, adapter.rank)
+        self._b_widths = (
+            [] if self.prompts else sorted({m.out_features for m in self.layers.values()})
+        )
+        if self.prompts is None:
+            # the plans' SlotTables as buffers (never saved): rewritten in place from
+            # layer_current whenever it changes (_refresh_slot_tables)
+            t = slot_tables(self.layer_current, adapter.rank, self._plan_kind[0], self._b_widths)
+            self.register_buffer("slot_expansion", t.expansion, persistent=False)
+            self.register_buffer("slot_select", t.select, persistent=False)
+            self.register_buffer("slot_columns", t.columns, persistent=False)
+            for d, mem in t.b_select.items():
+                self.register_buffer(f"slot_b_select_{d}", mem, persistent=False)
+            # a loaded state dict brings its own layer_current
+            self.register_load_state_dict_post_hook(lambda m, _keys: m._refresh_slot_tables())
         #: loss terms a method adds after the forward (``sapt_dist.method.penalties``, built
         #: from the method's row by the run); held here only so that ZeRO-3's hooks gather
         #: what they read. ``forward`` never calls them: the training step does.
         self.penalties = nn.ModuleDict()
         self._set_requires_grad()
         self.start_task(0)
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to(dtype)`` / ``.bfloat16()`` (DeepSpeed's bf16 engine casts the model) keep the
+        plans' scale expansion in fp32: the scales are fp32 whatever the compute dtype."""
+        super()._apply(fn, recurse)
+        exp = getattr(self, "slot_expansion", None)
+        if exp is not None and exp.dtype != torch.float32:
+            rank, scaling = self.adapter_config.rank, self._plan_kind[0]
+            self.slot_expansion = slot_expansion(
+                self.n_layer_slots, rank, scaling, torch.float32
+            ).to(exp.device)
+        return self
+
+    @torch.no_grad()
+    def _refresh_slot_tables(self) -> None:
+        """Rewrite the plans' slot tables (``ops.SlotTables``) in place from
+        ``layer_current``: called by everything that changes it."""
+        if self.prompts is not None:
+            return
+        t = slot_tables(self.layer_current, self.adapter_config.rank, self._plan_kind[0])
+        self.slot_select.copy_(t.select)
+        self.slot_columns.copy_(t.columns)
+        sel = self.layer_current.view(1, -1, 1)
+        for d in self._b_widths:
+            mem = getattr(self, f"slot_b_select_{d}")
+            mem.copy_(sel.expand_as(mem))
+
+    def _slot_tables(self) -> dict[tuple[float, int], SlotTables]:
+        """The routing context's view of the slot tables (the buffers as they are now:
+        ``.to()`` replaces them)."""
+        b_select = {d: getattr(self, f"slot_b_select_{d}") for d in self._b_widths}
+        tables = SlotTables(self.slot_expansion, self.slot_select, self.slot_columns, b_select)
+        return {self._plan_kind: tables}
 
     # ------------------------------------------------------------------ parameters
     def adapter_params(self) -> list[nn.Parameter]:
@@ -226,6 +276,7 @@ class SAPTModel(nn.Module):
         r.active[: slot + 1] = True
         self.layer_current.zero_()
         self.layer_current[slot] = True
+        self._refresh_slot_tables()
         for layer in self.layers.values():
             if fresh:
                 layer.reset_current()
@@ -257,6 +308,7 @@ class SAPTModel(nn.Module):
         slot = self.generator_slot
         self.layer_current.zero_()
         self.layer_current[slot] = True
+        self._refresh_slot_tables()
         for layer in self.layers.values():
             layer.reset_current()
 
@@ -331,6 +383,8 @@ class SAPTModel(nn.Module):
         ctx.weights = weights
         ctx.current = self.layer_current
         ctx.x_grad_mask = None if self.adapter_config.gradient == "exact" else self.layer_current
+        if self.prompts is None:
+            ctx.tables = self._slot_tables()
         if tokens is not None and self.prompts is None:
             for kind in {(m.scaling, m.rank, m.A_bank.dtype) for m in self.layers.values()}:
                 ctx.plan(*kind, tokens)
@@ -373,10 +427,12 @@ class SAPTModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if prompt_mask is None:
-            prompt_mask = attention_mask.bool()
             if labels is not None and not self.is_encoder_decoder:
-                # causal LM: one sequence, prompt + target; the target is not routed on
-                prompt_mask = prompt_mask & (labels == IGNORE_INDEX)
+                # causal LM: one sequence, prompt + target; the target is not routed on:
+                # attended and not a target, ``mask > is_target`` in one comparison
+                prompt_mask = attention_mask > (labels != IGNORE_INDEX)
+            else:
+                prompt_mask = attention_mask.bool()
         embeds = self.embed(input_ids)
         if weights is None:
             weights = self.routing_weights(input_ids, prompt_mask, embeds=embeds)

@@ -39,6 +39,9 @@ LoRA (issue 14: the step's cost on a GPU was the host's op count, not arithmetic
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import NamedTuple
+
 import torch
 
 __all__ = [
@@ -48,6 +51,9 @@ __all__ = [
     "mixture_lora_train",
     "plan_slots",
     "mixture_lora_reference",
+    "SlotTables",
+    "slot_expansion",
+    "slot_tables",
     "mix_stacked",
     "slot_scales",
     "stack_blocks",
@@ -145,21 +151,69 @@ class _MixtureLoRA(torch.autograd.Function):
         return gx, gA, gB, gw, None, None
 
 
-class SlotPlan:
-    """What every adapted layer of one forward shares while one slot trains, prepared once
-    per forward (``plan_slots``) instead of once per layer: the per-rank-column scales,
-    their per-token rows, the current slot's mask and columns.
+def slot_expansion(slots: int, rank: int, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """(T, T*r) the matrix that turns (b, T) weights into the (b, T*r) per-rank-column
+    scales ``s * w_j`` in one product: ``s`` on slot j's r columns of row j, 0 elsewhere.
+    Each output is one product plus exact zeros, so the scales equal ``w * s`` repeated."""
+    eye = torch.eye(slots, dtype=dtype) * scaling
+    return eye.repeat_interleave(rank, dim=1)
+
+
+class SlotTables(NamedTuple):
+    """What a plan reads that depends on the shapes and the current slot only, not on the
+    batch. A model holds them as buffers, rewritten in place when its current slot changes
+    (``SAPTModel``), so a forward reads them instead of deriving them (and a captured CUDA
+    graph reads the new values); :func:`slot_tables` builds them from a mask.
 
     Attributes:
-        scales: (b, T*r) ``s * w_j`` per rank column in float32 (float64 weights: float64),
-            built from the weights with autograd: the weights' gradient enters here
-            (summed over layers in that precision, then over each slot's r columns).
-        scales_tok: (N, T*r) the same per token row in the compute dtype, detached (the
-            forward's scale; ``N = b * tokens``).
-        current_tok: (N, r) the current slot's columns of ``scales_tok``.
+        expansion: (T, T*r) float32, :func:`slot_expansion`.
+        select: (T, 1, 1) bool, the current slot.
+        columns: (r,) int64, the current slot's columns in ``T*r``.
+        b_select: ``d_out`` -> (d_out, T, r) bool, the current slot broadcast: the memory
+            of :meth:`SlotPlan.b_select` (which reads it transposed).
+    """
+
+    expansion: torch.Tensor
+    select: torch.Tensor
+    columns: torch.Tensor
+    b_select: dict[int, torch.Tensor]
+
+
+def slot_tables(
+    current: torch.Tensor, rank: int, scaling: float, d_outs: Iterable[int] = ()
+) -> SlotTables:
+    """The :class:`SlotTables` of the (T,) bool ``current`` mask (exactly one True), for
+    layers of rank ``rank``, scale ``scaling`` and output widths ``d_outs``."""
+    slots, dev = current.shape[0], current.device
+    first = current.to(torch.int64).argmax()  # stays on the device: no sync
+    columns = first * rank + torch.arange(rank, device=dev)
+    b_select = {
+        d: current.view(1, slots, 1).expand(d, slots, rank).contiguous() for d in set(d_outs)
+    }
+    expansion = slot_expansion(slots, rank, scaling, torch.float32).to(dev)
+    return SlotTables(expansion, current.view(-1, 1, 1).clone(), columns, b_select)
+
+
+class SlotPlan:
+    """What every adapted layer of one forward shares while one slot trains, prepared once
+    per forward (``plan_slots``) instead of once per layer: the per-rank-column scales and
+    the current slot's mask and columns.
+
+    Attributes:
+        scales: (N, T*r) ``s * w_j`` per rank column and token row (``N = b * tokens``)
+            in float32 (float64 weights: float64), built from the weights with autograd:
+            the weights' gradient enters here per token row, every layer's summed in that
+            precision, then over the tokens once. One sequence: an expanded view.
+        scales_tok: the forward's scale in the compute dtype: the same rows, or for one
+            sequence its one row (it broadcasts); a detached cast when the dtypes differ.
         select: (T, 1, 1) bool, the current slot (splices ``lora_A`` into the A bank).
         columns: (r,) int64, the current slot's columns in ``T*r`` (on the device: no sync).
-        tokens: tokens per sequence.
+        batch, tokens: sequences and tokens per sequence.
+
+    ``tables`` (:class:`SlotTables`) are what a model holds; without them they are built
+    here from ``current``. With them a plan costs a handful of ops (the scales' product,
+    their per-token rows when the batch has several sequences), whatever the number of
+    layers.
     """
 
     def __init__(
@@ -170,22 +224,36 @@ class SlotPlan:
         rank: int,
         dtype: torch.dtype,
         tokens: int,
+        tables: SlotTables | None = None,
     ) -> None:
         slots = current.shape[0]
         if weights.dim() != 2 or weights.shape[1] != slots:
             raise ValueError(
                 f"plan_slots: weights must be (batch, slots={slots}), got {tuple(weights.shape)}"
             )
+        if tables is None:
+            tables = slot_tables(current, rank, scaling)
         self.rank, self.tokens, self.dtype = rank, tokens, dtype
-        acc = torch.promote_types(weights.dtype, torch.float32)  # fp32 at least
-        self.scales = (weights.to(acc) * scaling).repeat_interleave(rank, dim=1)
-        scales = self.scales.detach().to(dtype)
-        self.scales_tok = scales.repeat_interleave(tokens, dim=0)
-        self.select = current.view(-1, 1, 1)
-        first = current.to(torch.int64).argmax()  # stays on the device: no sync
-        self.columns = first * rank + torch.arange(rank, device=current.device)
-        self.current_tok = self.scales_tok.index_select(1, self.columns)
+        self.batch = batch = weights.shape[0]
+        acc = torch.float64 if weights.dtype == torch.float64 else torch.float32  # fp32 at least
+        scales = torch.mm(weights.to(acc), tables.expansion.to(acc))  # (b, T*r)
+        # one row per token: each layer's weight gradient stays per token, and is reduced
+        # over the tokens once, here (the expansion's backward), not in every layer
+        if batch > 1:
+            scales = scales.unsqueeze(1).expand(batch, tokens, -1).reshape(batch * tokens, -1)
+            value = scales
+        else:  # one sequence: a view, and its one row broadcasts in the forward
+            value, scales = scales, scales.expand(tokens, -1)
+        self.scales = scales
+        self.scales_tok = value if acc == dtype else value.detach().to(dtype)
+        self.select, self.columns = tables.select, tables.columns
+        self._b_memory = tables.b_select
         self._b_select: dict[int, torch.Tensor] = {}
+
+    @property
+    def rows(self) -> int:
+        """Token rows of the layers' inputs: ``batch * tokens``."""
+        return self.batch * self.tokens
 
     def b_select(self, d_out: int) -> torch.Tensor:
         """(T, d_out, r) bool, the current slot, with (d_out, T, r) memory: ``torch.where``
@@ -193,10 +261,11 @@ class SlotPlan:
         (T*r, d_out), is a view of it (no copy)."""
         sel = self._b_select.get(d_out)
         if sel is None:
-            slots = self.select.shape[0]
-            sel = self.select.view(1, slots, 1).expand(d_out, slots, self.rank)
-            sel = sel.contiguous().transpose(0, 1)
-            self._b_select[d_out] = sel
+            mem = self._b_memory.get(d_out)
+            if mem is None:  # a width the tables do not hold
+                slots = self.select.shape[0]
+                mem = self.select.view(1, slots, 1).expand(d_out, slots, self.rank).contiguous()
+            sel = self._b_select[d_out] = mem.transpose(0, 1)
         return sel
 
 
@@ -207,11 +276,13 @@ def plan_slots(
     rank: int,
     dtype: torch.dtype,
     tokens: int,
+    tables: SlotTables | None = None,
 ) -> SlotPlan:
     """The per-forward :class:`SlotPlan` of (b, T) ``weights`` and the (T,) bool
     ``current`` mask (exactly one True) for layers of rank ``rank`` and scale ``scaling``
-    computing in ``dtype`` on inputs of ``tokens`` tokens per sequence."""
-    return SlotPlan(weights, current, scaling, rank, dtype, tokens)
+    computing in ``dtype`` on inputs of ``tokens`` tokens per sequence (``tables``: the
+    :class:`SlotTables` of ``current``, when the caller holds them)."""
+    return SlotPlan(weights, current, scaling, rank, dtype, tokens, tables)
 
 
 class _MixtureLoRATrain(torch.autograd.Function):
@@ -231,7 +302,6 @@ class _MixtureLoRATrain(torch.autograd.Function):
         lora_B,
         scales,
         s_tok,
-        cur_tok,
         select,
         columns,
         b_select,
@@ -242,31 +312,35 @@ class _MixtureLoRATrain(torch.autograd.Function):
         a2 = torch.where(select, lora_A, A_bank).reshape(slots * r, d_in)
         # b_select's layout makes (T, r, d_out) -> (T*r, d_out) a view
         b2t = torch.where(b_select, lora_B, B_bank).transpose(1, 2).reshape(slots * r, d_out)
+        if s_tok is None:  # the scales are the value too (passed once: dynamo needs that)
+            s_tok = scales
         z = torch.mm(x, a2.t())  # (N, T*r)
         zw = z * s_tok
+        # lora_B's gradient reads the current slot's columns of zw: kept from here (N, r)
+        zw_cur = zw.index_select(1, columns) if ctx.needs_input_grad[5] else None
         # the mixture lands in the base output: one addmm (an add when dtypes differ)
         same = y.dtype == zw.dtype
         out = torch.addmm(y, zw, b2t) if same else y + torch.mm(zw, b2t).to(y.dtype)
-        ctx.save_for_backward(x, a2, b2t, z, lora_A, s_tok, cur_tok, columns)
-        ctx.cut, ctx.batch, ctx.acc = cut, scales.shape[0], scales.dtype
+        ctx.save_for_backward(x, a2, b2t, z, zw_cur, lora_A, s_tok, columns)
+        ctx.cut, ctx.acc = cut, scales.dtype
         return out
 
     @staticmethod
     def backward(ctx, gy):
-        x, a2, b2t, z, lora_A, s_tok, cur_tok, columns = ctx.saved_tensors
+        x, a2, b2t, z, zw_cur, lora_A, s_tok, columns = ctx.saved_tensors
         need = ctx.needs_input_grad
         gx = gA = gB = gs = None
         gyc = gy.to(b2t.dtype)
         gzw = torch.mm(gyc, b2t.t())  # d(zw): (N, T*r), every slot (for the weights)
         if need[0] or need[4]:
-            gz_cur = gzw.index_select(1, columns) * cur_tok  # dz of the current slot (N, r)
+            gz = gzw * s_tok  # dz: (N, T*r)
+            gz_cur = gz.index_select(1, columns)  # of the current slot (N, r)
         if need[0]:
             # cut: only the trainable block's path reaches x; exact: every slot's
-            gx = torch.mm(gz_cur, lora_A) if ctx.cut else torch.mm(gzw * s_tok, a2)
+            gx = torch.mm(gz_cur, lora_A) if ctx.cut else torch.mm(gz, a2)
         if need[4]:
             gA = torch.mm(gz_cur.t(), x)
         if need[5]:
-            zw_cur = z.index_select(1, columns) * cur_tok
             if gyc.device.type == "cpu":
                 # (r, N) @ (N, d_out), transposed: CPU BLAS is up to 13x slower on the
                 # (d_out, N) @ (N, r) orientation; contiguous as the parameter is
@@ -274,11 +348,11 @@ class _MixtureLoRATrain(torch.autograd.Function):
             else:
                 gB = torch.mm(gyc.t(), zw_cur)
         if need[6]:
-            # d/d(s w_j) per column: sum over each sequence's tokens of gzw * z, in fp32+
-            prod = gzw.to(ctx.acc) * z.to(ctx.acc)
-            gs = prod.view(ctx.batch, -1, prod.shape[1]).sum(1)
+            # d/d(s w_j) per column and token row, in fp32+ (the plan sums the rows of
+            # every layer at once)
+            gs = gzw.to(ctx.acc) * z.to(ctx.acc)
         gy_out = gy if need[1] else None
-        return gx, gy_out, None, None, gA, gB, gs, None, None, None, None, None, None
+        return gx, gy_out, None, None, gA, gB, gs, None, None, None, None, None
 
 
 def mixture_lora_train(
@@ -311,8 +385,7 @@ def mixture_lora_train(
         lora_A,
         lora_B,
         plan.scales,
-        plan.scales_tok,
-        plan.current_tok,
+        None if plan.scales_tok is plan.scales else plan.scales_tok,
         plan.select,
         plan.columns,
         plan.b_select(B_bank.shape[1]),
@@ -327,11 +400,11 @@ def _check_train_shapes(x, y, A_bank, B_bank, plan: SlotPlan) -> None:
             f"mixture_lora_train: A must be (slots, r, d_in), got {tuple(A_bank.shape)}"
         )
     slots, r, d_in = A_bank.shape
-    rows = plan.scales.shape[0] * plan.tokens
+    rows = plan.rows
     if x.dim() != 2 or x.shape != (rows, d_in):
         raise ValueError(
             f"mixture_lora_train: x must be (tokens={rows}, d_in={d_in}) (the plan's "
-            f"{plan.scales.shape[0]} sequences x {plan.tokens} tokens), got {tuple(x.shape)}"
+            f"{plan.batch} sequences x {plan.tokens} tokens), got {tuple(x.shape)}"
         )
     if B_bank.dim() != 3 or B_bank.shape[0] != slots or B_bank.shape[2] != r:
         raise ValueError(
