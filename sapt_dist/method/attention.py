@@ -200,7 +200,7 @@ class SharedAttention(nn.Module):
             raise ValueError("routing 'sum' (inc_lora) has no key scores: every block weighs 1")
         if self.gates is not None:  # the gates' cosines (the weights are |2 sigmoid(4 cos) - 1|)
             return self.gates(u, self.keys(), self.active, self.current, output="cosines")
-        return (self._query(u) @ self.keys().t() / self.tau).float()
+        return self._scores(u, self.key.new_zeros(()))
 
     def _query(self, u: torch.Tensor) -> torch.Tensor:
         """``g(u - c)``. The centering in fp32: the center removes the large shared part of
@@ -209,11 +209,15 @@ class SharedAttention(nn.Module):
             return self.query(u.to(self.key.dtype))
         return self.query((u.float() - self.center).to(self.key.dtype))
 
-    def _masked_scores(self, u: torch.Tensor) -> torch.Tensor:
-        """(batch, T) the scores with ``-inf`` on inactive slots, in one ``addmm``: the
-        mask enters as the bias ``log(active)`` (0 or -inf), the temperature as alpha."""
-        bias = torch.log(self.active).to(self.key.dtype)
+    def _scores(self, u: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """``bias + <k_j, g(u)> / tau`` in one ``addmm`` (the temperature as alpha): the one
+        formula of the scores, masked or not."""
         return torch.addmm(bias, self._query(u), self.keys().t(), alpha=1.0 / self.tau).float()
+
+    def _masked_scores(self, u: torch.Tensor) -> torch.Tensor:
+        """(batch, T) the scores with ``-inf`` on inactive slots: the mask enters as the
+        bias ``log(active)`` (0 or -inf)."""
+        return self._scores(u, torch.log(self.active).to(self.key.dtype))
 
     def log_weights(self, u: torch.Tensor) -> torch.Tensor:
         """(batch, T) log of the mixture weights for pooled prompts ``u`` (batch, d)."""

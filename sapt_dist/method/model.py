@@ -176,7 +176,9 @@ class SAPTModel(nn.Module):
         #: the LoRA layers' (scaling, rank) and output widths: what ``_slot_tables`` serve
         self._plan_kind = (adapter.alpha / adapter.rank, adapter.rank)
         self._b_widths = (
-            [] if self.prompts else sorted({m.out_features for m in self.layers.values()})
+            []
+            if self.prompts is not None
+            else sorted({m.out_features for m in self.layers.values()})
         )
         if self.prompts is None:
             # the plans' SlotTables as buffers (never saved): rewritten in place from
@@ -214,13 +216,12 @@ class SAPTModel(nn.Module):
         ``layer_current``: called by everything that changes it."""
         if self.prompts is not None:
             return
-        t = slot_tables(self.layer_current, self.adapter_config.rank, self._plan_kind[0])
+        rank, scaling = self.adapter_config.rank, self._plan_kind[0]
+        t = slot_tables(self.layer_current, rank, scaling, self._b_widths)
         self.slot_select.copy_(t.select)
         self.slot_columns.copy_(t.columns)
-        sel = self.layer_current.view(1, -1, 1)
-        for d in self._b_widths:
-            mem = getattr(self, f"slot_b_select_{d}")
-            mem.copy_(sel.expand_as(mem))
+        for d, mem in t.b_select.items():
+            getattr(self, f"slot_b_select_{d}").copy_(mem)
 
     def _slot_tables(self) -> dict[tuple[float, int], SlotTables]:
         """The routing context's view of the slot tables (the buffers as they are now:

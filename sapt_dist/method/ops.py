@@ -187,11 +187,16 @@ def slot_tables(
     slots, dev = current.shape[0], current.device
     first = current.to(torch.int64).argmax()  # stays on the device: no sync
     columns = first * rank + torch.arange(rank, device=dev)
-    b_select = {
-        d: current.view(1, slots, 1).expand(d, slots, rank).contiguous() for d in set(d_outs)
-    }
+    b_select = {d: b_select_memory(current, d, rank) for d in set(d_outs)}
     expansion = slot_expansion(slots, rank, scaling, torch.float32).to(dev)
     return SlotTables(expansion, current.view(-1, 1, 1).clone(), columns, b_select)
+
+
+def b_select_memory(current: torch.Tensor, d_out: int, rank: int) -> torch.Tensor:
+    """(d_out, T, r) bool: the (T,) ``current`` mask broadcast, the memory of
+    :meth:`SlotPlan.b_select` (which reads it transposed)."""
+    slots = current.numel()
+    return current.reshape(1, slots, 1).expand(d_out, slots, rank).contiguous()
 
 
 class SlotPlan:
@@ -263,8 +268,7 @@ class SlotPlan:
         if sel is None:
             mem = self._b_memory.get(d_out)
             if mem is None:  # a width the tables do not hold
-                slots = self.select.shape[0]
-                mem = self.select.view(1, slots, 1).expand(d_out, slots, self.rank).contiguous()
+                mem = b_select_memory(self.select, d_out, self.rank)
             sel = self._b_select[d_out] = mem.transpose(0, 1)
         return sel
 
