@@ -128,10 +128,13 @@ class AdapterConfig:
     #: The mixture the training forward of a task's block runs with (a method that trains
     #: the router: SAPT). ``attention``: the attention's weights over every active block
     #: (the paper's shared attentive learning). ``new_block``: one-hot on the new block,
-    #: the earlier blocks weighted 0 (no reuse while learning), an ablation; the router
-    #: still learns from the task loss (straight-through: the value is one-hot, the
-    #: gradient reaches the attention as through its weights), and the ARM, the attention
-    #: targets, selection at test time and everything else are unchanged.
+    #: the earlier blocks weighted 0 (no reuse while learning), an ablation. The router
+    #: learns to pick the new block from the ARM's loss with a one-hot target on the task's
+    #: own inputs (``KL(onehot || w(x))``, weight ``replay.kl_ratio``, in ``arm_loss``)
+    #: beside the ARM over pseudo-samples; the attention targets, selection at test time
+    #: and everything else are unchanged. (A first version let the router learn from the
+    #: task loss straight-through instead: it moved off the new block entirely, so it was
+    #: no ablation; docs/BENCHMARKS.md.)
     learning_mixture: Literal["attention", "new_block"] = "attention"
 
 

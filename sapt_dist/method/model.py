@@ -363,12 +363,19 @@ class SAPTModel(nn.Module):
         :meth:`SharedAttention.scores`), from the same pooled prompt as the weights."""
         return self.router(self.router.pool(self.embed(input_ids), prompt_mask), output="scores")
 
-    def _new_block_only(self, weights: torch.Tensor) -> torch.Tensor:
+    def _new_block_only(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``adapter.learning_mixture=new_block``: the training mixture one-hot on the
-        trainable slot, exactly (``w - w.detach()`` is 0); the gradient reaches the
-        attention as through ``weights`` (straight-through)."""
+        trainable slot (no gradient reaches the attention through it), and the attention's
+        own loss on the task's inputs: ``KL(onehot || w(x)) = -log w(x)[new]``, per row,
+        averaged (the ARM's loss with a one-hot target), so that the router learns to pick
+        the block being trained while that block learns alone.
+
+        Returns:
+            (the one-hot mixture (b, T), the scalar routing loss).
+        """
         onehot = self.router.current.to(weights.dtype).expand_as(weights)
-        return onehot + (weights - weights.detach())
+        own = (weights * onehot).sum(-1).clamp_min(torch.finfo(weights.dtype).tiny)
+        return onehot, -own.log().mean()
 
     def _route(self, weights: torch.Tensor, tokens: int | None = None) -> None:
         """Hand the (batch, T) or (batch, layer slots) weights to every adapted layer.
@@ -435,10 +442,11 @@ class SAPTModel(nn.Module):
             else:
                 prompt_mask = attention_mask.bool()
         embeds = self.embed(input_ids)
+        own_route = None  # learning_mixture=new_block: the router's loss on these inputs
         if weights is None:
             weights = self.routing_weights(input_ids, prompt_mask, embeds=embeds)
             if self.training and self.adapter_config.learning_mixture == "new_block":
-                weights = self._new_block_only(weights)
+                weights, own_route = self._new_block_only(weights)
         # LoRA layers' shared scales are prepared once here (prompt blocks have none)
         self._route(weights, tokens=None if self.prompts is not None else input_ids.shape[1])
         if self.prompts is not None:
@@ -458,6 +466,8 @@ class SAPTModel(nn.Module):
                 raise ValueError("replay_input_ids needs replay_attention_mask and replay_task")
             u = max_pool_prompt(self.embed(replay_input_ids), replay_attention_mask)
             arm = self.router(u, replay_task, output="arm")
+        if own_route is not None:  # a one-hot target on the new task's inputs: ARM's term
+            arm = own_route if arm is None else arm + own_route
         loss = task_loss
         if arm is not None:
             loss = arm * kl_ratio if loss is None else loss + kl_ratio * arm
