@@ -6,7 +6,10 @@ Every run is an ordinary ``sapt-train`` of a preset (``--preset``: ``smollm2_sup
 as a subprocess (``--jobs`` at a time, the cores shared out between them), into
 ``<out>/<method>_s<seed>`` (``--out``: ``runs/real`` for ``smollm2_superni``, else
 ``runs/real_<preset>``); a finished run is read, not retrained, and a killed one resumes, so
-a benchmark spreads over sittings. Methods: ``sapt`` (the preset: centered router input),
+a benchmark spreads over sittings. Each finished run is also kept as a small record,
+``bench/results/<preset>/<method>_s<seed>.json`` (``--records``; committed: run folders stay
+on the machine that ran them), and the table takes a run from its record when its folder
+is not here; a run with a record is not retrained. Methods: ``sapt`` (the preset: centered router input),
 ``sapt_paper`` (the paper's router input, ``adapter.router_center=none``), ``sapt_onehot``
 (SAPT whose training mixture is one-hot on the new block, ``adapter.learning_mixture=
 new_block``: no reuse of earlier blocks while learning), ``seq_lora``, ``inc_lora``,
@@ -89,6 +92,8 @@ VARIANTS = {
     ],
 }
 PRESET = "smollm2_superni"
+#: the committed records of finished runs, ``<preset>/<method>_s<seed>.json``
+RECORDS = ROOT / "bench" / "results"
 #: SAPT's rows: the methods whose runs train the router (routing accuracy, a*)
 SAPT_ROWS = {"sapt", "sapt_paper", "sapt_onehot", "sapt_prompt"}
 
@@ -231,51 +236,107 @@ def zero_shot(out: Path, extra: list[str], preset: str = PRESET) -> dict[str, fl
     return scores
 
 
-def off_diagonal_mass(folder: Path) -> float | None:
+def off_diagonal_mass(targets: list[list[float]] | None, n: int) -> float | None:
     """Mean over tasks 2..N of ``1 - a_j*[j]``: the weight a task's own dev inputs put on
     earlier blocks when it was learned (the attention targets SAPT files, ``targets`` in
     the run's ``blocks/router.safetensors``); None without them."""
-    path = folder / "blocks" / "router.safetensors"
-    if not path.is_file():
-        return None
-    from safetensors.torch import load_file
-
-    targets = load_file(str(path)).get("targets")
-    n = len(json.loads((folder / "metrics" / "results.json").read_text())["tasks"])
     if targets is None or n < 2:
         return None
-    return sum(1.0 - float(targets[j, j]) for j in range(1, n)) / (n - 1)
+    return sum(1.0 - float(targets[j][j]) for j in range(1, n)) / (n - 1)
 
 
-def read_run(folder: Path, single: list[float] | None) -> dict | None:
-    from sapt_dist.outputs.metrics import cl_metrics, released_metrics
-
-    if not finished(folder):
-        return None
+def record_of(folder: Path) -> dict:
+    """What the table needs of a finished run folder, small enough to commit: the matrix,
+    the single-task scores, the attention targets, the routing diagnostics, the
+    pseudo-samples' well-formed counts and where the time went."""
     res = json.loads((folder / "metrics" / "results.json").read_text())
-    matrix = res["matrix"]
-    row: dict = {"matrix": matrix, "tasks": res["tasks"]}
-    if res["method"] in ("mtl", "single_task"):
-        row["AP"] = res["metrics"]["AP"]
-        return row
-    row.update(cl_metrics(matrix, single))
-    row.update(released_metrics(matrix))  # computed here: runs written before it lack it
+    rec: dict = {
+        "source": "run folder",
+        "method": res["method"],
+        "tasks": res["tasks"],
+        "matrix": res["matrix"],
+        "AP": res.get("metrics", {}).get("AP"),
+        "single_task_scores": res.get("single_task_scores"),
+        "targets": None,
+        "routing": None,
+        "well_formed": None,
+        "timing": None,
+    }
+    router = folder / "blocks" / "router.safetensors"
+    if router.is_file():
+        from safetensors.torch import load_file
+
+        targets = load_file(str(router)).get("targets")
+        if targets is not None:
+            rec["targets"] = [[round(float(v), 6) for v in row] for row in targets]
     routing = folder / "metrics" / "routing.json"
-    if res["method"] == "sapt":
-        row["a_off"] = off_diagonal_mass(folder)
-    if res["method"] == "sapt" and routing.is_file():
+    if routing.is_file():
         r = json.loads(routing.read_text())
-        row["routing"] = 100 * r["overall_routing_accuracy"]
-        own = [r["mean_weights"][k][j] for k, j in enumerate(r["tasks"])]
-        row["own_weight"] = sum(own) / len(own)
-        row["routing_per_task"] = {int(k): v for k, v in r["routing_accuracy"].items()}
+        keep = ("overall_routing_accuracy", "routing_accuracy", "mean_weights", "tasks")
+        rec["routing"] = {k: r[k] for k in keep if k in r}
     pseudo = sorted((folder / "pseudo").glob("*.jsonl"))
     if pseudo:
         counts = []
         for p in pseudo:
             rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
             counts.append(f"{sum(bool(x.get('well_formed')) for x in rows)}/{len(rows)}")
-        row["well_formed"] = " ".join(counts)
+        rec["well_formed"] = " ".join(counts)
+    timing = folder / "metrics" / "timing.json"
+    if timing.is_file():
+        rec["timing"] = json.loads(timing.read_text())
+    return rec
+
+
+def record_path(records: Path, preset: str, method: str, seed: int) -> Path:
+    return records / preset / f"{method}_s{seed}.json"
+
+
+def load_record(out: Path, records: Path, preset: str, method: str, seed: int) -> dict | None:
+    """A run's record: from its finished folder (then also written to ``records``, which
+    is committed: run folders stay on the machine that ran them), else the committed
+    record, else None."""
+    folder = run_dir(out, method, seed)
+    path = record_path(records, preset, method, seed)
+    if finished(folder):
+        rec = record_of(folder)
+        text = json.dumps(rec, indent=1) + "\n"
+        if not path.is_file() or path.read_text() != text:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
+        return rec
+    if path.is_file():
+        return json.loads(path.read_text())
+    return None
+
+
+def row_of(rec: dict, single: list[float] | None) -> dict:
+    """A table row (metrics in both conventions, routing, a*) from a run's record."""
+    from sapt_dist.outputs.metrics import cl_metrics, released_metrics
+
+    matrix = rec["matrix"]
+    row: dict = {"matrix": matrix, "tasks": rec["tasks"], "source": rec.get("source")}
+    if rec["method"] in ("mtl", "single_task"):
+        row["AP"] = rec["AP"]
+        return row
+    row.update(cl_metrics(matrix, single))
+    row.update(released_metrics(matrix))  # computed here: runs written before it lack it
+    if rec["method"] == "sapt":
+        row["a_off"] = off_diagonal_mass(rec.get("targets"), len(rec["tasks"]))
+        if rec.get("a_off") is not None:  # a transcribed record: the mass as written then
+            row["a_off"] = rec["a_off"]
+    r = rec.get("routing")
+    if rec["method"] == "sapt" and r:
+        if "overall_routing_accuracy" in r:
+            row["routing"] = 100 * r["overall_routing_accuracy"]
+        if "mean_weights" in r:
+            own = [r["mean_weights"][k][j] for k, j in enumerate(r["tasks"])]
+            row["own_weight"] = sum(own) / len(own)
+        elif "own_weight" in r:
+            row["own_weight"] = r["own_weight"]
+    if rec.get("well_formed"):
+        row["well_formed"] = rec["well_formed"]
     return row
 
 
@@ -294,19 +355,21 @@ def table(
     seeds: list[int] | None,
     zs: dict[str, float] | None,
     preset: str = PRESET,
+    records: Path | None = None,
 ) -> str:
+    """The markdown table of ``methods`` x seeds, from finished run folders under ``out``
+    or, for a run not there, its committed record under ``records`` (``bench/results``)."""
+    records = RECORDS if records is None else records
     runs: dict[str, dict[int, dict]] = {}
     single_seeds = method_seeds("single_task", seeds)
     for m in methods:
         for s in method_seeds(m, seeds):
-            sdir = single_dir(out, s, single_seeds)
-            single = None
-            if finished(sdir):
-                sres = json.loads((sdir / "metrics" / "results.json").read_text())
-                single = list(sres["single_task_scores"].values())
-            r = read_run(run_dir(out, m, s), single)
-            if r is not None:
-                runs.setdefault(m, {})[s] = r
+            own = load_record(out, records, preset, "single_task", s)
+            sref = own or load_record(out, records, preset, "single_task", single_seeds[0])
+            single = list(sref["single_task_scores"].values()) if sref else None
+            rec = load_record(out, records, preset, m, s)
+            if rec is not None:
+                runs.setdefault(m, {})[s] = row_of(rec, single)
     all_seeds = sorted({s for m in methods for s in method_seeds(m, seeds)}, key=str)
     lines = [
         f"SmolLM2-135M-Instruct, preset `{preset}`, seeds {seeds or 'default'}; mean (per "
@@ -332,6 +395,18 @@ def table(
             f"{_fmt([r.get('a_off') for r in got], 2)} | "
             f"{'; '.join(r.get('well_formed', '') for r in got if r.get('well_formed')) or '-'} |"
         )
+    transcribed = [
+        f"{m} seed {s}"
+        for m in methods
+        for s, r in sorted(runs.get(m, {}).items())
+        if r.get("source") not in (None, "run folder")
+    ]
+    if transcribed:
+        lines += [
+            "",
+            "Transcribed records (their run folders were lost; the numbers as written "
+            "when they ran, see the record's `source`): " + ", ".join(transcribed),
+        ]
     any_run = next((r for rs in runs.values() for r in rs.values()), None)
     if zs and any_run:
         vals = [zs.get(t) for t in any_run["tasks"]]
@@ -347,6 +422,9 @@ def table(
             continue
         s = min(rs)
         r = rs[s]
+        if not r["matrix"]:  # a transcribed record with the mean only
+            lines += ["", f"`{m}` seed {s}: per-task scores not recorded"]
+            continue
         lines += ["", f"`{m}` seed {s}, accuracy matrix (row: after task i; column: task j):", ""]
         short = [t.split("_")[1] if "_" in t else t for t in r["tasks"]]
         lines.append("| after \\ on | " + " | ".join(short) + " |")
@@ -410,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
         "covers --methods x --seeds",
     )
     ap.add_argument("--collect-only", action="store_true", help="read finished runs only")
+    ap.add_argument(
+        "--records", type=Path, default=RECORDS, help="committed run records (bench/results)"
+    )
     ap.add_argument("--no-zero-shot", action="store_true")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="preset overrides")
     args = ap.parse_args(argv)
@@ -427,9 +508,23 @@ def main(argv: list[str] | None = None) -> int:
             if bad:
                 ap.error(f"--runs: unknown method(s) {bad}; known: {METHODS}")
         single_seeds = method_seeds("single_task", args.seeds)
+        kept = [
+            (m, s)
+            for m, s in jobs
+            if not finished(run_dir(out, m, s))
+            and record_path(args.records, args.preset, m, s).is_file()
+        ]
+        if kept:
+            print(
+                "[bench] kept from their records, not rerun: "
+                + ", ".join(f"{m}:{s}" for m, s in kept)
+                + f" ({args.records / args.preset}; delete a record to rerun it)",
+                flush=True,
+            )
+        jobs = [j for j in jobs if j not in kept]
         run_all(out, jobs, args.jobs, args.set, args.preset, single_seeds)
     zs = None if args.no_zero_shot else zero_shot(out, args.set, args.preset)
-    text = table(out, methods, args.seeds, zs, args.preset)
+    text = table(out, methods, args.seeds, zs, args.preset, args.records)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(text)
     print(text)

@@ -135,10 +135,29 @@ def test_bench_real_model_plans_and_tables_finished_runs(tmp_path: Path) -> None
         metrics={"AP": 70.0},
         single_task_scores={"t1": 70.0, "t2": 60.0, "t3": 80.0},
     )
-    text = b.table(tmp_path, ["sapt", "single_task"], [42], None, "smollm2_long5")
+    records = tmp_path / "records"
+    text = b.table(tmp_path, ["sapt", "single_task"], [42], None, "smollm2_long5", records)
     row = next(line for line in text.splitlines() if line.startswith("| sapt |"))
     cells = [c.strip() for c in row.split("|")[1:-1]]
     # AP 65, F.Ra 17.5, FWT ((80-70)+(60-60)+(90-80))/3, BWT -17.5; released: FWT 230/3 -
     # 50.94, BWT -35/3; a* off-diagonal over tasks 2, 3: (0.2 + 0.4) / 2
     assert cells[1:8] == ["1/1", "65.0", "17.5", "6.7", "-17.5", "25.7", "-11.7"]
     assert cells[10] == "0.30"
+    # each finished run left a record; without the folders the table is the same
+    assert sorted(p.name for p in (records / "smollm2_long5").iterdir()) == [
+        "sapt_s42.json",
+        "single_task_s42.json",
+    ]
+    import shutil
+
+    shutil.rmtree(tmp_path / "sapt_s42")
+    shutil.rmtree(tmp_path / "single_task_s42")
+    again = b.table(tmp_path, ["sapt", "single_task"], [42], None, "smollm2_long5", records)
+    assert again == text and "Transcribed" not in text
+    # a record written by hand says so under the table
+    rec = json.loads((records / "smollm2_long5/sapt_s42.json").read_text())
+    rec["source"] = "transcribed from docs"
+    (records / "smollm2_long5/sapt_s42.json").write_text(json.dumps(rec))
+    marked = b.table(tmp_path, ["sapt", "single_task"], [42], None, "smollm2_long5", records)
+    note = next(line for line in marked.splitlines() if line.startswith("Transcribed records"))
+    assert note.endswith(": sapt seed 42")
