@@ -93,6 +93,9 @@ def test_presets_load_and_headers_are_commands(preset):
     if preset.stem.endswith("_olora"):  # O-LoRA as released: test_olora_presets_*
         assert cfg.method == "olora" and cfg.adapter.alpha == 32
         return
+    if preset.stem.endswith("_gainlora"):  # GainLoRA as released: test_gainlora_presets_*
+        assert cfg.method == "gainlora" and cfg.adapter.alpha == 32
+        return
     assert cfg.adapter.alpha == 32 and cfg.train.select_best
     if preset.stem.startswith("t5"):  # SAPT.md's T5 setting: q, v (encoder, decoder, cross)
         superni = "superni" in preset.stem
@@ -327,3 +330,54 @@ def test_train_threads_checked():
     assert load_config(None, ["model.builder=demo", "train.threads=2"]).train.threads == 2
     with pytest.raises(ConfigError, match=r"'train\.threads' must be >= 1"):
         load_config(None, ["model.builder=demo", "train.threads=0"])
+
+
+#: liangyanshuo/gainlora's T5 scripts per preset: (script, this project's order, rank,
+#: epochs). Its Long Sequence script names are swapped against ../shared/data/README.md's:
+#: its order4 is order 3 (mnli first), its order3 is order 4 (yelp first).
+GAINLORA = {
+    "t5_large_long_order3_gainlora": ("gen_script_long_order4", "long_3", 8, 10),
+    "t5_large_long_order4_gainlora": ("gen_script_long_order3", "long_4", 8, 10),
+    "t5_large_superni_order1_gainlora": ("gen_script_superni_order1", "superni_1", 4, 100),
+    "t5_large_superni_order2_gainlora": ("gen_script_superni_order2", "superni_2", 4, 100),
+}
+
+
+@pytest.mark.parametrize("name", list(GAINLORA))
+def test_gainlora_presets_carry_the_released_t5_scripts(name):
+    """The GainLoRA presets: its released T5 scripts' order, rank, epochs, lr 3e-4 constant,
+    global batch 32, alpha 32 / dropout 0 on q, v, both thresholds 0.995, gate width 100,
+    dev selection, no replay (cross-entropy only); method=inflora on the same file is
+    InfLoRA's script (the same values)."""
+    script, order, rank, epochs = GAINLORA[name]
+    path = ROOT / "sapt_dist/presets" / f"{name}.yaml"
+    assert script in path.read_text()  # the header names the script it reproduces
+    cfg = load_config(path, ["model.path=/m"])
+    a, t = cfg.adapter, cfg.train
+    assert cfg.method == "gainlora" and cfg.data.order == order
+    assert (a.rank, a.alpha, a.dropout, a.target_modules, a.query_hidden) == (
+        rank,
+        32,
+        0.0,
+        ["q", "v"],
+        100,
+    )
+    assert (t.epochs, t.lr, t.lr_schedule, t.warmup_steps, t.global_batch) == (
+        epochs,
+        3e-4,
+        "constant",
+        0,
+        32,
+    )
+    assert t.select_best and cfg.subspace.threshold == 0.995 and cfg.gate.threshold == 0.995
+    assert (cfg.data.max_source_length, cfg.data.max_target_length) == (512, 50)
+    assert cfg.data.metric == ("rouge" if "superni" in name else "exact")
+    # its cl_dataset.py: Long Sequence "{definition}\n{input}\nOutput: " from the task file
+    # alone, SuperNI the SuperNI template
+    long_prompt = "{definition}\n{input}\nOutput: "
+    assert (cfg.data.template == long_prompt) == ("long" in name)
+    assert cfg.data.instructions is None
+    from sapt_dist.methods import METHODS
+
+    assert METHODS[cfg.method].replay == "none" and not METHODS[cfg.method].reflects
+    assert load_config(path, ["model.path=/m", "method=inflora"]).method == "inflora"
