@@ -652,8 +652,18 @@ def test_inflora_zero3_and_resume_equal_one_process(tmp_path):
     _run(1, tmp_path / "one", *inflora, "train.grad_accum=2")
     _run(2, tmp_path / "two", *inflora, "train.grad_accum=1", ZERO3)
     assert (tmp_path / "two/blocks/subspace.safetensors").is_file()
-    # within 3e-2, like T5's: a few rounding-level gradient coordinates of B
-    _assert_same_results(tmp_path / "one", tmp_path / "two", loss_tol=1e-5, block_rel=3e-2)
+    # the designed A: the same directions, signs included (SVD's sign follows rounding: it
+    # flipped one of eight rows before top_directions fixed it, an error of 0.71)
+    from safetensors.torch import load_file
+
+    for f in ("block_00.safetensors", "block_01.safetensors"):
+        a, b = (load_file(str(tmp_path / r / "blocks" / f)) for r in ("one", "two"))
+        for k in (k for k in a if k.endswith(".A")):
+            assert float((a[k] - b[k]).norm() / a[k].norm()) < 1e-4, (f, k)
+    # B within 1e-2 (measured 2.0e-3 on one tensor, k_proj of layer 1; the rest <= 3.5e-4):
+    # Adam moves every coordinate by about lr whatever its gradient's size, so
+    # rounding-level gradient coordinates of B differ with the sum order
+    _assert_same_results(tmp_path / "one", tmp_path / "two", loss_tol=1e-5, block_rel=1e-2)
     killed = tmp_path / "killed"
     _kill_mid_task_two(1, killed, *inflora, "train.grad_accum=2")
     res = _run(1, killed, *inflora, "train.grad_accum=2")
@@ -671,7 +681,8 @@ def test_gainlora_zero3_and_resume_equal_one_process(tmp_path):
     _run(1, tmp_path / "one", *gainlora, "train.grad_accum=2")
     _run(2, tmp_path / "two", *gainlora, "train.grad_accum=1", ZERO3)
     assert (tmp_path / "two/blocks/gate_subspace.safetensors").is_file()
-    _assert_same_results(tmp_path / "one", tmp_path / "two", loss_tol=1e-5, block_rel=3e-2)
+    # within 1e-2 (measured 4.8e-4 at most, a gate_proj B), as InfLoRA's above
+    _assert_same_results(tmp_path / "one", tmp_path / "two", loss_tol=1e-5, block_rel=1e-2)
     killed = tmp_path / "killed"
     _kill_mid_task_two(1, killed, *gainlora, "train.grad_accum=2")
     res = _run(1, killed, *gainlora, "train.grad_accum=2")

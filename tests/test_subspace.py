@@ -13,7 +13,7 @@ import torch
 from sapt_dist.config import AdapterConfig, RunConfig
 from sapt_dist.data.tasks import EncodedExample
 from sapt_dist.method.model import SAPTModel
-from sapt_dist.method.subspace import design_down, gpm_update, task_threshold
+from sapt_dist.method.subspace import design_down, gpm_update, task_threshold, top_directions
 from sapt_dist.train.subspace import design_task_blocks, new_memory, remember_task
 
 from .conftest import run_progress, tiny_llama
@@ -131,6 +131,36 @@ def _layer_inputs(model, examples) -> dict[str, torch.Tensor]:
     for h in hooks:
         h.remove()
     return {n: torch.cat(v).double() for n, v in rows.items()}
+
+
+def test_designed_directions_do_not_depend_on_the_svd_sign():
+    """top_directions: the leading eigenvectors of a covariance with a known spectrum, each
+    with its largest component positive. The SVD's own signs are not even equivariant
+    under relabelling the coordinates (checked here: the raw signs change), so A designed
+    from the relabelled covariance, labels put back, is A, signs included; and a
+    covariance perturbed at rounding level (another sum order) designs the same A."""
+    torch.manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(16, 16, dtype=torch.float64))
+    spectrum = torch.linspace(3.0, 0.1, 16, dtype=torch.float64)
+    cov = ((q * spectrum) @ q.t()).float()
+    got = top_directions(cov, None, 4)
+    want = q[:, :4] * torch.sign(q[q[:, :4].abs().argmax(0), torch.arange(4)])
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+    assert (got.gather(0, got.abs().argmax(0, keepdim=True)) > 0).all()
+    basis = q[:, 10:].float()
+    a = design_down(cov, basis, 4)
+    raw_flips = 0
+    for seed in range(3):
+        perm = torch.randperm(16, generator=torch.Generator().manual_seed(seed))
+        p = torch.eye(16)[perm]
+        u, up = torch.linalg.svd(cov)[0][:, :4], torch.linalg.svd(p @ cov @ p.t())[0][:, :4]
+        raw_flips += int(((p.t() @ up) * u).sum(0).lt(0).sum())
+        torch.testing.assert_close(p.t() @ top_directions(p @ cov @ p.t(), None, 4), got)
+        torch.testing.assert_close(design_down(p @ cov @ p.t(), p @ basis, 4) @ p, a)
+    assert raw_flips > 0  # what the fix is for: the SVD alone flips some of them
+    noise = torch.randn(16, 16) * 1e-7
+    again = design_down(cov + (noise + noise.t()) / 2, basis, 4)
+    assert float((again - a).norm() / a.norm()) < 1e-4
 
 
 def test_inflora_update_lies_off_the_old_tasks_inputs():

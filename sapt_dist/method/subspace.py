@@ -35,6 +35,7 @@ __all__ = [
     "design_down",
     "gpm_update",
     "task_threshold",
+    "top_directions",
 ]
 
 
@@ -79,16 +80,33 @@ def gpm_update(basis: torch.Tensor | None, cov: torch.Tensor, threshold: float) 
 
 
 @torch.no_grad()
-def design_down(cov: torch.Tensor, basis: torch.Tensor | None, rank: int) -> torch.Tensor:
-    """(rank, d) the new block's frozen A from the new task's covariance ``cov`` (d, d),
-    orthogonal to ``basis`` (d, k), the earlier tasks' subspace (None: no earlier task)."""
+def top_directions(cov: torch.Tensor, basis: torch.Tensor | None, k: int) -> torch.Tensor:
+    """(d, k) the leading left singular vectors of ``(I - M M^T) cov`` (``M`` = ``basis``,
+    None: ``cov`` itself), each with its largest component positive.
+
+    The sign is the one thing an SVD leaves open, and it depends on rounding: a 2-rank run,
+    whose covariance is summed in another order, flipped one of InfLoRA's eight designed
+    rows against the one-process run. A block is even in it (B learns the column's sign
+    back, from zero), so fixing it changes no method and makes every rank count and BLAS
+    build design the same directions."""
     cov = cov.float()
     if basis is not None and basis.shape[1] > 0:
         basis = basis.to(cov)
         cov = cov - basis @ (basis.t() @ cov)
-    u, _, _ = torch.linalg.svd(cov, full_matrices=False)
-    a = u[:, :rank].t() / math.sqrt(3.0)
+    u = torch.linalg.svd(cov, full_matrices=False)[0][:, :k]
+    peak = u.abs().argmax(dim=0, keepdim=True)  # (1, k): each column's largest component
+    return u * torch.sign(u.gather(0, peak))
+
+
+@torch.no_grad()
+def design_down(cov: torch.Tensor, basis: torch.Tensor | None, rank: int) -> torch.Tensor:
+    """(rank, d) the new block's frozen A from the new task's covariance ``cov`` (d, d),
+    orthogonal to ``basis`` (d, k), the earlier tasks' subspace (None: no earlier task):
+    :func:`top_directions` / sqrt(3), projected off ``basis`` once more (a rank-deficient
+    projected covariance cannot hand out directions inside it)."""
+    a = top_directions(cov, basis, rank).t() / math.sqrt(3.0)
     if basis is not None and basis.shape[1] > 0:
+        basis = basis.to(a)
         a = a - (a @ basis) @ basis.t()
     return a.contiguous()
 

@@ -40,7 +40,13 @@ from sapt_dist.config import RunConfig
 from sapt_dist.data.tasks import EncodedExample, collate_train
 from sapt_dist.method.gate import GATE_PARTS, project_change
 from sapt_dist.method.lora import MixtureLoRALinear
-from sapt_dist.method.subspace import InputStatistic, SubspaceMemory, design_down, task_threshold
+from sapt_dist.method.subspace import (
+    InputStatistic,
+    SubspaceMemory,
+    design_down,
+    task_threshold,
+    top_directions,
+)
 
 __all__ = [
     "GATE_MEMORY_FILE",
@@ -230,14 +236,8 @@ def design_gate_key(
     outputs' covariance projected off the output memory, at the norm of the key as
     initialised (the released ``get_reg_matrix``), its sign fixed (largest component > 0)."""
     cov = gate_covariances(model, examples, pad_id, *_pass_args(cfg))["output"]
-    basis = memory.basis("output", cov.device)
-    if basis is not None:
-        cov = cov - basis @ (basis.t() @ cov)
-    u, _, _ = torch.linalg.svd(cov, full_matrices=False)
-    top = u[:, 0]
-    # the sign SVD leaves open (the gate is even in it): the largest component positive, so
-    # that runs on any rank count agree
-    top = top * torch.sign(top[top.abs().argmax()])
+    # the sign fixed (the gate is even in it), so that runs on any rank count agree
+    top = top_directions(cov, memory.basis("output", cov.device), 1)[:, 0]
     key = model.router.key
     with distributed.gathered([key], modify=True):
         key.copy_((top * key.detach().float().norm()).to(key))
