@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -287,6 +288,15 @@ def record_of(folder: Path) -> dict:
     return rec
 
 
+def record_text(rec: dict) -> str:
+    """A record as JSON, each list of numbers on one line (a matrix row, a* row)."""
+    text = json.dumps(rec, indent=1)
+    flat = re.sub(
+        r"\[\s*([^\[\]{}\"]*?)\s*\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text
+    )
+    return flat + "\n"
+
+
 def record_path(records: Path, preset: str, method: str, seed: int) -> Path:
     return records / preset / f"{method}_s{seed}.json"
 
@@ -299,7 +309,7 @@ def load_record(out: Path, records: Path, preset: str, method: str, seed: int) -
     path = record_path(records, preset, method, seed)
     if finished(folder):
         rec = record_of(folder)
-        text = json.dumps(rec, indent=1) + "\n"
+        text = record_text(rec)
         if not path.is_file() or path.read_text() != text:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
