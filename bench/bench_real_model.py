@@ -52,20 +52,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-METHODS = [
-    "sapt",
-    "sapt_paper",
-    "sapt_onehot",
-    "seq_lora",
-    "inc_lora",
-    "olora",
-    "inflora",
-    "gainlora",
-    "mtl",
-    "single_task",
-    "replay",
-    "sapt_prompt",
-]
+from sapt_dist.methods import METHODS as TABLE  # noqa: E402
+
 #: the methods run by default (``--methods``)
 DEFAULT_METHODS = [
     "sapt",
@@ -92,11 +80,11 @@ VARIANTS = {
         "replay.gen_lr=3.0e-2",
     ],
 }
+#: every method of the table (``sapt_dist.methods``) and the SAPT variants above
+METHODS = [*TABLE, *VARIANTS]
 PRESET = "smollm2_superni"
 #: the committed records of finished runs, ``<preset>/<method>_s<seed>.json``
 RECORDS = ROOT / "bench" / "results"
-#: SAPT's rows: the methods whose runs train the router (routing accuracy, a*)
-SAPT_ROWS = {"sapt", "sapt_paper", "sapt_onehot", "sapt_prompt"}
 
 
 def default_out(preset: str) -> Path:
@@ -327,17 +315,18 @@ def row_of(rec: dict, single: list[float] | None) -> dict:
 
     matrix = rec["matrix"]
     row: dict = {"matrix": matrix, "tasks": rec["tasks"], "source": rec.get("source")}
-    if rec["method"] in ("mtl", "single_task"):
+    if rec["method"] in TABLE and TABLE[rec["method"]].evaluates != "seen":  # mtl, single_task
         row["AP"] = rec["AP"]
         return row
     row.update(cl_metrics(matrix, single))
     row.update(released_metrics(matrix))  # computed here: runs written before it lack it
-    if rec["method"] == "sapt":
+    trains_router = rec["method"] in TABLE and TABLE[rec["method"]].trains_router
+    if trains_router:  # SAPT's attention: its targets a* and routing diagnostics
         row["a_off"] = off_diagonal_mass(rec.get("targets"), len(rec["tasks"]))
         if rec.get("a_off") is not None:  # a transcribed record: the mass as written then
             row["a_off"] = rec["a_off"]
     r = rec.get("routing")
-    if rec["method"] == "sapt" and r:
+    if trains_router and r:
         if "overall_routing_accuracy" in r:
             row["routing"] = 100 * r["overall_routing_accuracy"]
         if "mean_weights" in r:
