@@ -361,12 +361,18 @@ def table(
     records = RECORDS if records is None else records
     runs: dict[str, dict[int, dict]] = {}
     single_seeds = method_seeds("single_task", seeds)
+    read: dict[tuple[str, int], dict | None] = {}  # each run read once (folder or record)
+
+    def get(m: str, s: int) -> dict | None:
+        if (m, s) not in read:
+            read[m, s] = load_record(out, records, preset, m, s)
+        return read[m, s]
+
     for m in methods:
         for s in method_seeds(m, seeds):
-            own = load_record(out, records, preset, "single_task", s)
-            sref = own or load_record(out, records, preset, "single_task", single_seeds[0])
+            sref = get("single_task", s) or get("single_task", single_seeds[0])
             single = list(sref["single_task_scores"].values()) if sref else None
-            rec = load_record(out, records, preset, m, s)
+            rec = get(m, s)
             if rec is not None:
                 runs.setdefault(m, {})[s] = row_of(rec, single)
     all_seeds = sorted({s for m in methods for s in method_seeds(m, seeds)}, key=str)
